@@ -1,0 +1,37 @@
+"""A cached chunk: a plain tensor or an encoded blob, never both, never half."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One immutable cache entry; compression swaps the whole object.
+
+    Exactly one of `kv` (a CPU tensor `[planes, layers, tokens, channels]`,
+    never modified after insertion) and `blob` (bytes of the codec format,
+    produced by `method`) is set.
+    """
+
+    num_tokens: int
+    kv: torch.Tensor | None = None
+    blob: bytes | None = None
+    method: str | None = None
+
+    def __post_init__(self) -> None:
+        assert (self.kv is None) != (self.blob is None)
+        assert (self.blob is None) == (self.method is None)
+
+    @property
+    def encoded(self) -> bool:
+        return self.blob is not None
+
+    @property
+    def nbytes(self) -> int:
+        if self.kv is not None:
+            return self.kv.numel() * self.kv.element_size()
+        assert self.blob is not None
+        return len(self.blob)

@@ -1,0 +1,66 @@
+"""Reuse of chunk buffers, so a put copies into warm memory instead of page-faulting.
+
+Allocating a fresh 32 MiB tensor per put costs more in page faults than the
+copy itself. Buffers of removed chunks are kept here and handed out again,
+but only when nothing else can still see them: no other Python reference to
+the chunk or its tensor, and no view of its storage. Anything in doubt is
+simply freed.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import defaultdict
+
+import torch
+
+from lmc_connector.cache.chunk import Chunk
+
+Shape = tuple[tuple[int, ...], torch.dtype]
+
+# References sys.getrefcount sees when the pool is the sole owner: the caller's
+# variable, the parameter, and getrefcount's own argument.
+_OWNER_CHUNK_REFS = 3
+# The chunk's slot, the local variable, and getrefcount's argument.
+_OWNER_TENSOR_REFS = 3
+# The tensor and the temporary storage wrapper made to ask.
+_OWNER_STORAGE_USES = 2
+
+
+def _storage_uses(kv: torch.Tensor) -> int:
+    return int(torch._C._storage_Use_Count(kv.untyped_storage()._cdata))
+
+
+class BufferPool:
+    """Free CPU buffers by (shape, dtype), at most `max_bytes` in all. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.pooled_bytes = 0
+        self._free: defaultdict[Shape, list[torch.Tensor]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous CPU tensor of `shape`, reused when one is free."""
+        with self._lock:
+            free = self._free.get((shape, dtype))
+            if free:
+                kv = free.pop()
+                self.pooled_bytes -= kv.nbytes
+                return kv
+        return torch.empty(shape, dtype=dtype)
+
+    def recycle(self, chunk: Chunk) -> bool:
+        """Keep the buffer of a chunk just removed from the cache, if nobody else holds it."""
+        kv = chunk.kv
+        if kv is None or sys.getrefcount(chunk) > _OWNER_CHUNK_REFS:
+            return False
+        if sys.getrefcount(kv) > _OWNER_TENSOR_REFS or _storage_uses(kv) > _OWNER_STORAGE_USES:
+            return False
+        with self._lock:
+            if self.pooled_bytes + kv.nbytes > self.max_bytes:
+                return False
+            self._free[(tuple(kv.shape), kv.dtype)].append(kv)
+            self.pooled_bytes += kv.nbytes
+        return True

@@ -1,0 +1,52 @@
+import torch
+
+from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.pool import BufferPool
+
+SHAPE = (2, 2, 4, 8)
+
+
+def removed_chunk() -> Chunk:
+    return Chunk(4, kv=torch.ones(SHAPE, dtype=torch.float16))
+
+
+def test_buffer_of_an_unreferenced_chunk_is_reused() -> None:
+    pool = BufferPool(max_bytes=1 << 20)
+    chunk = removed_chunk()
+    storage = chunk.kv.data_ptr()  # type: ignore[union-attr]
+    assert pool.recycle(chunk)
+    del chunk
+    assert pool.take(SHAPE, torch.float16).data_ptr() == storage
+
+
+def test_buffer_still_held_by_a_reader_is_not_reused() -> None:
+    pool = BufferPool(max_bytes=1 << 20)
+    chunk = removed_chunk()
+    reader_copy = chunk.kv
+    assert not pool.recycle(chunk)
+    assert reader_copy is not None
+
+
+def test_buffer_with_a_live_view_is_not_reused() -> None:
+    pool = BufferPool(max_bytes=1 << 20)
+    chunk = removed_chunk()
+    assert chunk.kv is not None
+    view = chunk.kv[0]
+    assert not pool.recycle(chunk)
+    assert view.shape == SHAPE[1:]
+
+
+def test_chunk_object_held_elsewhere_is_not_reused() -> None:
+    pool = BufferPool(max_bytes=1 << 20)
+    chunk = removed_chunk()
+    holders = [chunk]
+    assert not pool.recycle(chunk)
+    assert holders
+
+
+def test_pool_keeps_at_most_its_byte_budget() -> None:
+    one = removed_chunk()
+    pool = BufferPool(max_bytes=one.nbytes)
+    assert pool.recycle(one)
+    assert not pool.recycle(removed_chunk())
+    assert pool.pooled_bytes == one.nbytes
