@@ -83,6 +83,11 @@ class CacheEngine:
         with self.lock:
             self._sinks.append(sink)
 
+    def unsubscribe(self, sink: CacheEventSink) -> None:
+        with self.lock:
+            if sink in self._sinks:
+                self._sinks.remove(sink)
+
     # -- introspection ---------------------------------------------------------------------
 
     @property

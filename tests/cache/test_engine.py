@@ -153,3 +153,13 @@ def test_concurrent_puts_gets_and_clears_keep_the_index_consistent(
     assert not errors
     chunks, used, capacity = engine.usage()["LocalCPUBackend"]
     assert used == chunks * 2 * 2 * CHUNK * 8 * 2 <= capacity
+
+
+def test_unsubscribed_sink_hears_nothing_more(make_engine: EngineFactory) -> None:
+    engine = make_engine()
+    sink = RecordingSink()
+    engine.subscribe(sink)
+    put_prompt(engine, [1, 2, 3, 4])
+    engine.unsubscribe(sink)
+    put_prompt(engine, [5, 6, 7, 8])
+    assert [e[0] for e in sink.events] == ["admit"]

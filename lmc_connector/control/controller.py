@@ -1,0 +1,258 @@
+"""Controller state: instances, workers, the chunk index and events. Pure logic, no I/O.
+
+Callers: the monitor thread (`handle`, `expire`), the HTTP handlers on the
+event loop (lookups, events) and the command thread (through the handlers).
+One lock serialises them; every public method takes it and none blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lmc_connector import tokens as tok
+from lmc_connector.control import messages as m
+from lmc_connector.control.events import Event, EventStore
+from lmc_connector.control.index import ChunkIndex, IndexFullError
+from lmc_connector.control.registry import Instance, UnknownInstanceError, Worker
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before asking an unknown worker to resync again (its Register may be in flight).
+RESYNC_RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRef:
+    """Where to reach one worker (what the command loop needs)."""
+
+    instance_id: str
+    rank: int
+    address: str
+
+
+@dataclass(slots=True)
+class IngestStats:
+    messages: int = 0
+    keys: int = 0
+    ignored: int = 0
+    malformed: int = 0
+
+
+class Controller:
+    def __init__(self, worker_timeout: float = 10.0) -> None:
+        self.worker_timeout = worker_timeout
+        self.lock = threading.Lock()
+        self.instances: dict[str, Instance] = {}
+        self.index = ChunkIndex()
+        self.events = EventStore()
+        self.stats = IngestStats()
+        self._resync_asked: dict[tuple[str, int, str], float] = {}
+
+    # -- worker messages (monitor thread) ---------------------------------------------------
+
+    def handle(self, msg: m.WorkerMessage, now: float | None = None) -> WorkerRef | None:
+        """Apply one worker message; returns a worker to ask for a resync, if any."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            self.stats.messages += 1
+            if isinstance(msg, m.ChunkEvents):
+                self._chunk_events(msg, now)
+            elif isinstance(msg, m.Heartbeat):
+                return self._heartbeat(msg, now)
+            elif isinstance(msg, m.Register):
+                self._register(msg, now)
+            elif isinstance(msg, m.Snapshot):
+                self._snapshot(msg, now)
+            elif isinstance(msg, m.JobDone):
+                self._job_done(msg)
+            else:
+                self._deregister(msg)
+        return None
+
+    def _worker(self, instance_id: str, rank: int, session: str) -> Worker | None:
+        instance = self.instances.get(instance_id)
+        worker = None if instance is None else instance.workers.get(rank)
+        return worker if worker is not None and worker.session == session else None
+
+    def _register(self, msg: m.Register, now: float) -> None:
+        try:
+            self.index.declare(msg.instance_id, msg.locations)
+        except IndexFullError as e:
+            logger.error("refusing worker %s/%d: %s", msg.instance_id, msg.rank, e)
+            return
+        instance = self.instances.get(msg.instance_id)
+        if instance is None:
+            instance = self.instances[msg.instance_id] = Instance(
+                msg.instance_id, msg.model, msg.world_size, msg.chunk_size
+            )
+        elif (instance.world_size, instance.chunk_size) != (msg.world_size, msg.chunk_size):
+            logger.warning(
+                "instance %s now has world_size=%d chunk_size=%d (was %d, %d)",
+                msg.instance_id,
+                msg.world_size,
+                msg.chunk_size,
+                instance.world_size,
+                instance.chunk_size,
+            )
+            instance.world_size, instance.chunk_size = msg.world_size, msg.chunk_size
+        if msg.rank in instance.workers:
+            self._drop(instance, msg.rank, "worker re-registered")
+        instance.model = msg.model
+        instance.workers[msg.rank] = Worker.from_register(msg, now)
+        self._resync_asked.pop((msg.instance_id, msg.rank, msg.session), None)
+        logger.info(
+            "worker %s/%d registered from %s:%d (pid %d, chunk_size %d, locations %s)",
+            msg.instance_id,
+            msg.rank,
+            msg.host,
+            msg.port,
+            msg.pid,
+            msg.chunk_size,
+            ",".join(msg.locations),
+        )
+
+    def _heartbeat(self, msg: m.Heartbeat, now: float) -> WorkerRef | None:
+        worker = self._worker(msg.instance_id, msg.rank, msg.session)
+        if worker is not None:
+            worker.last_seen = now
+            worker.usage = msg.usage
+            return None
+        key = (msg.instance_id, msg.rank, msg.session)
+        asked = self._resync_asked.get(key)
+        if asked is not None and now - asked < RESYNC_RETRY_S:
+            return None
+        self._resync_asked[key] = now
+        return WorkerRef(msg.instance_id, msg.rank, f"tcp://{msg.host}:{msg.port}")
+
+    def _chunk_events(self, msg: m.ChunkEvents, now: float) -> None:
+        worker = self._worker(msg.instance_id, msg.rank, msg.session)
+        if worker is None:
+            self.stats.ignored += 1
+            return
+        worker.last_seen = now
+        index = self.index
+        for op in msg.ops:
+            try:
+                if op.admitted:
+                    index.admit(msg.instance_id, msg.rank, op.location, op.keys)
+                else:
+                    index.evict(msg.instance_id, msg.rank, op.location, op.keys)
+            except IndexFullError as e:
+                logger.warning("worker %s/%d: %s", msg.instance_id, msg.rank, e)
+                continue
+            self.stats.keys += len(op.keys)
+
+    def _snapshot(self, msg: m.Snapshot, now: float) -> None:
+        worker = self._worker(msg.instance_id, msg.rank, msg.session)
+        if worker is None:
+            self.stats.ignored += 1
+            return
+        worker.last_seen = now
+        self.index.drop_worker(msg.instance_id, msg.rank)
+        for location, keys in msg.locations.items():
+            try:
+                self.index.admit(msg.instance_id, msg.rank, location, keys)
+            except IndexFullError as e:
+                logger.warning("worker %s/%d: %s", msg.instance_id, msg.rank, e)
+        total = sum(len(k) for k in msg.locations.values())
+        logger.info("worker %s/%d resynced %d chunks", msg.instance_id, msg.rank, total)
+
+    def _job_done(self, msg: m.JobDone) -> None:
+        event = self.events.find(msg.event_id)
+        if event is None:
+            self.stats.ignored += 1
+            return
+        part = event.part(msg.rank)
+        if part is None:
+            return
+        part.chunks_done = msg.chunks_done
+        part.chunks_skipped = msg.chunks_skipped
+        part.bytes_before = msg.bytes_before
+        part.bytes_after = msg.bytes_after
+        part.seconds = msg.seconds
+        self.events.finish_part(event, msg.rank, "; ".join(msg.errors) or None)
+        if event.status in ("finished", "failed"):
+            logger.info(
+                "%s %s on %s: %s, %d chunks in %.3f s, %d -> %d bytes",
+                event.kind,
+                event.event_id,
+                event.instance_id,
+                event.status,
+                sum(p.chunks_done for p in event.workers),
+                max(p.seconds for p in event.workers),
+                sum(p.bytes_before for p in event.workers),
+                sum(p.bytes_after for p in event.workers),
+            )
+
+    def _deregister(self, msg: m.Deregister) -> None:
+        instance = self.instances.get(msg.instance_id)
+        if instance is not None and self._worker(msg.instance_id, msg.rank, msg.session):
+            self._drop(instance, msg.rank, "worker deregistered")
+            logger.info("worker %s/%d deregistered", msg.instance_id, msg.rank)
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    def expire(self, now: float | None = None) -> list[WorkerRef]:
+        """Drop workers silent for longer than `worker_timeout`; returns them."""
+        now = time.monotonic() if now is None else now
+        gone: list[WorkerRef] = []
+        with self.lock:
+            for instance in list(self.instances.values()):
+                for worker in list(instance.workers.values()):
+                    silent = now - worker.last_seen
+                    if silent > self.worker_timeout:
+                        gone.append(WorkerRef(instance.instance_id, worker.rank, worker.address))
+                        self._drop(
+                            instance, worker.rank, f"worker lost: no heartbeat for {silent:.1f} s"
+                        )
+                        logger.warning(
+                            "worker %s/%d silent for %.1f s: dropped with its chunks",
+                            instance.instance_id,
+                            worker.rank,
+                            silent,
+                        )
+        return gone
+
+    def _drop(self, instance: Instance, rank: int, reason: str) -> None:
+        instance.workers.pop(rank, None)
+        self.index.drop_worker(instance.instance_id, rank)
+        for event in self.events.active():
+            if event.instance_id == instance.instance_id and event.part(rank) is not None:
+                self.events.finish_part(event, rank, reason)
+                self.events.fail(event, f"worker {rank}: {reason}")
+        if not instance.workers:
+            del self.instances[instance.instance_id]
+            self.index.drop_instance(instance.instance_id)
+
+    # -- queries (HTTP handlers) ------------------------------------------------------------
+
+    def instance(self, instance_id: str) -> Instance:
+        """The instance (caller holds `lock` while reading it), or UnknownInstanceError."""
+        instance = self.instances.get(instance_id)
+        if instance is None:
+            raise UnknownInstanceError(instance_id, list(self.instances))
+        return instance
+
+    def lookup(self, tokens: Sequence[int]) -> tuple[Event, dict[str, tuple[str, int]]]:
+        """Where the longest cached prefix of `tokens` lives, per instance (hits only)."""
+        with self.lock:
+            sizes = {i.instance_id: (i.chunk_size, i.world_size) for i in self.instances.values()}
+        hashes = {cs: tok.chunk_hashes(tokens, cs) for cs in {cs for cs, _ in sizes.values()}}
+        layout: dict[str, tuple[str, int]] = {}
+        with self.lock:
+            for instance_id, (chunk_size, world_size) in sizes.items():
+                best = self.index.prefix(instance_id, hashes[chunk_size], range(world_size))
+                if best is not None:
+                    location, chunks = best
+                    layout[instance_id] = (
+                        location,
+                        tok.prefix_tokens(chunks, len(tokens), chunk_size),
+                    )
+            event = self.events.create("lookup", None, [])
+            event.num_tokens = max((n for _, n in layout.values()), default=0)
+            self.events.finish(event)
+        return event, layout

@@ -1,0 +1,106 @@
+"""The controller's monitor thread: the PULL socket workers push to, plus liveness checks.
+
+One thread owns the PULL socket. Every message is decoded with one typed
+decoder; a malformed one is counted and logged (rate-limited) and the loop
+goes on. Workers asking for a resync and workers that went silent are handed
+to callbacks (the command loop), never handled on this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from lmc_connector.control import messages as m
+from lmc_connector.control.controller import Controller, WorkerRef
+from lmc_connector.control.transport import configure
+
+logger = logging.getLogger(__name__)
+
+#: Poll timeout: bounds how late close() and the liveness check are noticed.
+POLL_MS = 100
+#: Messages drained per wake-up before looking at liveness again.
+DRAIN_BATCH = 256
+#: At most one malformed-message warning per this many seconds.
+MALFORMED_LOG_EVERY_S = 5.0
+
+
+class MonitorLoop:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        controller: Controller,
+        bind_url: str,
+        on_resync: Callable[[WorkerRef], None],
+        on_gone: Callable[[WorkerRef], None],
+    ) -> None:
+        self._context = context
+        self._controller = controller
+        self._bind_url = bind_url
+        self._on_resync = on_resync
+        self._on_gone = on_gone
+        self._decoder = m.worker_message_decoder()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmc-monitor", daemon=True)
+        self._sock: zmq.Socket[bytes] | None = None
+        self._last_malformed_log = 0.0
+
+    def start(self) -> None:
+        """Bind now (so a taken port fails here, in the caller) and start the thread."""
+        sock = self._context.socket(zmq.PULL)
+        configure(sock)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.bind(self._bind_url)
+        self._sock = sock
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        controller = self._controller
+        next_check = 0.0
+        try:
+            while not self._stop.is_set():
+                if sock.poll(POLL_MS):
+                    for _ in range(DRAIN_BATCH):
+                        try:
+                            data = sock.recv(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        self._ingest(data)
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + min(1.0, controller.worker_timeout / 4)
+                    for ref in controller.expire(now):
+                        self._on_gone(ref)
+        finally:
+            sock.close()
+
+    def _ingest(self, data: bytes) -> None:
+        try:
+            msg = self._decoder.decode(data)
+        except m.MessageError as e:
+            self._controller.stats.malformed += 1
+            now = time.monotonic()
+            if now - self._last_malformed_log >= MALFORMED_LOG_EVERY_S:
+                self._last_malformed_log = now
+                logger.warning("%s (dropped; %d so far)", e, self._controller.stats.malformed)
+            return
+        resync = self._controller.handle(msg)
+        if resync is not None:
+            logger.info(
+                "unknown worker %s/%d at %s: asking it to resync",
+                resync.instance_id,
+                resync.rank,
+                resync.address,
+            )
+            self._on_resync(resync)

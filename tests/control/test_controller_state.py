@@ -1,0 +1,138 @@
+"""Controller state as pure logic: registry, chunk index, liveness, events."""
+
+from __future__ import annotations
+
+from lmc_connector import tokens as tok
+from lmc_connector.control import messages as m
+from lmc_connector.control.controller import Controller
+from lmc_connector.control.events import EventStore
+from lmc_connector.control.index import ChunkIndex
+
+CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
+PROMPT = list(range(40))  # 10 chunks of 4
+
+
+def register(
+    c: Controller, rank: int, session: str = "s", instance: str = "i", now: float = 0.0
+) -> None:
+    c.handle(
+        m.Register(
+            instance,
+            rank,
+            2,
+            f"{session}{rank}",
+            "127.0.0.1",
+            8000 + rank,
+            "m",
+            4,
+            [CPU, DISK],
+            ["cachegen"],
+        ),
+        now,
+    )
+
+
+def admit(
+    c: Controller,
+    rank: int,
+    keys: list[int],
+    location: str = CPU,
+    now: float = 0.0,
+    session: str = "s",
+) -> None:
+    c.handle(m.ChunkEvents("i", rank, f"{session}{rank}", [m.ChunkOp(True, location, keys)]), now)
+
+
+def test_lookup_needs_every_rank_in_the_same_location() -> None:
+    c = Controller()
+    register(c, 0)
+    register(c, 1)
+    keys = tok.chunk_hashes(PROMPT, 4)
+    admit(c, 0, keys)
+    admit(c, 1, keys[:6])
+    admit(c, 1, keys[6:], DISK)
+    _, layout = c.lookup(PROMPT)
+    assert layout == {"i": (CPU, 24)}
+
+
+def test_evicted_chunks_shorten_the_prefix() -> None:
+    c = Controller()
+    register(c, 0)
+    register(c, 1)
+    keys = tok.chunk_hashes(PROMPT, 4)
+    for rank in (0, 1):
+        admit(c, rank, keys)
+    c.handle(m.ChunkEvents("i", 0, "s0", [m.ChunkOp(False, CPU, [keys[3]])]), 0.0)
+    assert c.lookup(PROMPT)[1] == {"i": (CPU, 12)}
+
+
+def test_silent_worker_is_dropped_with_its_chunks_and_its_events_fail() -> None:
+    c = Controller(worker_timeout=5)
+    register(c, 0)
+    register(c, 1)
+    admit(c, 0, tok.chunk_hashes(PROMPT, 4))
+    event = c.events.create("compress", "i", [0, 1])
+    c.events.start(event)
+    c.handle(m.Heartbeat("i", 1, "s1", "127.0.0.1", 8001), 4.0)
+    gone = c.expire(6.0)
+    assert [(g.rank, g.address) for g in gone] == [(0, "tcp://127.0.0.1:8000")]
+    assert c.index.size("i") == 0
+    assert event.status == "failed" and "no heartbeat" in str(event.error)
+
+
+def test_heartbeat_from_an_unknown_worker_asks_for_a_resync_once_per_interval() -> None:
+    c = Controller()
+    beat = m.Heartbeat("i", 0, "new", "127.0.0.1", 8000)
+    first = c.handle(beat, 10.0)
+    assert first is not None and first.address == "tcp://127.0.0.1:8000"
+    assert c.handle(beat, 10.1) is None
+    assert c.handle(beat, 12.0) is not None
+
+
+def test_snapshot_replaces_what_the_worker_had() -> None:
+    c = Controller()
+    register(c, 0)
+    admit(c, 0, [1, 2, 3])
+    c.handle(m.Snapshot("i", 0, "s0", {CPU: [3, 4]}), 0.0)
+    assert c.index.count("i", 0, CPU) == 2 and c.index.size("i") == 2
+
+
+def test_reregistration_forgets_the_previous_life() -> None:
+    c = Controller()
+    register(c, 0)
+    admit(c, 0, [1, 2, 3])
+    register(c, 0, session="restarted")
+    assert c.index.size("i") == 0
+    admit(c, 0, [9])  # a late batch of the old session
+    assert c.index.size("i") == 0
+
+
+def test_job_completions_finish_the_event_per_worker() -> None:
+    c = Controller()
+    register(c, 0)
+    register(c, 1)
+    event = c.events.create("compress", "i", [0, 1])
+    c.events.start(event)
+    c.handle(m.JobDone("i", 0, "s0", event.event_id, 8, chunks_done=2), 0.0)
+    assert event.status == "running"
+    c.handle(m.JobDone("i", 1, "s1", event.event_id, 8, errors=["disk full"]), 0.0)
+    assert event.status == "failed" and "worker 1: disk full" in str(event.error)
+
+
+def test_finished_events_are_forgotten_oldest_first() -> None:
+    store = EventStore(max_finished=2)
+    events = [store.create("clear", "i", []) for _ in range(3)]
+    running = store.create("compress", "i", [0])
+    store.start(running)
+    for e in events:
+        store.finish(e)
+    assert store.find(events[0].event_id) is None
+    assert store.find(events[2].event_id) is not None and store.find(running.event_id) is not None
+
+
+def test_prefix_prefers_the_first_registered_location_on_a_tie() -> None:
+    index = ChunkIndex()
+    index.declare("i", [CPU, DISK])
+    for location in (CPU, DISK):
+        index.admit("i", 0, location, [1, 2])
+    assert index.prefix("i", [1, 2, 3], [0]) == (CPU, 2)
