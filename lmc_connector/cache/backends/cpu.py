@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import torch
 
-from lmc_connector.cache.backends.lru import LRUIndex
+from lmc_connector.cache.backends.lru import IndexedTier
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.pool import BufferPool
 
@@ -14,38 +12,18 @@ from lmc_connector.cache.pool import BufferPool
 POOL_SHARE = 8
 
 
-class LocalCPUBackend:
+class LocalCPUBackend(IndexedTier[Chunk]):
     """Chunk objects in memory; capacity counts their real bytes (encoded size when encoded)."""
 
     name = "LocalCPUBackend"
 
     def __init__(self, capacity_bytes: int) -> None:
-        self._index: LRUIndex[Chunk] = LRUIndex(capacity_bytes, lambda c: c.nbytes)
+        super().__init__(capacity_bytes, lambda c: c.nbytes)
         self._pool = BufferPool(capacity_bytes // POOL_SHARE)
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor to copy a new chunk into, reusing a removed chunk's memory if it can."""
         return self._pool.take(shape, dtype)
-
-    @property
-    def used_bytes(self) -> int:
-        return self._index.used_bytes
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._index.capacity_bytes
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def keys(self) -> Iterator[int]:
-        return iter(self._index)
-
-    def peek(self, key: int) -> Chunk | None:
-        return self._index.peek(key)
 
     def read(self, key: int) -> Chunk | None:
         return self._index.touch(key)
@@ -65,6 +43,3 @@ class LocalCPUBackend:
 
     def size_of(self, chunk: Chunk) -> int:
         return chunk.nbytes
-
-    def victims(self, need_bytes: int, is_pinned: Callable[[int], bool]) -> list[int] | None:
-        return self._index.victims(need_bytes, is_pinned)

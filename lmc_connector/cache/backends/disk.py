@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lmc_connector.cache.backends.diskfile import (
@@ -14,7 +13,7 @@ from lmc_connector.cache.backends.diskfile import (
     read_record,
     write_chunk,
 )
-from lmc_connector.cache.backends.lru import LRUIndex
+from lmc_connector.cache.backends.lru import IndexedTier
 from lmc_connector.cache.chunk import Chunk
 
 logger = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ class CorruptChunkError(DiskFormatError):
     """A chunk file failed verification; it has been deleted and must be recomputed."""
 
 
-class LocalDiskBackend:
+class LocalDiskBackend(IndexedTier[DiskRecord]):
     """Chunk files with an in-memory LRU index; files from an earlier run are re-admitted.
 
     The folder name is the layout fingerprint, so a different model, rank or
@@ -36,7 +35,7 @@ class LocalDiskBackend:
 
     def __init__(self, root: Path, capacity_bytes: int) -> None:
         self.root = root
-        self._index: LRUIndex[DiskRecord] = LRUIndex(capacity_bytes, lambda r: r.nbytes)
+        super().__init__(capacity_bytes, lambda r: r.nbytes)
 
     def open(self) -> list[int]:
         """Create the folder and re-admit the files already there; return their keys."""
@@ -58,26 +57,6 @@ class LocalDiskBackend:
     def _path(self, key: int) -> Path:
         return self.root / f"{key:016x}{SUFFIX}"
 
-    @property
-    def used_bytes(self) -> int:
-        return self._index.used_bytes
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self._index.capacity_bytes
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def keys(self) -> Iterator[int]:
-        return iter(self._index)
-
-    def peek(self, key: int) -> DiskRecord | None:
-        return self._index.peek(key)
-
     def read(self, key: int) -> Chunk | None:
         """Load and verify a chunk; a corrupt file is deleted and raises CorruptChunkError."""
         if self._index.touch(key) is None:
@@ -98,6 +77,3 @@ class LocalDiskBackend:
 
     def size_of(self, chunk: Chunk) -> int:
         return HEADER_SIZE + chunk.nbytes
-
-    def victims(self, need_bytes: int, is_pinned: Callable[[int], bool]) -> list[int] | None:
-        return self._index.victims(need_bytes, is_pinned)

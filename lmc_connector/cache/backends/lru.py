@@ -69,3 +69,33 @@ class LRUIndex(Generic[V]):
             chosen.append(key)
             shortfall -= self._size_of(value)
         return chosen if shortfall <= 0 else None
+
+
+class IndexedTier(Generic[V]):
+    """What every tier answers from its LRU index alone; tiers add read/write/remove."""
+
+    def __init__(self, capacity_bytes: int, size_of: Callable[[V], int]) -> None:
+        self._index: LRUIndex[V] = LRUIndex(capacity_bytes, size_of)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._index.used_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._index.capacity_bytes
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> Iterator[int]:
+        return iter(self._index)
+
+    def peek(self, key: int) -> V | None:
+        return self._index.peek(key)
+
+    def victims(self, need_bytes: int, is_pinned: Callable[[int], bool]) -> list[int] | None:
+        return self._index.victims(need_bytes, is_pinned)

@@ -1,0 +1,206 @@
+"""A tiny Llama that vLLM can serve on a CPU, built offline in about a second.
+
+`build_tiny_model(path)` trains a byte-level BPE tokenizer on local text (the
+standard library's docstrings), creates a `LlamaForCausalLM` with random
+weights from a fixed seed, and saves both with `save_pretrained`. Random
+weights give meaningless text but real, deterministic computation: enough to
+prove that cached KV is bit-identical to recomputed KV.
+
+`write_config_only_model(path, ...)` writes a bigger model as `config.json`
+plus the tokenizer only, to be served with `--load-format dummy` (used by the
+time-to-first-token benchmark).
+
+Both are idempotent: an existing, complete directory is reused.
+
+    python -m examples.tiny_model /tmp/tiny-llama
+    python -m examples.tiny_model /tmp/bench-llama --config-only --hidden 2048 --layers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+from pathlib import Path
+
+TINY_SEED = 1234
+TINY_VOCAB = 1024
+_DOC_MODULES = ("argparse", "collections", "json", "logging", "pathlib", "subprocess", "typing")
+_MARKER = "tiny_model.json"
+
+
+def _training_text() -> list[str]:
+    """Docstrings of a few standard-library modules: local, stable, English text."""
+    import importlib
+
+    texts: list[str] = []
+    for name in _DOC_MODULES:
+        module = importlib.import_module(name)
+        for obj in vars(module).values():
+            doc = inspect.getdoc(obj)
+            if doc:
+                texts.append(doc)
+    return texts
+
+
+def sample_text(num_words: int) -> str:
+    """Deterministic English-ish text of about `num_words` words, for prompts."""
+    words = " ".join(_training_text()).split()
+    reps = num_words // max(len(words), 1) + 1
+    return " ".join((words * reps)[:num_words])
+
+
+def _save_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(path))
+
+
+def _llama_config(
+    vocab_size: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    max_positions: int,
+) -> object:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=0,
+        eos_token_id=1,
+        torch_dtype="float32",
+        tie_word_embeddings=False,
+    )
+
+
+def _is_complete(path: Path, spec: dict[str, object]) -> bool:
+    marker = path / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == spec
+
+
+def build_tiny_model(
+    path: str | os.PathLike[str],
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 4096,
+    seed: int = TINY_SEED,
+) -> Path:
+    """Write (or reuse) a tiny random-weight Llama and its tokenizer under `path`.
+
+    head size = hidden / heads (32 by default: the CPU attention backend needs
+    one of 32, 64, 80, ...). The weights are float32 on disk; serve with
+    `dtype="float32"` or let vLLM cast.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(path)
+    spec: dict[str, object] = {
+        "kind": "weights",
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "max_positions": max_positions,
+        "seed": seed,
+        "vocab": TINY_VOCAB,
+    }
+    if _is_complete(out, spec):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(out, TINY_VOCAB)
+    config = _llama_config(TINY_VOCAB, hidden, layers, heads, kv_heads, 2 * hidden, max_positions)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / _MARKER).write_text(json.dumps(spec))
+    return out
+
+
+def write_config_only_model(
+    path: str | os.PathLike[str],
+    hidden: int = 2048,
+    layers: int = 16,
+    heads: int = 16,
+    kv_heads: int = 4,
+    intermediate: int = 5632,
+    max_positions: int = 8192,
+) -> Path:
+    """Write `config.json` and the tokenizer only: serve with `--load-format dummy`."""
+    out = Path(path)
+    spec: dict[str, object] = {
+        "kind": "config-only",
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "intermediate": intermediate,
+        "max_positions": max_positions,
+        "vocab": TINY_VOCAB,
+    }
+    if _is_complete(out, spec):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(out, TINY_VOCAB)
+    config = _llama_config(TINY_VOCAB, hidden, layers, heads, kv_heads, intermediate, max_positions)
+    config.save_pretrained(str(out))  # type: ignore[attr-defined]
+    (out / _MARKER).write_text(json.dumps(spec))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("path", help="directory to write (reused when already complete)")
+    parser.add_argument(
+        "--config-only", action="store_true", help="no weights: --load-format dummy"
+    )
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    args = parser.parse_args(argv)
+    given = {
+        k: v
+        for k, v in (
+            ("hidden", args.hidden),
+            ("layers", args.layers),
+            ("heads", args.heads),
+            ("kv_heads", args.kv_heads),
+        )
+        if v is not None
+    }
+    if args.config_only:
+        out = write_config_only_model(args.path, **given)
+    else:
+        out = build_tiny_model(args.path, **given)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The seed walk-through (compress and decompress the KV cache), end to end, as one command.
+
+Builds a tiny local model if needed, starts `lmc-controller` and vLLM's
+OpenAI server with our connector, sends the seed's completion, tokenizes the
+prompt, compresses its KV with CacheGen, serves the prompt again from the
+compressed cache, decompresses, serves it again, and prints a report. Every
+step prints the equivalent command to repeat it by hand. Every process it
+starts is stopped on exit, Ctrl-C or failure.
+
+    python -m examples.walkthrough [--model DIR] [--method cachegen] [--keep-logs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from examples import services
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_PROMPT = "Explain the significance of KV cache in language models."
+DEFAULT_MODEL_DIR = ROOT / ".models" / "tiny-llama"
+TERMINAL = {"finished", "failed"}
+INSTANCE_ID = "lmcache_default_instance"
+
+
+@dataclass
+class Ports:
+    vllm: int = 8000
+    controller: int = 9000
+    monitor: int = 9001
+    worker: int = 8001
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*(services.free_port() for _ in range(4)))
+
+
+@dataclass
+class Report:
+    num_tokens: int = 0
+    outputs: list[str] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scheduled: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class WalkthroughError(RuntimeError):
+    """A step did not do what the seed page says it does."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def show(command: str) -> None:
+    say("    $ " + command.replace("\n", "\n      "))
+
+
+def curl_json(url: str, body: dict[str, Any]) -> str:
+    return (
+        f"curl -X POST {url} -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body, separators=(', ', ': '))}'"
+    )
+
+
+class Walkthrough:
+    """The steps of the seed page against running services; each returns what it saw."""
+
+    def __init__(self, vllm_url: str, controller_url: str, model: str, instance_id: str) -> None:
+        self.vllm_url = vllm_url
+        self.controller_url = controller_url
+        self.model = model
+        self.instance_id = instance_id
+        self.http = httpx.Client(timeout=120)
+        self.report = Report()
+
+    def complete(self, label: str) -> dict[str, Any]:
+        body = {"model": self.model, "prompt": SEED_PROMPT, "max_tokens": 10, "temperature": 0}
+        say(f"\n== completion ({label})")
+        show(curl_json(f"{self.vllm_url}/v1/completions", body))
+        start = time.perf_counter()
+        answer = self._post(f"{self.vllm_url}/v1/completions", body)
+        self.report.seconds[f"completion {label}"] = time.perf_counter() - start
+        details = answer["usage"].get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0)
+        text = answer["choices"][0]["text"]
+        self.report.outputs.append(text)
+        self.report.cached_tokens.append(cached)
+        say(f"    -> {text!r}; prompt tokens {answer['usage']['prompt_tokens']}, cached {cached}")
+        return answer
+
+    def tokenize(self) -> list[int]:
+        body = {"model": self.model, "prompt": SEED_PROMPT}
+        say("\n== tokenize the prompt")
+        show(curl_json(f"{self.vllm_url}/tokenize", body))
+        answer = self._post(f"{self.vllm_url}/tokenize", body)
+        tokens = [int(t) for t in answer["tokens"]]
+        self.report.num_tokens = len(tokens)
+        say(f"    -> {json.dumps({'count': answer['count'], 'tokens': tokens})}")
+        return tokens
+
+    def transform(self, kind: str, method: str, location: str, tokens: list[int]) -> str:
+        body = {
+            "instance_id": self.instance_id,
+            "method": method,
+            "location": location,
+            "tokens": tokens,
+        }
+        say(f"\n== {kind} with {method} in {location}")
+        show(curl_json(f"{self.controller_url}/{kind}", body))
+        show(
+            f"lmc-admin --url {self.controller_url} {kind} --instance {self.instance_id} "
+            f"--method {method} --location {location} --prompt '{SEED_PROMPT}' "
+            f"--vllm-url {self.vllm_url} --wait"
+        )
+        answer = self._post(f"{self.controller_url}/{kind}", body)
+        say(f"    -> {json.dumps(answer)}")
+        self.report.scheduled[kind] = int(answer["num_tokens"])
+        event_id = str(answer["event_id"])
+        self.report.events[kind] = self.follow(event_id)
+        return event_id
+
+    def follow(self, event_id: str, timeout: float = 300.0) -> dict[str, Any]:
+        say(f"    following event {event_id}")
+        show(curl_json(f"{self.controller_url}/check_finish", {"event_id": event_id}))
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._post(f"{self.controller_url}/check_finish", {"event_id": event_id})
+            if status["status"] in TERMINAL or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        say(f"    -> {json.dumps(status)}")
+        if status["status"] != "finished":
+            raise WalkthroughError(f"event {event_id} ended {status['status']}: {status}")
+        return dict(status)
+
+    def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(url, json=body)
+        if response.status_code >= 400:
+            raise WalkthroughError(f"POST {url} -> {response.status_code}: {response.text}")
+        return dict(response.json())
+
+
+def run_steps(flow: Walkthrough, method: str, location: str) -> Report:
+    """The seed page, step by step; raises WalkthroughError where reality differs."""
+    flow.complete("first request: computes and caches the prompt's KV")
+    tokens = flow.tokenize()
+    flow.transform("compress", method, location, tokens)
+    flow.complete("served from the compressed cache")
+    flow.transform("decompress", method, location, tokens)
+    flow.complete("served from the decompressed cache")
+    return flow.report
+
+
+def _bytes(event: dict[str, Any], key: str) -> int:
+    workers = event.get("workers") or {}
+    values = [w.get(key) for w in (workers.values() if isinstance(workers, dict) else workers)]
+    return sum(int(v) for v in values if isinstance(v, int | float))
+
+
+def print_report(report: Report, method: str) -> None:
+    compress = report.events.get("compress", {})
+    before, after = _bytes(compress, "bytes_before"), _bytes(compress, "bytes_after")
+    ratio = f"{before / after:.2f}x" if after else "n/a"
+    say("\n== report")
+    say(f"    prompt tokens                 {report.num_tokens}")
+    say(f"    compress scheduled tokens     {report.scheduled.get('compress')}")
+    say(f"    decompress scheduled tokens   {report.scheduled.get('decompress')}")
+    say(f"    KV bytes before -> after      {before} -> {after} ({method}, ratio {ratio})")
+    say(f"    cached tokens per request     {report.cached_tokens}")
+    say(f"    outputs                       {report.outputs}")
+    for name, seconds in report.seconds.items():
+        say(f"    time: {name:<55} {seconds * 1e3:8.1f} ms")
+
+
+def check(report: Report) -> list[str]:
+    """What the seed page promises, as a list of broken promises (empty when all hold)."""
+    problems = []
+    for kind in ("compress", "decompress"):
+        if report.scheduled.get(kind) != report.num_tokens:
+            problems.append(
+                f"{kind} scheduled {report.scheduled.get(kind)} tokens, prompt has "
+                f"{report.num_tokens}"
+            )
+    if len(report.cached_tokens) == 3 and not all(c > 0 for c in report.cached_tokens[1:]):
+        problems.append(f"requests after compress/decompress not cached: {report.cached_tokens}")
+    if len(set(report.outputs[1:])) > 1:
+        problems.append(
+            f"compressed and decompressed caches answered differently: {report.outputs}"
+        )
+    return problems
+
+
+def build_model_if_missing(model_dir: Path) -> Path:
+    from examples.tiny_model import build_tiny_model
+
+    if model_dir == DEFAULT_MODEL_DIR:
+        say(f"== tiny model in {model_dir} (built if missing)")
+        build_tiny_model(model_dir)
+    elif not (model_dir / "config.json").exists():
+        raise WalkthroughError(f"--model {model_dir} has no config.json: give a model directory")
+    return model_dir
+
+
+def _cpu_args() -> tuple[str, ...]:
+    import torch
+
+    return () if torch.cuda.is_available() else ("--enforce-eager", "--block-size", "32")
+
+
+@contextlib.contextmanager
+def started(
+    model_dir: Path, config_file: Path, ports: Ports, log_dir: Path, served_name: str
+) -> Iterator[tuple[Walkthrough, list[services.Service]]]:
+    """The controller and vLLM running; yields the walk-through and both services."""
+    controller_url = f"http://localhost:{ports.controller}"
+    vllm_url = f"http://localhost:{ports.vllm}"
+    say("\n== start the controller")
+    cmd = services.controller_command("localhost", ports.controller, ports.monitor)
+    show("lmc-controller " + " ".join(cmd[1:]))
+    controller = services.running(
+        "lmc-controller", cmd, controller_url, log_dir / "controller.log", timeout=30
+    )
+    with controller as controller_service:
+        say("\n== start vLLM with the connector (20-60 s on a CPU)")
+        vcmd = services.vllm_command(model_dir, ports.vllm, served_name, extra_args=_cpu_args())
+        show(f"LMCACHE_CONFIG_FILE={config_file} " + " ".join(vcmd[2:]))
+        env = services.cpu_vllm_env(config_file)
+        with services.running("vLLM", vcmd, vllm_url, log_dir / "vllm.log", env=env) as vllm:
+            flow = Walkthrough(vllm_url, controller_url, served_name, INSTANCE_ID)
+            yield flow, [controller_service, vllm]
+
+
+def config_for_ports(template: Path, ports: Ports, folder: Path) -> Path:
+    """A copy of the example config pointing at `ports` instead of the seed's."""
+    text = template.read_text()
+    text = text.replace("localhost:9001", f"localhost:{ports.monitor}")
+    text = text.replace("lmcache_worker_ports: 8001", f"lmcache_worker_ports: {ports.worker}")
+    path = folder / template.name
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="local model dir")
+    parser.add_argument("--served-model-name", default="tiny-llama")
+    parser.add_argument("--config", type=Path, default=ROOT / "examples" / "example.yaml")
+    parser.add_argument("--method", default="cachegen")
+    parser.add_argument("--location", default="LocalCPUBackend")
+    parser.add_argument("--free-ports", action="store_true", help="pick free ports, not the seed's")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep service logs here")
+    args = parser.parse_args(argv)
+
+    ports = Ports.free() if args.free_ports else Ports()
+    busy = [p for p in (ports.vllm, ports.controller, ports.monitor) if services.port_in_use(p)]
+    if busy:
+        say(f"ports {busy} are in use: stop what holds them, or pass --free-ports")
+        return 2
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="lmc-walkthrough-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config_file = config_for_ports(args.config, ports, log_dir) if args.free_ports else args.config
+    try:
+        model_dir = build_model_if_missing(args.model.resolve())
+        with started(model_dir, config_file, ports, log_dir, args.served_model_name) as (flow, _):
+            report = run_steps(flow, args.method, args.location)
+        print_report(report, args.method)
+        problems = check(report)
+    except (WalkthroughError, services.ServiceError) as e:
+        say(f"\nFAILED: {e}\nlogs: {log_dir}")
+        return 1
+    except KeyboardInterrupt:
+        say("\ninterrupted; every process started here was stopped")
+        return 130
+    for problem in problems:
+        say(f"FAILED: {problem}")
+    say(f"\nall steps of the seed page passed; logs: {log_dir}" if not problems else "")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""`LMCConnectorV1`: vLLM's KV connector hooks, switched on role.
+
+The constructor builds the project config once (`load_config` over YAML,
+`LMCACHE_*` and `kv_connector_extra_config`) and either an `LMCScheduler`
+(SCHEDULER role, engine-core process) or an `LMCWorker` (WORKER role, each
+worker process). Every hook asserts its side exists and forwards. This module
+and `config.py` are the only ones that read `VllmConfig`.
+
+vLLM 0.32 / 0.33 differences handled here:
+* `CachedRequestData.resumed_req_ids` (a set, 0.32+) vs `resumed_from_preemption`
+  (a list of bools, older releases).
+* `SchedulerOutput.preempted_req_ids` may be absent or None.
+* `kv_cache_config` may be omitted by older callers (the constructor defaults it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from lmc_connector.config import load_config
+from lmc_connector.ops.paged import KVFormat
+from lmc_connector.v1.lookup import LookupClient, channel_path
+from lmc_connector.v1.metadata import LMCConnectorMetadata
+from lmc_connector.v1.scheduler import LMCScheduler
+from lmc_connector.v1.worker import LMCWorker, WorkerSettings
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def _world(vllm_config: VllmConfig) -> int:
+    parallel = vllm_config.parallel_config
+    return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+
+
+def _addresses(vllm_config: VllmConfig) -> list[str]:
+    assert vllm_config.kv_transfer_config is not None
+    engine_id = str(vllm_config.kv_transfer_config.engine_id)
+    dp_rank = int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)
+    return [channel_path(engine_id, dp_rank, r) for r in range(_world(vllm_config))]
+
+
+def _worker_rank() -> int:
+    """Global rank (pipeline stage x tensor rank); 0 where vLLM set up no process groups."""
+    from vllm.distributed.parallel_state import (
+        get_pp_group,
+        get_tp_group,
+        model_parallel_is_initialized,
+    )
+
+    if not model_parallel_is_initialized():
+        return 0
+    tp = get_tp_group()
+    return get_pp_group().rank_in_group * tp.world_size + tp.rank_in_group
+
+
+def _layer_format(vllm_config: VllmConfig, layer_name: str) -> KVFormat:
+    if vllm_config.model_config.use_mla:
+        return KVFormat.MLA
+    layer = vllm_config.compilation_config.static_forward_context.get(layer_name)
+    backend = getattr(layer, "attn_backend", None)
+    name = backend.get_name() if backend is not None else ""
+    return KVFormat.CPU_PAGED if name.startswith("CPU") else KVFormat.PACKED
+
+
+class LMCConnectorV1(KVConnectorBase_V1):
+    """Saves prompt KV into the chunk cache of each worker and loads cached prefixes back."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        transfer = self._kv_transfer_config
+        self.config = load_config(transfer.kv_connector_extra_config)
+        self.scheduler: LMCScheduler | None = None
+        self.worker: LMCWorker | None = None
+        block_size = vllm_config.cache_config.block_size
+        if role == KVConnectorRole.SCHEDULER:
+            # A cache miss is never fatal: failed loads are recomputed (vLLM defaults to "fail").
+            if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
+                logger.info("lmc_connector: setting kv_load_failure_policy=recompute")
+                transfer.kv_load_failure_policy = "recompute"
+            client = LookupClient(_addresses(vllm_config), self.config.lookup_timeout_ms)
+            self.scheduler = LMCScheduler(self.config.chunk_size, block_size, client)
+            self.scheduler.start()
+        else:
+            rank = _worker_rank()
+            settings = WorkerSettings(
+                model=str(vllm_config.model_config.model),
+                rank=rank,
+                world_size=_world(vllm_config),
+                block_size=block_size,
+                lookup_address=_addresses(vllm_config)[rank],
+            )
+            self.worker = LMCWorker(self.config, settings)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a dropped save is only a future miss."""
+        return False
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker is not None
+        formats = {name: _layer_format(self._vllm_config, name) for name in kv_caches}
+        self.worker.register_kv_caches(kv_caches, formats)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LMCConnectorMetadata)
+        self.worker.start_load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads finish in `start_load_kv`; nothing to wait for per layer."""
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Saves run once per step in `wait_for_save`, over all layers."""
+        return
+
+    def wait_for_save(self) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LMCConnectorMetadata)
+        self.worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self.worker is not None
+        return self.worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    # -- scheduler side --------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        prompt = request.prompt_token_ids
+        n = self.scheduler.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens)
+        return n, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        assert self.scheduler is not None
+        self.scheduler.after_alloc(request.request_id, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        new = [
+            (r.req_id, r.num_computed_tokens, list(r.block_ids[0]))
+            for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed_ids = getattr(cached, "resumed_req_ids", None)
+        resumed_flags = getattr(cached, "resumed_from_preemption", None)
+        rows: list[tuple[str, int, list[int] | None, bool]] = []
+        for i, req_id in enumerate(cached.req_ids):
+            if resumed_ids is not None:
+                resumed = req_id in resumed_ids
+            else:
+                resumed = bool(resumed_flags[i]) if resumed_flags is not None else False
+            new_blocks = cached.new_block_ids[i]
+            rows.append(
+                (
+                    req_id,
+                    cached.num_computed_tokens[i],
+                    None if new_blocks is None else list(new_blocks[0]),
+                    resumed,
+                )
+            )
+        preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        return self.scheduler.build_meta(
+            new, rows, scheduler_output.num_scheduled_tokens, preempted
+        )
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        self.scheduler.finished(request.request_id)
+        return False, None

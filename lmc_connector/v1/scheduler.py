@@ -1,0 +1,158 @@
+"""The scheduler half: lookups, per-request tracking, and each step's load/save plan.
+
+Runs in vLLM's engine-core process on the scheduler thread; all methods are
+called from that thread. The cache itself lives in the worker processes and
+is asked through `LookupClient` (a timeout means no hit).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lmc_connector import tokens as tok
+from lmc_connector.v1.lookup import LookupClient
+from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestTracker:
+    """What the scheduler half knows about one unfinished request."""
+
+    req_id: str
+    prompt_len: int
+    #: Chained chunk keys of the prompt (the last chunk may be partial).
+    keys: list[int]
+    #: Chunks [0, saved_chunks) are known to be in the cache (hit or saved by us).
+    saved_chunks: int = 0
+    #: The vLLM-computed prefix the last lookup was relative to.
+    lookup_base: int = 0
+    #: Tokens [load[0], load[1]) must be loaded in the next step this request is scheduled.
+    load: tuple[int, int] | None = None
+    #: Workers may hold lookup pins for this request (released by a load or an unpin).
+    pinned: bool = False
+    block_ids: list[int] = field(default_factory=list)
+
+
+class LMCScheduler:
+    """Answers vLLM's scheduler hooks; construct, start, close."""
+
+    def __init__(self, chunk_size: int, block_size: int, client: LookupClient) -> None:
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self._client = client
+        self._requests: dict[str, RequestTracker] = {}
+
+    def start(self) -> None:
+        self._client.start()
+
+    def close(self) -> None:
+        self._client.close()
+
+    @property
+    def requests(self) -> dict[str, RequestTracker]:
+        return self._requests
+
+    def num_new_matched_tokens(
+        self, req_id: str, prompt: Sequence[int] | None, num_computed_tokens: int
+    ) -> int:
+        """Tokens beyond `num_computed_tokens` loadable from the cache, leaving one to compute.
+
+        Pins the hit chunks on every worker; a repeated call for the same
+        request replaces its pins instead of adding to them.
+        """
+        if not prompt:
+            return 0
+        tracker = self._requests.get(req_id)
+        if tracker is None:
+            keys = tok.chunk_hashes(prompt, self.chunk_size)
+            tracker = RequestTracker(req_id, len(prompt), keys)
+            self._requests[req_id] = tracker
+        hit = self._client.lookup(req_id, tracker.keys, tracker.prompt_len)
+        tracker.pinned = hit > 0
+        tracker.saved_chunks = max(tracker.saved_chunks, -(-hit // self.chunk_size))
+        tracker.lookup_base = num_computed_tokens
+        loadable = min(hit, tracker.prompt_len - 1)
+        return max(0, loadable - num_computed_tokens)
+
+    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
+        tracker = self._requests.get(req_id)
+        if tracker is None or num_external_tokens <= 0:
+            return
+        start = tracker.lookup_base
+        tracker.load = (start, start + num_external_tokens)
+
+    def build_meta(
+        self,
+        new_reqs: Sequence[tuple[str, int, list[int]]],
+        cached_reqs: Sequence[tuple[str, int, list[int] | None, bool]],
+        num_scheduled: dict[str, int],
+        preempted: set[str],
+    ) -> LMCConnectorMetadata:
+        """The plan for one step.
+
+        `new_reqs`: (req_id, num_computed_tokens, block_ids) of newly scheduled requests;
+        `cached_reqs`: (req_id, num_computed_tokens, new block ids, resumed) of the others,
+        where a resumed request's block ids replace the old ones.
+        """
+        meta = LMCConnectorMetadata()
+        for req_id in preempted - set(num_scheduled):
+            # Its blocks are gone; a resumption brings new ones (and a fresh lookup).
+            tracker = self._requests.get(req_id)
+            if tracker is not None:
+                tracker.block_ids = []
+        for req_id, computed, block_ids in new_reqs:
+            tracker = self._requests.get(req_id)
+            if tracker is not None:
+                tracker.block_ids = list(block_ids)
+                self._plan(meta, tracker, computed + num_scheduled.get(req_id, 0))
+        for req_id, computed, new_blocks, resumed in cached_reqs:
+            tracker = self._requests.get(req_id)
+            if tracker is None:
+                continue
+            if resumed:
+                tracker.block_ids = list(new_blocks or [])
+            elif new_blocks:
+                tracker.block_ids.extend(new_blocks)
+            self._plan(meta, tracker, computed + num_scheduled.get(req_id, 0))
+        return meta
+
+    def _plan(self, meta: LMCConnectorMetadata, tracker: RequestTracker, computed: int) -> None:
+        if tracker.load is not None:
+            start, end = tracker.load
+            first = start // self.chunk_size
+            last = -(-end // self.chunk_size)
+            meta.loads.append(
+                LoadSpec(
+                    tracker.req_id,
+                    tracker.keys[first:last],
+                    first,
+                    start,
+                    end,
+                    list(tracker.block_ids),
+                )
+            )
+            tracker.load = None
+            tracker.pinned = False
+        limit = min(computed, tracker.prompt_len)
+        bounds = tok.chunk_bounds(tracker.prompt_len, self.chunk_size)
+        todo = [i for i in range(tracker.saved_chunks, len(bounds)) if bounds[i][1] <= limit]
+        if todo:
+            meta.saves.append(
+                SaveSpec(
+                    tracker.req_id,
+                    [tracker.keys[i] for i in todo],
+                    [bounds[i] for i in todo],
+                    list(tracker.block_ids),
+                )
+            )
+            tracker.saved_chunks = todo[-1] + 1
+
+    def finished(self, req_id: str) -> None:
+        """Forget the request; release pins a load did not consume (abort, no blocks)."""
+        tracker = self._requests.pop(req_id, None)
+        if tracker is not None and tracker.pinned:
+            self._client.unpin(req_id)

@@ -1,0 +1,237 @@
+"""The worker half: owns this rank's chunk cache, loads before the forward, saves after it.
+
+Runs in each vLLM worker process, on vLLM's model-runner thread; the lookup
+server thread (`lookup.py`) and the control agent share the cache engine,
+which is thread-safe. Loads and saves are synchronous: `start_load` returns
+once the chunks are in the paged cache, `save` once they are in the cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmc_connector.cache import CacheEngine, ChunkLayout
+from lmc_connector.cache.layout import dtype_name
+from lmc_connector.config import CacheConfig
+from lmc_connector.ops import paged
+from lmc_connector.ops.paged import KVFormat
+from lmc_connector.v1.lookup import LookupServer, PinRegistry
+from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What the worker half needs from vLLM, extracted once by the connector."""
+
+    #: Model name or path: part of the key namespace.
+    model: str
+    #: This worker's rank among `world_size` (tensor x pipeline parallel).
+    rank: int
+    world_size: int
+    #: Tokens per scheduler block (block ids in the metadata count these).
+    block_size: int
+    #: IPC address the lookup server binds.
+    lookup_address: str
+
+
+class LMCWorker:
+    """Registers the paged caches, then serves loads, saves and lookups.
+
+    Construct, `register_kv_caches` (starts serving), `close`.
+    """
+
+    def __init__(self, config: CacheConfig, settings: WorkerSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.engine: CacheEngine | None = None
+        self.pins: PinRegistry | None = None
+        self.layer_names: list[str] = []
+        self._layers: list[list[torch.Tensor]] = []
+        #: vLLM's per-layer views as registered (whole-block copies use them directly).
+        self._raw: list[torch.Tensor] = []
+        self._kernel_block_size = settings.block_size
+        #: Copies are rounded up to multiples of this many tokens (a kernel block for formats
+        #: whose pages are not token rows; 1 otherwise).
+        self._align = 1
+        self._server: LookupServer | None = None
+        self._agent: Any = None
+        self._load_errors: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def register_kv_caches(
+        self, kv_caches: Mapping[str, torch.Tensor], formats: Mapping[str, KVFormat]
+    ) -> None:
+        """Work out the chunk layout from vLLM's per-layer views, open the cache, start serving."""
+        if not kv_caches:
+            raise ValueError("vLLM registered no KV cache layers")
+        kinds = {formats[name] for name in kv_caches}
+        if len(kinds) != 1:
+            raise ValueError(f"layers mix KV formats {sorted(k.value for k in kinds)}")
+        fmt = kinds.pop()
+        self.layer_names = list(kv_caches)
+        self._layers = [paged.plane_views(kv_caches[n], fmt) for n in self.layer_names]
+        self._raw = [kv_caches[n] for n in self.layer_names]
+        first = self._layers[0][0]
+        shapes = {tuple(p.shape[1:]) for planes in self._layers for p in planes}
+        if len(shapes) != 1:
+            raise ValueError(f"layers have different per-block shapes {sorted(shapes)}")
+        _, heads, self._kernel_block_size, head_size = first.shape
+        if fmt.whole_blocks:
+            self._align = self._kernel_block_size
+            if self.config.chunk_size % self._align:
+                raise ValueError(
+                    f"chunk_size={self.config.chunk_size} must be a multiple of the KV block size "
+                    f"{self._align} for the {fmt.value} layout: set chunk_size accordingly"
+                )
+        layout = ChunkLayout(
+            model=self.settings.model,
+            world_size=self.settings.world_size,
+            rank=self.settings.rank,
+            dtype=dtype_name(first.dtype),
+            planes=fmt.planes,
+            layers=len(self._layers),
+            channels=heads * head_size,
+            chunk_size=self.config.chunk_size,
+        )
+        logger.info(
+            "lmc_connector worker %d/%d: %d layers, %s, %d kv heads x %d, block %d",
+            self.settings.rank,
+            self.settings.world_size,
+            layout.layers,
+            fmt.value,
+            heads,
+            head_size,
+            self._kernel_block_size,
+        )
+        self.engine = CacheEngine(self.config, layout, device=first.device)
+        self.engine.open()
+        self.pins = PinRegistry(self.engine)
+        self._server = LookupServer(self.settings.lookup_address, self.pins)
+        self._server.start()
+        if self.config.enable_controller:
+            self._start_agent(self.engine)
+
+    def _start_agent(self, engine: CacheEngine) -> None:
+        try:
+            module = importlib.import_module("lmc_connector.control.agent")
+        except ModuleNotFoundError:
+            logger.error("enable_controller is set but lmc_connector.control.agent is missing")
+            return
+        self._agent = module.ControlAgent(
+            self.config, engine, self.settings.rank, self.settings.world_size, self.settings.model
+        )
+        self._agent.start()
+
+    def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    # -- per step --------------------------------------------------------------------------
+
+    def start_load(self, meta: LMCConnectorMetadata) -> None:
+        """Scatter every load of this step into the paged cache before the forward."""
+        for spec in meta.loads:
+            try:
+                self._load(spec)
+            finally:
+                if self.pins is not None:
+                    self.pins.release(spec.req_id)
+
+    def _load(self, spec: LoadSpec) -> None:
+        engine = self.engine
+        assert engine is not None, "load before register_kv_caches"
+        chunk = self.config.chunk_size
+        base = spec.first_chunk * chunk
+        device = self._layers[0][0].device
+        try:
+            chunks = engine.get(spec.keys, device=device)
+        except (ValueError, OSError):
+            # Corrupt or undecodable chunk: the tokens are recomputed, never served wrong.
+            logger.exception("load of %s failed; its tokens will be recomputed", spec.req_id)
+            chunks = []
+        available = base + sum(c.shape[2] for c in chunks)
+        end = min(spec.end, available)
+        if end > spec.start:
+            kv = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+            # Whole-block formats write the rest of the last block too: those slots hold
+            # tokens this step's forward (re)writes, or none yet.
+            stop = min(self._round_up(end), available)
+            self._scatter(
+                spec.block_ids, spec.start, stop, kv[:, :, spec.start - base : stop - base]
+            )
+        if end < spec.end:
+            bs = self.settings.block_size
+            first_bad = max(end, spec.start) // bs
+            last = (spec.end + bs - 1) // bs
+            self._load_errors.update(spec.block_ids[first_bad:last])
+            logger.warning(
+                "%s: only tokens up to %d of [%d, %d) were cached; blocks reported for recompute",
+                spec.req_id,
+                end,
+                spec.start,
+                spec.end,
+            )
+
+    def save(self, meta: LMCConnectorMetadata) -> None:
+        """Gather the chunks this step completed and put them into the cache."""
+        engine = self.engine
+        if engine is None:
+            return
+        for spec in meta.saves:
+            self._save(engine, spec)
+
+    def _save(self, engine: CacheEngine, spec: SaveSpec) -> None:
+        for key, (start, end) in zip(spec.keys, spec.bounds, strict=True):
+            kv = self._gather(spec.block_ids, start, self._round_up(end))
+            if kv.device.type != "cpu":
+                kv = kv.to("cpu")
+            if not engine.put(key, kv, copy=False):
+                logger.debug("%s: chunk [%d, %d) did not fit in the cache", spec.req_id, start, end)
+
+    def take_load_errors(self) -> set[int]:
+        """Block ids whose load failed since the last call (reported to vLLM for recompute)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def _gather(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        blocks, offsets = self._slots(block_ids, start, end)
+        if self._align == 1:
+            return paged.gather(self._layers, blocks, offsets)
+        assert start % self._align == 0 and end % self._align == 0
+        return paged.gather_blocks(self._raw, blocks[:: self._align])
+
+    def _scatter(self, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> None:
+        blocks, offsets = self._slots(block_ids, start, end)
+        if self._align == 1:
+            paged.scatter(self._layers, blocks, offsets, kv)
+        else:
+            assert start % self._align == 0 and end % self._align == 0
+            paged.scatter_blocks(self._raw, blocks[:: self._align], kv)
+
+    def _round_up(self, tokens: int) -> int:
+        return -(-tokens // self._align) * self._align
+
+    def _slots(
+        self, block_ids: list[int], start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return paged.token_slots(
+            block_ids,
+            start,
+            end,
+            self.settings.block_size,
+            self._kernel_block_size,
+            self._layers[0][0].device,
+        )

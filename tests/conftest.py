@@ -1,0 +1,24 @@
+"""Session fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Built models are reused across runs (the builder is idempotent); ignored by git.
+MODEL_CACHE = ROOT / ".models"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny random-weight Llama (hidden 128, 2 layers, 4 heads, 2 KV heads, head size 32)."""
+    from examples.tiny_model import build_tiny_model
+
+    return build_tiny_model(MODEL_CACHE / "tiny-llama")

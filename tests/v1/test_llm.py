@@ -1,0 +1,177 @@
+"""End to end with `LLM(...)`: the connector saves prompt KV and a repeat loads it.
+
+One in-process `LLM` serves the module (vLLM's own prefix caching off, the
+disk tier only, chunks of 64 tokens over blocks of 32); a worker extension
+(`kv_probe.py`) records the paged KV of each request the connector touched.
+A last test starts a fresh process on the same disk directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CHUNK = 64
+BLOCK = 32
+PROMPT_LEN = 300  # four full chunks and a partial one of 44 tokens
+#: Tokens in whole blocks. The CPU backend's K pages are not token rows, so the last, partial
+#: block mixes loaded tokens with the last prompt token's K that the warm run recomputes.
+FULL_BLOCKS = PROMPT_LEN // BLOCK * BLOCK
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def prompt_ids(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1024) for _ in range(n)]
+
+
+def llm_kwargs(model: Path, disk: Path) -> dict[str, Any]:
+    return dict(
+        model=str(model),
+        enforce_eager=True,
+        block_size=BLOCK,
+        max_model_len=1024,
+        dtype="float32",
+        enable_prefix_caching=False,
+        kv_transfer_config={
+            "kv_connector": "LMCConnectorV1",
+            "kv_connector_module_path": "lmc_connector.v1",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {
+                "chunk_size": CHUNK,
+                "local_cpu": False,
+                "local_disk": str(disk),
+            },
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def disk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lmc-disk")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: Path, disk_dir: Path) -> Iterator[Any]:
+    from vllm import LLM
+
+    engine = LLM(
+        worker_extension_cls="tests.v1.kv_probe.KVProbe", **llm_kwargs(tiny_model_dir, disk_dir)
+    )
+    engine.collective_rpc("lmc_install_recorder")
+    yield engine
+    del engine
+    gc.collect()
+
+
+def generate(llm: Any, ids: list[int], max_tokens: int = 8) -> Any:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+
+
+def take_records(llm: Any) -> list[tuple[str, str, torch.Tensor]]:
+    (records,) = llm.collective_rpc("lmc_take_records")
+    return [
+        (kind, req, torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape))
+        for kind, req, shape, data in records
+    ]
+
+
+def test_repeat_loads_bit_identical_kv_and_same_output(llm: Any) -> None:
+    ids = prompt_ids(1, PROMPT_LEN)
+    llm.collective_rpc("lmc_clear")
+    take_records(llm)
+
+    cold = generate(llm, ids)
+    assert cold.num_cached_tokens == 0
+    (saved,) = take_records(llm)
+    assert saved[0] == "save" and saved[2].shape == (2, 2, PROMPT_LEN, 64)
+
+    warm = generate(llm, ids)
+    # Everything but the last prompt token comes from the cache (the partial chunk too).
+    assert warm.num_cached_tokens == PROMPT_LEN - 1
+    (loaded,) = take_records(llm)
+    assert loaded[0] == "load" and loaded[2].shape[2] == PROMPT_LEN - 1
+    assert torch.equal(loaded[2][:, :, :FULL_BLOCKS], saved[2][:, :, :FULL_BLOCKS])
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+
+
+def test_recomputed_kv_equals_the_kv_that_was_loaded(llm: Any) -> None:
+    ids = prompt_ids(2, PROMPT_LEN)
+    generate(llm, ids)
+    generate(llm, ids)
+    (_, _, first), (_, _, loaded) = take_records(llm)
+    llm.collective_rpc("lmc_clear")
+    generate(llm, ids)
+    ((kind, _, recomputed),) = take_records(llm)
+    assert kind == "save"
+    assert torch.equal(recomputed[:, :, :FULL_BLOCKS], loaded[:, :, :FULL_BLOCKS])
+    assert torch.equal(recomputed[:, :, :FULL_BLOCKS], first[:, :, :FULL_BLOCKS])
+
+
+def test_shared_prefix_is_a_partial_hit(llm: Any) -> None:
+    base = prompt_ids(3, PROMPT_LEN)
+    generate(llm, base)
+    other = base[:150] + prompt_ids(4, 100)
+    out = generate(llm, other)
+    # Chunks 0 and 1 (128 tokens) match; chunk 2 differs from token 150 on.
+    assert out.num_cached_tokens == 2 * CHUNK
+    records = take_records(llm)
+    kinds = [(kind, kv.shape[2]) for kind, _, kv in records]
+    # The second request loads 128 tokens and saves its own chunks 2, 3 (full) and the partial.
+    assert kinds[-2:] == [("load", 128), ("save", 250)]
+
+
+def test_no_pins_left_after_requests(llm: Any) -> None:
+    generate(llm, prompt_ids(5, 200))
+    generate(llm, prompt_ids(5, 200))
+    (state,) = llm.collective_rpc("lmc_state")
+    assert state["pins"] == {}
+    assert state["layout"] == [2, 2, 64]
+
+
+def test_fresh_process_reuses_the_disk_tier(llm: Any, tiny_model_dir: Path, disk_dir: Path) -> None:
+    ids = prompt_ids(6, PROMPT_LEN)
+    first = generate(llm, ids)
+    script = (
+        "import json, sys\n"
+        "from vllm import LLM, SamplingParams\n"
+        "from tests.v1.test_llm import llm_kwargs\n"
+        "from pathlib import Path\n"
+        "if __name__ == '__main__':\n"
+        "    args = json.loads(sys.argv[1])\n"
+        "    llm = LLM(**llm_kwargs(Path(args['model']), Path(args['disk'])))\n"
+        "    out = llm.generate([{'prompt_token_ids': args['ids']}],\n"
+        "                       SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0]\n"
+        "    result = [out.num_cached_tokens, list(out.outputs[0].token_ids)]\n"
+        "    print('RESULT ' + json.dumps(result))\n"
+    )
+    arg = json.dumps({"model": str(tiny_model_dir), "disk": str(disk_dir), "ids": ids})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, arg],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    cached, tokens = json.loads(lines[-1][len("RESULT ") :])
+    assert cached == PROMPT_LEN - 1
+    assert tokens == list(first.outputs[0].token_ids)
