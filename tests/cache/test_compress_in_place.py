@@ -145,6 +145,7 @@ def test_loads_racing_compress_see_a_whole_chunk_either_way(make_engine: EngineF
 
     thread = threading.Thread(target=loader)
     thread.start()
+
     def let_loader_run() -> None:
         seen, deadline = len(loads), time.monotonic() + 10
         while len(loads) < seen + 6 and time.monotonic() < deadline:

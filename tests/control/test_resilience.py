@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -153,6 +154,12 @@ def test_a_stopped_worker_does_not_delay_other_requests(
     hung.join()
 
 
+def malformed_count(ctl: Controller) -> int:
+    text = httpx.get(f"{ctl.url}/metrics").text
+    match = re.search(r"^lmc_controller_malformed_messages_total (\d+)$", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
 def test_garbage_on_the_monitor_port_leaves_the_controller_running(
     private_controller: Controller, make_instance: InstanceFactory
 ) -> None:
@@ -166,10 +173,8 @@ def test_garbage_on_the_monitor_port_leaves_the_controller_running(
         push.send(payload)
     push.close(linger=1000)
     context.term()
-    wait_until(
-        lambda: "lmc_controller_malformed_messages_total 3" in httpx.get(f"{ctl.url}/metrics").text,
-        what="malformed messages counted",
-    )
+    # Raw bytes may parse as legacy ZMTP frames (more malformed messages): at least our 3.
+    wait_until(lambda: malformed_count(ctl) >= 3, what="malformed messages counted")
     for w in make_instance("after-garbage", target=ctl):
         w.fill(PROMPT)
     wait_until(lambda: layout_of(ctl, "after-garbage") == [CPU, 12], what="normal service")

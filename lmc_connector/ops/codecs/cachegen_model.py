@@ -90,13 +90,14 @@ def scales_from_codes(base: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def fit_channels(
-    q: torch.Tensor, half: torch.Tensor, cmax: int
+    s1: torch.Tensor, s2: torch.Tensor, count: int, half: torch.Tensor, cmax: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For q [..., layers, tokens, channels] (float, integral) and C per layer `half` [layers]:
-    the per-channel integer center m, distribution index and side-info code."""
-    mu = q.mean(-2)
-    sigma = q.std(-2, correction=0)
-    lim = (4 * half)[:, None].to(q.dtype)
+    """From per-channel sums of q and q**2 over `count` tokens (float, [..., channels]) and C
+    per block `half` (broadcastable, [..., 1]): the integer center m, distribution index and
+    side-info code. Sums instead of mean/std: one cheap pass over q, done slice by slice."""
+    mu = s1 / count
+    sigma = (s2 / count - mu * mu).clamp_min(0).sqrt()
+    lim = (4 * half).to(s1.dtype)
     mu4 = torch.maximum(torch.minimum(torch.round(4 * mu), lim), -lim)
     m = torch.floor((mu4 + 2) / 4)
     frac = mu4 - 4 * m

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lmc_connector.ops.codecs import format as fmt
@@ -14,6 +16,7 @@ CODEC_ID = 1
 # A little under e4m3's max (448) so the rounded product never overflows to NaN.
 _TARGET = 440.0
 _PARAMS = b"\x00"  # scale mode 0: per (K/V, layer, token)
+_SLICE_ELEMS = 1 << 18  # CPU decode slices: stay in cache
 
 
 class Fp8Codec:
@@ -46,10 +49,10 @@ class Fp8Codec:
         scale = from_bytes(scale_buf, torch.float32, rows, dev)
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise CodecError("fp8 blob has non-finite or negative scales")
-        q = from_bytes(value_buf, torch.float8_e4m3fn, header.numel, dev).view(header.shape)
-        work = torch.float16 if header.dtype == torch.float16 else torch.float32
-        out = q.to(work) * scale.view(e, layers, tokens, 1).to(work)
-        return out.to(header.dtype)
+        with warnings.catch_warnings():  # read-only view of the blob: only ever read
+            warnings.simplefilter("ignore")
+            q = torch.from_numpy(np.frombuffer(value_buf, dtype=np.uint8, count=header.numel))
+        return _dequantize(q.to(dev), scale, header.shape, header.dtype)
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
         return [self.encode(kv) for kv in kvs]
@@ -58,3 +61,32 @@ class Fp8Codec:
         self, blobs: Sequence[bytes], device: torch.device | str | None = None
     ) -> list[torch.Tensor]:
         return [self.decode(b, device) for b in blobs]
+
+
+def _dequantize(
+    q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """e4m3 bytes [numel] (uint8) times the row scales, as `dtype`, slice by slice.
+
+    torch's e4m3 -> fp16 cast is scalar code (~1.3 ns/element on CPU). The bits do it exactly
+    with int16 ops: (b << 7) puts exponent and mantissa in place (the value times 2**-8,
+    subnormals included) and adding bit 14 to itself carries the sign into bit 15; the 2**8
+    goes into the scale."""
+    channels = shape[-1]
+    rows = q.numel() // channels
+    out = torch.empty(shape, dtype=dtype, device=q.device).view(rows, channels)
+    q = q.view(rows, channels)
+    mult = (scale * 256).view(rows, 1)
+    bits = out.view(torch.int16) if dtype == torch.float16 else None
+    step = rows if q.device.type != "cpu" else max(1, _SLICE_ELEMS // channels)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = bits[r0:r1] if bits is not None else torch.empty_like(q[r0:r1], dtype=torch.int16)
+        w.copy_(q[r0:r1])
+        w.bitwise_left_shift_(7)
+        w.add_(w & 0x4000)
+        if bits is not None:
+            out[r0:r1].mul_(mult[r0:r1].to(torch.float16))
+        else:
+            out[r0:r1].copy_(w.view(torch.float16).float().mul_(mult[r0:r1]))
+    return out.view(shape)
