@@ -1,0 +1,67 @@
+"""Child process of `test_tensor_parallel.py`: TP=2 vLLM with the control agent on each rank.
+
+Runs a prompt, repeats it, compresses its KV through the controller, runs it
+again, and prints one `RESULT {json}` line. Its own process, because vLLM
+tensor parallelism needs a fresh process and spawns one worker per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import httpx
+
+
+def main() -> None:
+    model, controller_url, monitor_port, worker_port = sys.argv[1:5]
+    from vllm import LLM, SamplingParams
+
+    from tests.v1.test_llm import prompt_ids
+
+    llm = LLM(
+        model=model,
+        tensor_parallel_size=2,
+        enforce_eager=True,
+        block_size=32,
+        max_model_len=1024,
+        dtype="float32",
+        enable_prefix_caching=False,
+        kv_transfer_config={
+            "kv_connector": "LMCConnectorV1",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {
+                "chunk_size": 64,
+                "enable_controller": True,
+                "lmcache_instance_id": "tp2",
+                "controller_pull_url": f"127.0.0.1:{monitor_port}",
+                "lmcache_worker_ports": int(worker_port),
+                "controller_heartbeat_interval": 0.5,
+            },
+        },
+    )
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    prompt = {"prompt_token_ids": prompt_ids(7, 200)}
+    runs = [llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2)]
+    body = {"instance_id": "tp2", "method": "cachegen", "location": "LocalCPUBackend",
+            "tokens": prompt["prompt_token_ids"]}  # fmt: skip
+    scheduled = httpx.post(f"{controller_url}/compress", json=body, timeout=30).json()
+    deadline, event = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        event = httpx.get(f"{controller_url}/events/{scheduled['event_id']}", timeout=30).json()
+        if event["status"] in ("finished", "failed"):
+            break
+        time.sleep(0.2)
+    runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    result = {
+        "cached": [r.num_cached_tokens for r in runs],
+        "outputs": [list(r.outputs[0].token_ids) for r in runs],
+        "scheduled": scheduled,
+        "event": event,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
