@@ -192,6 +192,10 @@ def print_report(report: Report, method: str) -> None:
     say(f"    KV bytes before -> after      {before} -> {after} ({method}, ratio {ratio})")
     say(f"    cached tokens per request     {report.cached_tokens}")
     say(f"    outputs                       {report.outputs}")
+    say(
+        "    (the first output comes from exact KV, the next two from the decoded approximation:\n"
+        "     they match each other; a lossy method may change the text of a random-weight model)"
+    )
     for name, seconds in report.seconds.items():
         say(f"    time: {name:<55} {seconds * 1e3:8.1f} ms")
 
