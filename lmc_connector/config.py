@@ -166,7 +166,10 @@ def _env_layer(env: Mapping[str, str]) -> list[tuple[str, Mapping[str, Any]]]:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key not in KEYS:
-            raise ConfigError(f"environment variable {name}: unknown key '{key}': {_suggest(key)}")
+            raise ConfigError(
+                f"environment variable {name}: unknown key '{key}': {_suggest(key)} "
+                "(LMCACHE_* variables configure lmc_connector: rename it, or unset it)"
+            )
         try:
             values[key] = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -213,6 +216,15 @@ def _check_requirements(config: CacheConfig) -> None:
             )
     if config.lookup_timeout_ms <= 0:
         raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
+    if config.controller_heartbeat_interval <= 0:
+        raise ConfigError(
+            f"controller_heartbeat_interval={config.controller_heartbeat_interval} must be "
+            "> 0 seconds (2 is a good value)"
+        )
+    for key in _LIST_KEYS:
+        bad = [p for p in getattr(config, key) if not 0 < p < 65536]
+        if bad:
+            raise ConfigError(f"{key}: {bad} are not TCP ports; use numbers in 1..65535")
 
 
 def load_config(

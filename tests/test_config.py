@@ -97,3 +97,18 @@ def test_file_url_for_disk_tier_is_a_path() -> None:
 def test_no_location_at_all_is_rejected() -> None:
     with pytest.raises(ConfigError, match="no cache location"):
         load_config({"local_cpu": False}, env={})
+
+
+def test_unknown_environment_variable_says_how_to_fix_it() -> None:
+    with pytest.raises(ConfigError, match="rename it, or unset it"):
+        load_config(env={"LMCACHE_TRACK_USAGE": "false"})
+
+
+def test_ports_out_of_range_are_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"lmcache_worker_ports: \[70000\] are not TCP ports"):
+        load_config({"lmcache_worker_ports": 70000}, env={})
+
+
+def test_non_positive_heartbeat_interval_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="controller_heartbeat_interval=0"):
+        load_config({"controller_heartbeat_interval": 0}, env={})

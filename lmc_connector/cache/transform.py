@@ -21,7 +21,7 @@ from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.errors import CacheError
 
 if TYPE_CHECKING:
-    from lmc_connector.cache.engine import CacheEngine
+    from lmc_connector.cache.tiers import Tiers
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class TransformJob:
 
 
 class TransformRunner:
-    def __init__(self, engine: CacheEngine, device: torch.device) -> None:
-        self._engine = engine
+    def __init__(self, tiers: Tiers, chunk_size: int, device: torch.device) -> None:
+        self._tiers = tiers
+        self._chunk_size = chunk_size
         self.device = device
 
     def schedule(
@@ -64,16 +65,12 @@ class TransformRunner:
         from lmc_connector.ops.codecs import get_codec
 
         get_codec(method)
-        engine = self._engine
-        backend = engine.backend(location)
-        with engine.lock:
-            hits = 0
-            for key in keys:
-                if key not in backend:
-                    break
-                hits += 1
-            engine.pin_keys(keys[:hits])
-        covered = tok.prefix_tokens(hits, num_tokens, engine.layout.chunk_size)
+        tiers = self._tiers
+        backend = tiers.backend(location)
+        with tiers.lock:
+            hits = tiers.prefix_hits(keys, backend.__contains__)
+            tiers.pin(keys[:hits])
+        covered = tok.prefix_tokens(hits, num_tokens, self._chunk_size)
         job_kind: Kind = "compress" if kind == "compress" else "decompress"
         return TransformJob(job_kind, method, location, keys[:hits], covered)
 
@@ -83,15 +80,14 @@ class TransformRunner:
             for i in range(0, len(job.keys), BATCH_CHUNKS):
                 self._run_batch(job, job.keys[i : i + BATCH_CHUNKS])
         finally:
-            self._engine.unpin_keys(job.keys)
+            self._tiers.unpin(job.keys)
             job.seconds = time.perf_counter() - start
         return job
 
     def _run_batch(self, job: TransformJob, keys: list[int]) -> None:
-        engine = self._engine
-        backend = engine.backend(job.location)
-        with engine.lock:
-            loaded = [(key, backend.peek(key), engine._load(backend, key)) for key in keys]
+        tiers = self._tiers
+        backend = tiers.backend(job.location)
+        loaded = [(key, *tiers.load(backend, key)) for key in keys]
         todo = [
             (key, marker, chunk)
             for key, marker, chunk in loaded
@@ -104,16 +100,16 @@ class TransformRunner:
             logger.exception("%s with %s failed; chunks left as they were", job.kind, job.method)
             job.errors.append(f"{job.kind} failed: {e}")
             return
-        with engine.lock:
-            for (key, marker, old), new in zip(todo, fresh, strict=True):
-                if backend.peek(key) is not marker:
-                    job.chunks_skipped += 1
-                elif engine.replace(backend, key, new):
-                    job.chunks_done += 1
-                    job.bytes_before += old.nbytes
-                    job.bytes_after += new.nbytes
-                else:
-                    job.errors.append(f"no room in {job.location} to decompress a chunk")
+        for (key, marker, old), new in zip(todo, fresh, strict=True):
+            swapped = tiers.replace(backend, key, marker, new)
+            if swapped is None:
+                job.chunks_skipped += 1
+            elif swapped:
+                job.chunks_done += 1
+                job.bytes_before += old.nbytes
+                job.bytes_after += new.nbytes
+            else:
+                job.errors.append(f"no room in {job.location} for a {job.kind}ed chunk")
 
     def _code(self, job: TransformJob, chunks: list[Chunk]) -> list[Chunk]:
         if not chunks:

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from lmc_connector.control import API_KEY_ENV
 from lmc_connector.control.client import (
     DEFAULT_URL,
     ControllerClient,
@@ -36,7 +37,6 @@ from lmc_connector.control.client import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4
-API_KEY_ENV = "LMC_CONTROLLER_API_KEY"
 #: Seconds between event polls with --wait.
 POLL_S = 0.2
 
@@ -127,11 +127,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--wait-timeout", type=float, default=600.0)
     s = sub.add_parser("lookup", help="where the longest cached prefix of a prompt lives")
     _add_tokens(s)
-    for name in ("pin", "unpin"):
-        s = sub.add_parser(name, help=f"{name} the cached prefix of a prompt")
-        s.add_argument("--instance", required=True)
-        s.add_argument("--location")
-        _add_tokens(s)
+    s = sub.add_parser("pin", help="pin the cached prefix of a prompt")
+    s.add_argument("--instance", required=True)
+    s.add_argument("--location", help="pin only the chunks in this location (default: any)")
+    _add_tokens(s)
+    s = sub.add_parser("unpin", help="unpin the cached prefix of a prompt (in every location)")
+    s.add_argument("--instance", required=True)
+    _add_tokens(s)
     s = sub.add_parser("clear", help="remove unpinned chunks of an instance")
     s.add_argument("--instance", required=True)
     s.add_argument("--location", help="one location (default: all)")

@@ -29,8 +29,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import zmq
 
@@ -53,7 +54,7 @@ CLOSE_TIMEOUT_S = 2.0
 def _methods() -> list[str]:
     from lmc_connector.ops.codecs import codec_names
 
-    return sorted(codec_names())
+    return codec_names()
 
 
 def _advertised(host: str) -> str:
@@ -234,7 +235,7 @@ class ControlAgent:
                 if now >= next_beat:
                     next_beat = now + interval
                     self._heartbeat(push)
-                    self._ops.submit(self._executor.sweep)
+                    self._ops.submit(self._sweep)
             self._send(push, [m.encode(m.Deregister(self.instance_id, self.rank, self.session))])
         finally:
             router.close(linger=0)
@@ -259,17 +260,31 @@ class ControlAgent:
                 self._resync = True
                 self._reply(identity, m.Ok(cmd.request_id))
             elif isinstance(cmd, m.Prepare):
-                self._submit(identity, self._executor.prepare, cmd)
+                work = partial(self._executor.prepare, cmd, time.monotonic())
+                self._submit(identity, cmd.request_id, work)
             elif isinstance(cmd, m.Commit):
-                self._submit(identity, self._executor.commit, cmd)
+                self._submit(identity, cmd.request_id, partial(self._executor.commit, cmd))
             else:
-                self._submit(identity, self._executor.abort, cmd)
+                self._submit(identity, cmd.request_id, partial(self._executor.abort, cmd))
 
-    def _submit(self, identity: bytes, fn: object, cmd: m.Command) -> None:
-        def work() -> None:
-            self._reply(identity, fn(cmd))  # type: ignore[operator]
+    def _submit(self, identity: bytes, request_id: int, work: Callable[[], m.Reply]) -> None:
+        """Run `work` on the ops thread and send its reply; every command gets one."""
 
-        self._ops.submit(work)
+        def run() -> None:
+            try:
+                reply = work()
+            except Exception as e:  # boundary: this command fails as "internal"; agent lives on
+                logger.exception("command %d failed unexpectedly", request_id)
+                reply = m.Failed(request_id, "internal", f"{type(e).__name__}: {e}")
+            self._reply(identity, reply)
+
+        self._ops.submit(run)
+
+    def _sweep(self) -> None:
+        try:
+            self._executor.sweep()
+        except Exception:  # boundary: stale prepared ops stay until the next sweep
+            logger.exception("sweeping stale prepared commands failed")
 
     def _send(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from lmc_connector.control.events import Event, WorkerPart
+from lmc_connector.control.messages import TokenId
 
-TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Tokens = Annotated[list[TokenId], msgspec.Meta(description="token ids of the prompt")]
 
 
@@ -48,6 +48,9 @@ class PinRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class UnpinRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Release the pins of a cached prefix in every location: a pin belongs to the chunk,
+    not to a tier. `location` is accepted (LMCache's API sends it) and ignored."""
+
     instance_id: str
     tokens: Tokens
     location: str | None = None

@@ -33,7 +33,8 @@ class CommandTimeout(TimeoutError):
 
 
 class CommandSendError(ConnectionError):
-    """The worker's command queue is full; it is not reading, treat it as unavailable."""
+    """The command could not be sent (the worker's queue is full, or its address is not
+    usable); treat the worker as unavailable."""
 
 
 def _settle(future: Future[m.Reply], reply: m.Reply | None, error: Exception | None) -> None:
@@ -65,7 +66,8 @@ class CommandLoop:
     def close(self) -> None:
         self._stop.set()
         self._wake.wake()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self._wake.close()
 
     def request(
@@ -131,9 +133,15 @@ class CommandLoop:
             address, payload, request_id, deadline, future = item
             sock = sockets.get(address)
             if sock is None:
-                sock = sockets[address] = self._context.socket(zmq.DEALER)
+                sock = self._context.socket(zmq.DEALER)
                 configure(sock)
-                sock.connect(address)
+                try:
+                    sock.connect(address)
+                except zmq.ZMQError as e:
+                    sock.close(linger=0)
+                    _settle(future, None, CommandSendError(f"cannot connect to {address}: {e}"))
+                    continue
+                sockets[address] = sock
                 poller.register(sock, zmq.POLLIN)
             try:
                 sock.send(payload, zmq.NOBLOCK)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lmc_connector import tokens as tok
 from lmc_connector.control import messages as m
-from lmc_connector.control.events import Event, EventStore
+from lmc_connector.control.events import EventStore
 from lmc_connector.control.index import ChunkIndex, IndexFullError
 from lmc_connector.control.registry import Instance, UnknownInstanceError, Worker
 
@@ -40,6 +40,7 @@ class IngestStats:
     keys: int = 0
     ignored: int = 0
     malformed: int = 0
+    lookups: int = 0
 
 
 class Controller:
@@ -51,6 +52,8 @@ class Controller:
         self.events = EventStore()
         self.stats = IngestStats()
         self._resync_asked: dict[tuple[str, int, str], float] = {}
+        #: Workers dropped since `take_departed` last ran (their command sockets can go).
+        self._departed: list[WorkerRef] = []
 
     # -- worker messages (monitor thread) ---------------------------------------------------
 
@@ -99,10 +102,15 @@ class Controller:
                 instance.chunk_size,
             )
             instance.world_size, instance.chunk_size = msg.world_size, msg.chunk_size
-        if msg.rank in instance.workers:
-            self._drop(instance, msg.rank, "worker re-registered")
+        worker = Worker.from_register(msg, now)
+        old = instance.workers.get(msg.rank)
+        if old is not None:
+            # The instance stays: deleting it would orphan the worker registered below.
+            self._drop(instance, msg.rank, "worker re-registered", keep_instance=True)
+            if old.address != worker.address:
+                self._departed.append(WorkerRef(msg.instance_id, msg.rank, old.address))
         instance.model = msg.model
-        instance.workers[msg.rank] = Worker.from_register(msg, now)
+        instance.workers[msg.rank] = worker
         self._resync_asked.pop((msg.instance_id, msg.rank, msg.session), None)
         logger.info(
             "worker %s/%d registered from %s:%d (pid %d, chunk_size %d, locations %s)",
@@ -190,8 +198,10 @@ class Controller:
 
     def _deregister(self, msg: m.Deregister) -> None:
         instance = self.instances.get(msg.instance_id)
-        if instance is not None and self._worker(msg.instance_id, msg.rank, msg.session):
+        worker = self._worker(msg.instance_id, msg.rank, msg.session)
+        if instance is not None and worker is not None:
             self._drop(instance, msg.rank, "worker deregistered")
+            self._departed.append(WorkerRef(msg.instance_id, msg.rank, worker.address))
             logger.info("worker %s/%d deregistered", msg.instance_id, msg.rank)
 
     # -- liveness ---------------------------------------------------------------------------
@@ -201,6 +211,11 @@ class Controller:
         now = time.monotonic() if now is None else now
         gone: list[WorkerRef] = []
         with self.lock:
+            self._resync_asked = {
+                key: asked
+                for key, asked in self._resync_asked.items()
+                if now - asked < RESYNC_RETRY_S
+            }
             for instance in list(self.instances.values()):
                 for worker in list(instance.workers.values()):
                     silent = now - worker.last_seen
@@ -215,16 +230,28 @@ class Controller:
                             worker.rank,
                             silent,
                         )
+            self._departed.extend(gone)
         return gone
 
-    def _drop(self, instance: Instance, rank: int, reason: str) -> None:
+    def take_departed(self) -> list[WorkerRef]:
+        """Workers dropped since the last call whose address no registered worker uses now."""
+        if not self._departed:
+            return []
+        with self.lock:
+            departed, self._departed = self._departed, []
+            in_use = {w.address for i in self.instances.values() for w in i.workers.values()}
+        return [ref for ref in departed if ref.address not in in_use]
+
+    def _drop(
+        self, instance: Instance, rank: int, reason: str, keep_instance: bool = False
+    ) -> None:
         instance.workers.pop(rank, None)
         self.index.drop_worker(instance.instance_id, rank)
         for event in self.events.active():
             if event.instance_id == instance.instance_id and event.part(rank) is not None:
                 self.events.finish_part(event, rank, reason)
                 self.events.fail(event, f"worker {rank}: {reason}")
-        if not instance.workers:
+        if not instance.workers and not keep_instance:
             del self.instances[instance.instance_id]
             self.index.drop_instance(instance.instance_id)
 
@@ -237,9 +264,14 @@ class Controller:
             raise UnknownInstanceError(instance_id, list(self.instances))
         return instance
 
-    def lookup(self, tokens: Sequence[int]) -> tuple[Event, dict[str, tuple[str, int]]]:
-        """Where the longest cached prefix of `tokens` lives, per instance (hits only)."""
+    def lookup(self, tokens: Sequence[int]) -> dict[str, tuple[str, int]]:
+        """Where the longest cached prefix of `tokens` lives, per instance (hits only).
+
+        Stores no event: lookups are frequent and would push tracked commands out of the
+        finished-events window. Counted in `stats.lookups`.
+        """
         with self.lock:
+            self.stats.lookups += 1
             sizes = {i.instance_id: (i.chunk_size, i.world_size) for i in self.instances.values()}
         hashes = {cs: tok.chunk_hashes(tokens, cs) for cs in {cs for cs, _ in sizes.values()}}
         layout: dict[str, tuple[str, int]] = {}
@@ -252,7 +284,4 @@ class Controller:
                         location,
                         tok.prefix_tokens(chunks, len(tokens), chunk_size),
                     )
-            event = self.events.create("lookup", None, [])
-            event.num_tokens = max((n for _, n in layout.values()), default=0)
-            self.events.finish(event)
-        return event, layout
+        return layout

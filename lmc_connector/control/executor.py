@@ -28,7 +28,8 @@ PREPARED_GRACE_S = 30.0
 class _Prepared:
     op: m.Op
     job: TransformJob | None
-    expires_at: float
+    #: time.monotonic() after which the controller has given up on this op
+    deadline: float
 
 
 class OpExecutor:
@@ -51,10 +52,17 @@ class OpExecutor:
 
     # -- phase one --------------------------------------------------------------------------
 
-    def prepare(self, cmd: m.Prepare) -> m.Reply:
+    def prepare(self, cmd: m.Prepare, received: float | None = None) -> m.Reply:
+        """`received`: time.monotonic() when the command arrived (default: now)."""
         rid = cmd.request_id
-        if time.time() > cmd.expires_at:
-            return m.Failed(rid, "expired", "the command expired before this worker received it")
+        now = time.monotonic()
+        received = now if received is None else received
+        if cmd.ttl_s is not None:
+            deadline = received + cmd.ttl_s
+        else:  # a controller older than `ttl_s`: only its wall clock is known
+            deadline = now + (cmd.expires_at - time.time())
+        if now > deadline:
+            return m.Failed(rid, "expired", "the command expired before this worker got to it")
         op = cmd.op
         engine = self._engine
         try:
@@ -76,7 +84,7 @@ class OpExecutor:
         except ValueError as e:
             return m.Failed(rid, "bad_request", str(e))
         self._release(cmd.event_id)
-        self._prepared[cmd.event_id] = _Prepared(op, job, cmd.expires_at)
+        self._prepared[cmd.event_id] = _Prepared(op, job, deadline)
         return m.Ok(rid, num_tokens=0 if job is None else job.num_tokens)
 
     # -- phase two --------------------------------------------------------------------------
@@ -111,9 +119,9 @@ class OpExecutor:
 
     def sweep(self) -> None:
         """Drop prepared ops nobody committed or aborted (the controller gave up on them)."""
-        now = time.time()
+        now = time.monotonic()
         for event_id, prepared in list(self._prepared.items()):
-            if now > prepared.expires_at + PREPARED_GRACE_S:
+            if now > prepared.deadline + PREPARED_GRACE_S:
                 logger.warning("event %s was prepared but never committed: dropped", event_id)
                 self._release(event_id)
 

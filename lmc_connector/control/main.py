@@ -23,9 +23,10 @@ from typing import Any
 import msgspec
 import yaml
 
+from lmc_connector.control import API_KEY_ENV
 from lmc_connector.control.service import ControllerService, Settings
+from lmc_connector.control.transport import resolve_host
 
-API_KEY_ENV = "LMC_CONTROLLER_API_KEY"
 logger = logging.getLogger("lmc_connector.control")
 
 
@@ -39,11 +40,19 @@ def _parser() -> argparse.ArgumentParser:
         description="The lmc_connector cache controller: tracks instances and cached chunks "
         "and serves the HTTP API (OpenAPI at /docs).",
     )
-    p.add_argument("--host", help="address to bind both sockets (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help="address to bind both sockets (default 127.0.0.1); workers pushing to the monitor "
+        "port are not authenticated: expose it only on trusted networks",
+    )
     p.add_argument("--port", type=int, help="HTTP API port (default 9000)")
     p.add_argument("--monitor-port", type=int, help="port workers push to (default 9001)")
     p.add_argument("--config", type=Path, help="YAML file of settings (keys as the long options)")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    p.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on every route (or set {API_KEY_ENV}); "
+        "/docs and /openapi.json stay open: they show only the API schema",
+    )
     p.add_argument(
         "--worker-timeout", type=float, help="seconds without heartbeat before a worker is dropped"
     )
@@ -103,6 +112,10 @@ def build_settings(
             raise SettingsError(f"{name}={getattr(settings, name)} must be in 1..65535")
     if settings.port == settings.monitor_port:
         raise SettingsError("port and monitor_port must differ")
+    try:
+        resolve_host(settings.host)
+    except ValueError as e:
+        raise SettingsError(f"--host: {e}") from e
     for name in ("worker_timeout", "command_timeout"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{name} must be > 0")
@@ -124,14 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import zmq
 
     from lmc_connector.control.server import create_app
-    from lmc_connector.control.transport import resolve_host
 
-    service = ControllerService(settings)
+    try:
+        service = ControllerService(settings)
+    except ValueError as e:  # the host stopped resolving since the settings were checked
+        print(f"lmc-controller: --host: {e}", file=sys.stderr)
+        return 2
     try:
         service.start()
-    except (zmq.ZMQError, ValueError) as e:
+    except zmq.ZMQError as e:
         print(
-            f"lmc-controller: cannot listen on monitor port {settings.monitor_port}: {e}",
+            f"lmc-controller: cannot listen for workers on {settings.host}:"
+            f"{settings.monitor_port} (--monitor-port): {e}",
             file=sys.stderr,
         )
         service.close()

@@ -19,10 +19,26 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 import msgspec
 
-TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+from lmc_connector.tokens import MAX_TOKEN_ID
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
 #: A chained 64-bit chunk hash (`lmc_connector.tokens.chunk_hashes`).
 ChunkKey = Annotated[int, msgspec.Meta(ge=0)]
-Rank = Annotated[int, msgspec.Meta(ge=0)]
+#: Tensor-parallel ranks and world sizes are small; the caps keep a forged message from
+#: making the controller loop over billions of ranks.
+MAX_WORLD_SIZE = 256
+Rank = Annotated[int, msgspec.Meta(ge=0, le=MAX_WORLD_SIZE - 1)]
+WorldSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+#: Where the controller connects back to a worker: an IPv4 address or a DNS name. Anything
+#: else (spaces, "*", URLs) is rejected at decoding, so it never reaches a socket.
+Host = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=253,
+        pattern=r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*$",
+    ),
+]
 
 
 class MessageError(ValueError):
@@ -41,10 +57,10 @@ class Register(msgspec.Struct, tag=True):
 
     instance_id: str
     rank: Rank
-    world_size: Annotated[int, msgspec.Meta(ge=1)]
+    world_size: WorldSize
     session: str
-    host: str
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    host: Host
+    port: Port
     model: str
     chunk_size: Annotated[int, msgspec.Meta(ge=1)]
     locations: list[str]
@@ -61,8 +77,8 @@ class Heartbeat(msgspec.Struct, tag=True, omit_defaults=True):
     instance_id: str
     rank: Rank
     session: str
-    host: str
-    port: int
+    host: Host
+    port: Port
     usage: dict[str, list[int]] = {}
 
 
@@ -161,14 +177,18 @@ Op = TransformOp | PinOp | UnpinOp | ClearOp | MoveOp
 class Prepare(msgspec.Struct, tag=True):
     """Phase one: validate `op` (a transform also pins its chunks) and hold it; change nothing.
 
-    Ignored after `expires_at` (controller wall clock); a prepared op that is
-    neither committed nor aborted by then is dropped and its pins released.
+    The worker holds it for `ttl_s` seconds from receipt (its own monotonic
+    clock, so the two machines' wall clocks never meet); a prepared op neither
+    committed nor aborted by then (plus a grace period) is dropped and its pins
+    released. `expires_at` (controller wall clock) is still sent for workers
+    of earlier releases; a worker given `ttl_s` ignores it.
     """
 
     request_id: int
     event_id: str
     op: Op
     expires_at: float
+    ttl_s: float | None = None
 
 
 class Commit(msgspec.Struct, tag=True):
@@ -206,7 +226,10 @@ class Ok(msgspec.Struct, tag=True, omit_defaults=True):
     kept: int = 0
 
 
-ErrorCode = Literal["bad_request", "unknown_location", "unknown_method", "unknown_event", "expired"]
+#: "internal": the worker hit an unexpected error (logged there with its traceback).
+ErrorCode = Literal[
+    "bad_request", "unknown_location", "unknown_method", "unknown_event", "expired", "internal"
+]
 
 
 class Failed(msgspec.Struct, tag=True):

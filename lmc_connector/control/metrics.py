@@ -81,6 +81,7 @@ def render(controller: Controller, latency: LatencyHistogram) -> str:
             ("chunk_events", stats.keys, "Chunk admit/evict events ingested."),
             ("malformed_messages", stats.malformed, "Malformed worker messages dropped."),
             ("ignored_messages", stats.ignored, "Messages from unknown workers ignored."),
+            ("lookups", stats.lookups, "Lookups answered."),
         ):
             lines += _gauge(f"lmc_controller_{name}_total", text, "counter")
             lines.append(f"lmc_controller_{name}_total {value}")

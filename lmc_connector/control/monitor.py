@@ -2,8 +2,9 @@
 
 One thread owns the PULL socket. Every message is decoded with one typed
 decoder; a malformed one is counted and logged (rate-limited) and the loop
-goes on. Workers asking for a resync and workers that went silent are handed
-to callbacks (the command loop), never handled on this thread.
+goes on. Workers asking for a resync and workers that are gone (silent,
+deregistered, or re-registered at another address) are handed to callbacks
+(the command loop), never handled on this thread.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ class MonitorLoop:
         sock = self._context.socket(zmq.PULL)
         configure(sock)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.bind(self._bind_url)
+        try:
+            sock.bind(self._bind_url)
+        except zmq.ZMQError:
+            sock.close(linger=0)  # an open socket would make Context.term() wait forever
+            raise
         self._sock = sock
         self._thread.start()
 
@@ -80,8 +85,9 @@ class MonitorLoop:
                 now = time.monotonic()
                 if now >= next_check:
                     next_check = now + min(1.0, controller.worker_timeout / 4)
-                    for ref in controller.expire(now):
-                        self._on_gone(ref)
+                    controller.expire(now)
+                for ref in controller.take_departed():
+                    self._on_gone(ref)
         finally:
             sock.close()
 

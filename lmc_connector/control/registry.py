@@ -19,7 +19,11 @@ class ControlError(ValueError):
 
 
 class WorkerUnavailableError(ControlError):
-    """Workers did not answer in time; nothing was applied. Retry later or check the workers."""
+    """Workers did not answer in time or failed; retry later or check the workers.
+
+    Nothing was applied when it happened in the prepare phase; a failure in the
+    commit phase says which workers applied the op and which did not.
+    """
 
     status = 503
 

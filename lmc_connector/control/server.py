@@ -6,10 +6,16 @@ name the field (`$.tokens[3]`), and 32K-token bodies parsed in microseconds.
 Errors are JSON `{"detail": ..., "event_id": ...}`: 400 for invalid JSON or a
 bad choice, 422 for a body of the wrong shape, 401 without the API key, 404
 for an unknown instance or event, 503 when workers do not answer in time.
+
+With an API key every route requires it except /docs and /openapi.json (the
+schema, the same for every deployment). Handlers never take the controller's
+lock on the event loop: the monitor thread may hold it for a while (a 1M-key
+snapshot), so lock-taking work runs in a thread (`asyncio.to_thread`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -186,8 +192,8 @@ def create_app(service: ControllerService) -> FastAPI:
 
     @route("POST", "/lookup", api.LookupRequest, api.LookupResponse, "Where a prefix is cached")
     async def lookup(body: api.LookupRequest) -> api.LookupResponse:
-        event, layout = controller.lookup(body.tokens)
-        return api.LookupResponse(event.event_id, layout)
+        layout = await asyncio.to_thread(controller.lookup, body.tokens)
+        return api.LookupResponse(new_event_id(), layout)
 
     def _check_location(location: str | None) -> Callable[[Instance], None]:
         def check(inst: Instance) -> None:
@@ -204,8 +210,8 @@ def create_app(service: ControllerService) -> FastAPI:
 
     @route("POST", "/unpin", api.UnpinRequest, api.ScheduledResponse, "Unpin a cached prefix")
     async def unpin(body: api.UnpinRequest) -> api.ScheduledResponse:
-        op = m.UnpinOp(body.tokens)
-        event = await service.run("unpin", body.instance_id, op, _check_location(body.location))
+        op = m.UnpinOp(body.tokens)  # body.location is ignored: see api.UnpinRequest
+        event = await service.run("unpin", body.instance_id, op, _check_location(None))
         return api.ScheduledResponse(event.event_id, event.num_tokens)
 
     @route("POST", "/clear", api.ClearRequest, api.ClearResponse, "Clear unpinned chunks")
@@ -235,15 +241,20 @@ def create_app(service: ControllerService) -> FastAPI:
 
     @route("POST", "/check_finish", api.CheckFinishRequest, api.Event, "An event's status")
     async def check_finish(body: api.CheckFinishRequest) -> Response:
-        with controller.lock:
-            return _json(controller.events.get(body.event_id))
+        return await asyncio.to_thread(_event_json, body.event_id)
 
     @route("GET", "/events/{event_id}", None, api.Event, "An event's status")
     async def get_event(event_id: str) -> Response:
+        return await asyncio.to_thread(_event_json, event_id)
+
+    def _event_json(event_id: str) -> Response:
         with controller.lock:
             return _json(controller.events.get(event_id))
 
     async def _health(body: api.HealthRequest) -> api.HealthResponse:
+        return await asyncio.to_thread(_health_sync, body)
+
+    def _health_sync(body: api.HealthRequest) -> api.HealthResponse:
         with controller.lock:
             codes: dict[int, int] = {}
             if body.instance_id is not None:
@@ -268,6 +279,9 @@ def create_app(service: ControllerService) -> FastAPI:
 
     @route("POST", "/query_worker_info", api.WorkerInfoRequest, api.WorkerInfoResponse, "Workers")
     async def query_worker_info(body: api.WorkerInfoRequest) -> api.WorkerInfoResponse:
+        return await asyncio.to_thread(_worker_infos, body)
+
+    def _worker_infos(body: api.WorkerInfoRequest) -> api.WorkerInfoResponse:
         now = time.monotonic()
         with controller.lock:
             inst = controller.instance(body.instance_id)
@@ -282,6 +296,9 @@ def create_app(service: ControllerService) -> FastAPI:
 
     @route("GET", "/instances", None, api.InstancesResponse, "Registered instances")
     async def instances() -> api.InstancesResponse:
+        return await asyncio.to_thread(_instances)
+
+    def _instances() -> api.InstancesResponse:
         now = time.monotonic()
         with controller.lock:
             items = [_instance_info(service, i, now) for i in controller.instances.values()]
@@ -289,7 +306,7 @@ def create_app(service: ControllerService) -> FastAPI:
 
     @route("GET", "/metrics", None, None, "Prometheus metrics")
     async def metrics() -> Response:
-        text = render(controller, service.latency)
+        text = await asyncio.to_thread(render, controller, service.latency)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     _install_openapi(app)

@@ -4,8 +4,13 @@ Every worker command runs in two phases. Prepare asks each worker of the
 instance to validate the op (a compress/decompress also pins its chunks and
 counts the tokens it covers) without changing anything; only when every
 worker answered yes does Commit carry it out. A worker that does not answer
-in time fails the event with 503 and the others abort, so the cache is left
-as it was.
+in time, or refuses, fails the event in the prepare phase and the others
+abort: nothing was changed. Commit is not atomic across workers: when it
+fails on some worker, the others have applied the op (it is not rolled
+back), and the event's error says which workers applied it and which did not.
+
+The controller's lock is only ever taken in a worker thread (`asyncio.to_thread`),
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import NoReturn
 
 import zmq
 
@@ -33,6 +39,12 @@ from lmc_connector.control.registry import (
 from lmc_connector.control.transport import tcp_url
 
 logger = logging.getLogger(__name__)
+
+#: Seconds past the command timeout after which a phase stops waiting for the command
+#: thread itself (which settles every request by its deadline; this is the backstop).
+ASK_MARGIN_S = 1.0
+#: Failure codes that mean "the worker could not take part", not "the request is wrong".
+UNAVAILABLE_CODES = ("expired", "internal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +72,20 @@ def _outcome(result: m.Reply | BaseException) -> str | None:
     return f"{type(result).__name__}: {result}"
 
 
+def _settled(waiter: asyncio.Future[m.Reply]) -> m.Reply | BaseException:
+    if not waiter.done() or waiter.cancelled():
+        return CommandTimeout("the command thread did not settle the request")
+    return waiter.exception() or waiter.result()
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks)) or "none"
+
+
 class ControllerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        monitor_url = tcp_url(settings.host, settings.monitor_port)  # ValueError: unknown host
         self.controller = Controller(settings.worker_timeout)
         self.latency = LatencyHistogram()
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -70,7 +93,7 @@ class ControllerService:
         self.monitor = MonitorLoop(
             self._context,
             self.controller,
-            tcp_url(settings.host, settings.monitor_port),
+            monitor_url,
             on_resync=self.resync,
             on_gone=lambda ref: self.commands.forget(ref.address),
         )
@@ -99,59 +122,48 @@ class ControllerService:
     async def _ask(
         self, workers: list[WorkerRef], build: Callable[[int], m.Command]
     ) -> list[m.Reply | BaseException]:
+        """Each worker's reply, or the exception standing for it; returns by the deadline."""
         timeout = self.settings.command_timeout
         futures: list[Future[m.Reply]] = [
             self.commands.request(w.address, build, timeout) for w in workers
         ]
-        return await asyncio.gather(
-            *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
-        )
+        waiters = [asyncio.wrap_future(f) for f in futures]
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*waiters, return_exceptions=True), timeout + ASK_MARGIN_S
+            )
+        except TimeoutError:
+            logger.error("the command thread missed its deadline; counting the workers as silent")
+            return [_settled(w) for w in waiters]
 
     async def run(
         self, kind: str, instance_id: str, op: m.Op, check: Callable[[Instance], None]
     ) -> Event:
         """Run `op` on every worker of the instance; raises ControlError subclasses."""
         started = time.perf_counter()
-        controller = self.controller
-        with controller.lock:
-            instance = controller.instance(instance_id)
-            check(instance)
-            workers = [WorkerRef(instance_id, w.rank, w.address) for w in instance.ready_workers()]
-            event = controller.events.create(kind, instance_id, [w.rank for w in workers])
+        workers, event = await asyncio.to_thread(self._begin, kind, instance_id, check)
         event_id = event.event_id
-        expires_at = time.time() + self.settings.command_timeout
+        ttl = self.settings.command_timeout
+        expires_at = time.time() + ttl  # for workers older than `ttl_s`
 
-        prepared = await self._ask(workers, lambda rid: m.Prepare(rid, event_id, op, expires_at))
+        prepared = await self._ask(
+            workers, lambda rid: m.Prepare(rid, event_id, op, expires_at, ttl_s=ttl)
+        )
         problems = [(w, _outcome(r), r) for w, r in zip(workers, prepared, strict=True)]
         if any(why for _, why, _ in problems):
-            for worker, why, _ in problems:
-                if why is None:
+            for worker, _, reply in problems:
+                # A silent worker may still prepare later: the Abort queued behind the
+                # Prepare releases what it pinned. A Failed one holds nothing.
+                if not isinstance(reply, m.Failed):
                     self.commands.request(
                         worker.address,
                         lambda rid: m.Abort(rid, event_id),
                         self.settings.command_timeout,
                     )
-            self._refuse(event, problems, started)
+            await asyncio.to_thread(self._refuse, event, problems, started)
 
         committed = await self._ask(workers, lambda rid: m.Commit(rid, event_id))
-        with controller.lock:
-            for worker, before, after in zip(workers, prepared, committed, strict=True):
-                part = event.part(worker.rank)
-                assert part is not None and isinstance(before, m.Ok)
-                why = _outcome(after)
-                if why is not None:
-                    controller.events.finish_part(event, worker.rank, why)
-                    continue
-                assert isinstance(after, m.Ok)
-                part.num_tokens = (
-                    before.num_tokens if kind in m.TRANSFORM_KINDS else after.num_tokens
-                )
-                part.removed, part.kept_pinned = after.removed, after.kept
-                if kind not in m.TRANSFORM_KINDS:
-                    controller.events.finish_part(event, worker.rank)
-            event.num_tokens = min(p.num_tokens for p in event.workers)
-            controller.events.start(event)
-            failed = event.status == "failed"
+        failed = await asyncio.to_thread(self._record_commit, event, workers, prepared, committed)
         elapsed = time.perf_counter() - started
         self.latency.observe(kind, elapsed)
         logger.info(
@@ -170,15 +182,68 @@ class ControllerService:
             )
         return event
 
+    def _begin(
+        self, kind: str, instance_id: str, check: Callable[[Instance], None]
+    ) -> tuple[list[WorkerRef], Event]:
+        with self.controller.lock:
+            instance = self.controller.instance(instance_id)
+            check(instance)
+            workers = [WorkerRef(instance_id, w.rank, w.address) for w in instance.ready_workers()]
+            event = self.controller.events.create(kind, instance_id, [w.rank for w in workers])
+        return workers, event
+
+    def _record_commit(
+        self,
+        event: Event,
+        workers: list[WorkerRef],
+        prepared: list[m.Reply | BaseException],
+        committed: list[m.Reply | BaseException],
+    ) -> bool:
+        """Record each worker's commit outcome on the event; True if the event failed."""
+        kind, events = event.kind, self.controller.events
+        applied: list[int] = []
+        refused: list[str] = []
+        with self.controller.lock:
+            for worker, before, after in zip(workers, prepared, committed, strict=True):
+                part = event.part(worker.rank)
+                assert part is not None and isinstance(before, m.Ok)
+                why = _outcome(after)
+                if why is not None:
+                    refused.append(f"worker {worker.rank}: {why}")
+                    events.finish_part(event, worker.rank, why)
+                    continue
+                assert isinstance(after, m.Ok)
+                applied.append(worker.rank)
+                part.num_tokens = (
+                    before.num_tokens if kind in m.TRANSFORM_KINDS else after.num_tokens
+                )
+                part.removed, part.kept_pinned = after.removed, after.kept
+                if kind not in m.TRANSFORM_KINDS:
+                    events.finish_part(event, worker.rank)
+            event.num_tokens = min(p.num_tokens for p in event.workers)
+            events.start(event)
+            if refused:
+                not_applied = [w.rank for w in workers if w.rank not in applied]
+                error = (
+                    f"commit failed ({'; '.join(refused)}): applied on worker(s) "
+                    f"{_ranks(applied)}, not on worker(s) {_ranks(not_applied)}; "
+                    "it is not rolled back"
+                )
+                events.fail(event, error)  # running parts may still report their outcome
+                event.error = error  # also when the last part's failure already ended it
+            return event.status == "failed"
+
     def _refuse(
         self,
         event: Event,
         problems: list[tuple[WorkerRef, str | None, m.Reply | BaseException]],
         started: float,
-    ) -> None:
+    ) -> NoReturn:
+        """Fail the event after the prepare phase (nothing was changed) and raise why."""
         errors = "; ".join(f"worker {w.rank}: {why}" for w, why, _ in problems if why)
-        timed_out = any(
-            not isinstance(r, m.Ok | m.Failed) or (isinstance(r, m.Failed) and r.code == "expired")
+        unavailable = any(
+            not isinstance(r, m.Ok | m.Failed)
+            or (isinstance(r, m.Failed) and r.code in UNAVAILABLE_CODES)
             for _, why, r in problems
             if why
         )
@@ -191,10 +256,10 @@ class ControllerService:
         logger.warning(
             "%s on %s refused, event %s: %s", event.kind, event.instance_id, event.event_id, errors
         )
-        if timed_out:
+        if unavailable:
             raise WorkerUnavailableError(
-                f"workers did not answer within {self.settings.command_timeout:g} s, nothing was "
-                f"changed: {errors}",
+                f"workers failed or did not answer within {self.settings.command_timeout:g} s, "
+                f"nothing was changed: {errors}",
                 event.event_id,
             )
-        raise WorkerRejectedError(errors, event.event_id)
+        raise WorkerRejectedError(f"{errors}; nothing was changed", event.event_id)

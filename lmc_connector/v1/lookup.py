@@ -171,7 +171,12 @@ class LookupServer:
         if isinstance(msg, Unpin):
             self._pins.release(msg.req_id)
             return None
-        tokens = self._pins.lookup(msg.req_id, msg.keys, msg.num_tokens, msg.pin)
+        try:
+            tokens = self._pins.lookup(msg.req_id, msg.keys, msg.num_tokens, msg.pin)
+        except Exception as e:
+            # Boundary of the server thread: keep serving; the scheduler counts it as a miss.
+            logger.exception("lookup server: lookup of %s failed", msg.req_id)
+            return LookupReply(seq=msg.seq, tokens=0, error=f"{type(e).__name__}: {e}")
         return LookupReply(seq=msg.seq, tokens=tokens)
 
 

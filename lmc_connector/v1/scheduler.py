@@ -72,11 +72,15 @@ class LMCScheduler:
             tracker = RequestTracker(req_id, len(prompt), keys)
             self._requests[req_id] = tracker
         hit = self._client.lookup(req_id, tracker.keys, tracker.prompt_len)
-        tracker.pinned = hit > 0
         tracker.saved_chunks = max(tracker.saved_chunks, -(-hit // self.chunk_size))
         tracker.lookup_base = num_computed_tokens
-        loadable = min(hit, tracker.prompt_len - 1)
-        return max(0, loadable - num_computed_tokens)
+        extra = max(0, min(hit, tracker.prompt_len - 1) - num_computed_tokens)
+        # Ranks that found more than the minimum pinned their chunks too: keep the pins only
+        # while a load may use them.
+        tracker.pinned = extra > 0
+        if not tracker.pinned:
+            self._client.unpin(req_id)
+        return extra
 
     def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
         tracker = self._requests.get(req_id)
@@ -137,19 +141,26 @@ class LMCScheduler:
             )
             tracker.load = None
             tracker.pinned = False
-        limit = min(computed, tracker.prompt_len)
-        bounds = tok.chunk_bounds(tracker.prompt_len, self.chunk_size)
-        todo = [i for i in range(tracker.saved_chunks, len(bounds)) if bounds[i][1] <= limit]
-        if todo:
+        if tracker.saved_chunks == len(tracker.keys):
+            return  # the whole prompt is cached: nothing to plan in decode steps
+        size, prompt_len = self.chunk_size, tracker.prompt_len
+        limit = min(computed, prompt_len)
+        bounds = [
+            (i * size, min((i + 1) * size, prompt_len))
+            for i in range(tracker.saved_chunks, len(tracker.keys))
+            if min((i + 1) * size, prompt_len) <= limit
+        ]
+        if bounds:
+            first = tracker.saved_chunks
             meta.saves.append(
                 SaveSpec(
                     tracker.req_id,
-                    [tracker.keys[i] for i in todo],
-                    [bounds[i] for i in todo],
+                    tracker.keys[first : first + len(bounds)],
+                    bounds,
                     list(tracker.block_ids),
                 )
             )
-            tracker.saved_chunks = todo[-1] + 1
+            tracker.saved_chunks = first + len(bounds)
 
     def finished(self, req_id: str) -> None:
         """Forget the request; release pins a load did not consume (abort, no blocks)."""

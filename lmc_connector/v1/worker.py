@@ -8,11 +8,10 @@ once the chunks are in the paged cache, `save` once they are in the cache.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +22,9 @@ from lmc_connector.ops import paged
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1.lookup import LookupServer, PinRegistry
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+
+if TYPE_CHECKING:
+    from lmc_connector.control.agent import ControlAgent
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class LMCWorker:
         #: whose pages are not token rows; 1 otherwise).
         self._align = 1
         self._server: LookupServer | None = None
-        self._agent: Any = None
+        self._agent: ControlAgent | None = None
         self._load_errors: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -121,12 +123,9 @@ class LMCWorker:
             self._start_agent(self.engine)
 
     def _start_agent(self, engine: CacheEngine) -> None:
-        try:
-            module = importlib.import_module("lmc_connector.control.agent")
-        except ModuleNotFoundError:
-            logger.error("enable_controller is set but lmc_connector.control.agent is missing")
-            return
-        self._agent = module.ControlAgent(
+        from lmc_connector.control.agent import ControlAgent
+
+        self._agent = ControlAgent(
             self.config, engine, self.settings.rank, self.settings.world_size, self.settings.model
         )
         self._agent.start()
@@ -165,13 +164,16 @@ class LMCWorker:
         available = base + sum(c.shape[2] for c in chunks)
         end = min(spec.end, available)
         if end > spec.start:
-            kv = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
             # Whole-block formats write the rest of the last block too: those slots hold
             # tokens this step's forward (re)writes, or none yet.
             stop = min(self._round_up(end), available)
-            self._scatter(
-                spec.block_ids, spec.start, stop, kv[:, :, spec.start - base : stop - base]
-            )
+            chunk_start = base
+            for kv in chunks:  # chunk by chunk: no concatenated copy of the whole prefix
+                lo, hi = max(chunk_start, spec.start), min(chunk_start + kv.shape[2], stop)
+                if hi > lo:
+                    piece = kv[:, :, lo - chunk_start : hi - chunk_start]
+                    self._scatter(spec.block_ids, lo, hi, piece)
+                chunk_start += kv.shape[2]
         if end < spec.end:
             bs = self.settings.block_size
             first_bad = max(end, spec.start) // bs
@@ -195,11 +197,12 @@ class LMCWorker:
 
     def _save(self, engine: CacheEngine, spec: SaveSpec) -> None:
         for key, (start, end) in zip(spec.keys, spec.bounds, strict=True):
+            if engine.contains(key):
+                continue  # e.g. a rank that held more than the minimum over ranks
             kv = self._gather(spec.block_ids, start, self._round_up(end))
-            if kv.device.type != "cpu":
-                kv = kv.to("cpu")
-            if not engine.put(key, kv, copy=False):
-                logger.debug("%s: chunk [%d, %d) did not fit in the cache", spec.req_id, start, end)
+            # put copies into a reused CPU buffer (and off the GPU when there is one)
+            if not engine.put(key, kv):
+                logger.debug("%s: chunk [%d, %d) was not cached", spec.req_id, start, end)
 
     def take_load_errors(self) -> set[int]:
         """Block ids whose load failed since the last call (reported to vLLM for recompute)."""

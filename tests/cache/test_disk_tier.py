@@ -1,8 +1,11 @@
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 import torch
 
+from lmc_connector.cache.backends import LocalDiskBackend
 from tests.cache.conftest import CHUNK, LAYOUT, EngineFactory, RecordingSink, make_kv, put_prompt
 
 DISK = "LocalDiskBackend"
@@ -89,7 +92,54 @@ def test_interrupted_write_leaves_no_partial_chunk(
     engine = make_engine(local_cpu=False, disk_chunks=4)
     put_prompt(engine, [1, 2, 3, 4])
     folder = chunk_files(tmp_path)[0].parent
-    (folder / ".00000000000000aa.kvc.dead.tmp").write_bytes(b"half a chunk")
+    left_over = folder / ".00000000000000aa.kvc.dead.tmp"
+    left_over.write_bytes(b"half a chunk")
+    an_hour_ago = time.time() - 3600
+    os.utime(left_over, (an_hour_ago, an_hour_ago))
     restarted = make_engine(local_cpu=False, disk_chunks=4)
     assert restarted.lookup([1, 2, 3, 4]) == CHUNK
-    assert not list(folder.glob(".*.tmp"))
+    assert not left_over.exists()
+
+
+def test_another_writers_fresh_temporary_file_is_left_alone(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    put_prompt(engine, [1, 2, 3, 4])
+    in_flight = chunk_files(tmp_path)[0].parent / ".00000000000000bb.kvc.busy.tmp"
+    in_flight.write_bytes(b"being written")
+    make_engine(local_cpu=False, disk_chunks=4)
+    assert in_flight.exists()
+
+
+def test_file_removed_by_another_process_is_a_miss_not_an_error(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    keys = put_prompt(engine, [1, 2, 3, 4])
+    chunk_files(tmp_path)[0].unlink()
+    assert engine.get(keys) == []
+    assert engine.lookup([1, 2, 3, 4]) == 0
+
+
+def test_put_into_a_failing_disk_tier_is_a_miss_not_an_error(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    put_prompt(engine, [1, 2, 3, 4])
+    key = engine.hashes([5, 6, 7, 8])[0]
+    disk = engine.backend(DISK)
+    assert isinstance(disk, LocalDiskBackend)
+    disk.path(key).mkdir()  # the chunk's file name is taken: its write fails for real
+    assert not engine.put(key, make_kv())
+    assert engine.lookup([1, 2, 3, 4]) == CHUNK
+
+
+def test_put_of_a_chunk_whose_file_is_corrupt_does_not_raise(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    keys = put_prompt(engine, [1, 2, 3, 4])
+    path = chunk_files(tmp_path)[0]
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    assert engine.put(keys[0], make_kv())

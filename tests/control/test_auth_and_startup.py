@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 
 from lmc_connector.control.main import SettingsError, build_settings
 from tests.control.conftest import new_controller
-from tests.control.harness import Controller
+from tests.control.harness import Controller, free_port
 
 #: Makes `import torch` / `import vllm` fail in the controller process.
 BLOCKER = """
@@ -89,3 +91,35 @@ def test_config_file_with_an_unknown_setting_is_refused(tmp_path: Path) -> None:
     config.write_text("monitor_prot: 9101\n")
     with pytest.raises(SettingsError, match="did you mean monitor_port"):
         build_settings(["--config", str(config)], env={})
+
+
+def run_controller(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmc_connector.control.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_taken_monitor_port_exits_at_once_naming_the_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = run_controller(
+            "--host", "127.0.0.1", "--port", str(free_port()), "--monitor-port", str(port)
+        )
+    assert time.monotonic() - started < 5
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], done.stderr
+
+
+def test_an_unknown_host_is_a_one_line_settings_error() -> None:
+    done = run_controller("--host", "nosuchhost.invalid", "--port", str(free_port()))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--host" in lines[0] and "nosuchhost.invalid" in lines[0], lines

@@ -13,16 +13,22 @@ PROMPT = list(range(40))  # 10 chunks of 4
 
 
 def register(
-    c: Controller, rank: int, session: str = "s", instance: str = "i", now: float = 0.0
+    c: Controller,
+    rank: int,
+    session: str = "s",
+    instance: str = "i",
+    now: float = 0.0,
+    world_size: int = 2,
+    port: int | None = None,
 ) -> None:
     c.handle(
         m.Register(
             instance,
             rank,
-            2,
+            world_size,
             f"{session}{rank}",
             "127.0.0.1",
-            8000 + rank,
+            8000 + rank if port is None else port,
             "m",
             4,
             [CPU, DISK],
@@ -51,8 +57,7 @@ def test_lookup_needs_every_rank_in_the_same_location() -> None:
     admit(c, 0, keys)
     admit(c, 1, keys[:6])
     admit(c, 1, keys[6:], DISK)
-    _, layout = c.lookup(PROMPT)
-    assert layout == {"i": (CPU, 24)}
+    assert c.lookup(PROMPT) == {"i": (CPU, 24)}
 
 
 def test_evicted_chunks_shorten_the_prefix() -> None:
@@ -63,7 +68,7 @@ def test_evicted_chunks_shorten_the_prefix() -> None:
     for rank in (0, 1):
         admit(c, rank, keys)
     c.handle(m.ChunkEvents("i", 0, "s0", [m.ChunkOp(False, CPU, [keys[3]])]), 0.0)
-    assert c.lookup(PROMPT)[1] == {"i": (CPU, 12)}
+    assert c.lookup(PROMPT) == {"i": (CPU, 12)}
 
 
 def test_silent_worker_is_dropped_with_its_chunks_and_its_events_fail() -> None:
@@ -136,3 +141,45 @@ def test_prefix_prefers_the_first_registered_location_on_a_tie() -> None:
     for location in (CPU, DISK):
         index.admit("i", 0, location, [1, 2])
     assert index.prefix("i", [1, 2, 3], [0]) == (CPU, 2)
+
+
+def test_the_only_worker_re_registering_keeps_its_instance_and_takes_its_snapshot() -> None:
+    c = Controller()
+    register(c, 0, world_size=1)
+    admit(c, 0, [1, 2, 3])
+    register(c, 0, world_size=1)  # the same session resyncs after dropped chunk events
+    assert c.index.size("i") == 0
+    c.handle(m.Snapshot("i", 0, "s0", {CPU: [1, 2, 3, 4]}), 0.0)
+    assert c.instances["i"].workers[0].session == "s0"
+    assert c.index.count("i", 0, CPU) == 4
+
+
+def test_lookups_store_no_event() -> None:
+    c = Controller()
+    register(c, 0)
+    for _ in range(3):
+        c.lookup(PROMPT)
+    assert c.events.counts() == {"pending": 0, "running": 0, "finished": 0, "failed": 0}
+    assert c.stats.lookups == 3
+
+
+def test_departed_workers_are_handed_over_once_unless_their_address_is_reused() -> None:
+    c = Controller(worker_timeout=5)
+    register(c, 0)
+    register(c, 1)
+    register(c, 0, port=9000)  # rank 0 moved: its old address is gone
+    assert [r.address for r in c.take_departed()] == ["tcp://127.0.0.1:8000"]
+    register(c, 0, port=9000)  # same address again: the socket stays
+    c.handle(m.Deregister("i", 1, "s1"), 0.0)
+    assert [r.address for r in c.take_departed()] == ["tcp://127.0.0.1:8001"]
+    assert c.take_departed() == []
+    c.expire(10.0)
+    assert [r.address for r in c.take_departed()] == ["tcp://127.0.0.1:9000"]
+
+
+def test_resync_requests_are_forgotten_once_their_retry_interval_passed() -> None:
+    c = Controller()
+    for session in range(100):
+        c.handle(m.Heartbeat("i", 0, f"gone{session}", "127.0.0.1", 8000), 0.0)
+    c.expire(5.0)
+    assert c._resync_asked == {}

@@ -81,3 +81,31 @@ def test_unknown_fields_from_a_newer_peer_are_ignored() -> None:
         {"type": "Deregister", "instance_id": "i", "rank": 0, "session": "s", "reason": "bye"}
     )
     assert m.worker_message_decoder().decode(newer) == m.Deregister("i", 0, "s")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("host", "bad host"), ("host", "*"), ("host", "tcp://x"), ("rank", 256), ("port", 0)],
+)
+def test_heartbeats_with_an_unusable_address_or_rank_are_malformed(
+    field: str, value: object
+) -> None:
+    beat = {"type": "Heartbeat", "instance_id": "i", "rank": 0, "session": "s"}
+    beat.update({"host": "worker-1.example", "port": 8001, field: value})
+    with pytest.raises(m.MessageError, match=field):
+        m.worker_message_decoder().decode(msgspec.msgpack.encode(beat))
+
+
+def test_a_prepare_without_ttl_from_an_older_controller_still_decodes() -> None:
+    op = m.PinOp([1, 2])
+    older = msgspec.msgpack.encode(
+        {
+            "type": "Prepare",
+            "request_id": 1,
+            "event_id": "e",
+            "op": msgspec.to_builtins(op),
+            "expires_at": 5.0,
+        }
+    )
+    cmd = m.command_decoder().decode(older)
+    assert isinstance(cmd, m.Prepare) and cmd.ttl_s is None and cmd.op == op

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import signal
@@ -17,6 +19,10 @@ import msgspec
 import pytest
 import zmq
 
+from lmc_connector.control import messages as m
+from lmc_connector.control.commands import CommandLoop, CommandSendError, CommandTimeout
+from lmc_connector.control.server import create_app
+from lmc_connector.control.service import ControllerService, Settings
 from tests.control.conftest import InstanceFactory, new_controller
 from tests.control.harness import (
     CPU,
@@ -178,3 +184,135 @@ def test_garbage_on_the_monitor_port_leaves_the_controller_running(
     for w in make_instance("after-garbage", target=ctl):
         w.fill(PROMPT)
     wait_until(lambda: layout_of(ctl, "after-garbage") == [CPU, 12], what="normal service")
+
+
+def test_a_command_to_an_unusable_address_fails_fast_and_the_loop_lives_on() -> None:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    loop = CommandLoop(context)
+    loop.start()
+    try:
+        bad = loop.request("tcp://bad host:8001", m.Resync, timeout=5)
+        with pytest.raises(CommandSendError, match="bad host"):
+            bad.result(timeout=2)
+        silent = loop.request(f"tcp://127.0.0.1:{free_port()}", m.Resync, timeout=0.2)
+        with pytest.raises(CommandTimeout):
+            silent.result(timeout=2)
+    finally:
+        loop.close()
+        context.term()
+
+
+def test_a_heartbeat_with_a_bad_host_is_counted_as_malformed(
+    private_controller: Controller,
+) -> None:
+    ctl = private_controller
+    before = malformed_count(ctl)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{ctl.monitor_port}")
+    beat = {"type": "Heartbeat", "instance_id": "x", "rank": 0, "session": "s"}
+    push.send(msgspec.msgpack.encode({**beat, "host": "bad host", "port": 8001}))
+    push.close(linger=1000)
+    context.term()
+    wait_until(lambda: malformed_count(ctl) > before, what="the heartbeat counted as malformed")
+    assert httpx.get(f"{ctl.url}/health").status_code == 200
+
+
+def test_an_unexpected_worker_error_is_answered_as_internal_and_logged(
+    http: httpx.Client, make_instance: InstanceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    rank0, _ = make_instance("crash-a")
+
+    def crash(cmd: m.Prepare, received: float | None = None) -> m.Reply:
+        raise RuntimeError("engine exploded")
+
+    rank0.agent._executor.prepare = crash
+    body = {"instance_id": "crash-a", "method": "cachegen", "location": CPU, "tokens": PROMPT}
+    with caplog.at_level(logging.ERROR, logger="lmc_connector.control.agent"):
+        answer = http.post("/compress", json=body)
+    assert answer.status_code == 503, answer.text
+    assert "worker 0: RuntimeError: engine exploded" in answer.json()["detail"]
+    assert "no answer" not in answer.json()["detail"]  # a reply, not the 1 s timeout
+    assert "engine exploded" in caplog.text
+
+
+def test_a_commit_failing_on_one_worker_says_where_it_was_applied(
+    http: httpx.Client, make_instance: InstanceFactory
+) -> None:
+    rank0, rank1 = make_instance("half-a")
+    for w in (rank0, rank1):
+        w.fill(PROMPT)
+    rank1.agent._executor.commit = lambda cmd: m.Failed(cmd.request_id, "bad_request", "disk gone")
+    answer = http.post("/pin", json={"instance_id": "half-a", "tokens": PROMPT})
+    assert answer.status_code == 503, answer.text
+    detail = answer.json()["detail"]
+    assert "applied on worker(s) 0, not on worker(s) 1" in detail and "disk gone" in detail
+    event = http.get(f"/events/{answer.json()['event_id']}").json()
+    assert event["status"] == "failed" and "applied on worker(s) 0" in event["error"]
+    assert all(rank0.engine.is_pinned(k) for k in rank0.engine.hashes(PROMPT))
+
+
+def test_prepare_expiry_uses_the_workers_own_clock(make_instance: InstanceFactory) -> None:
+    (worker,) = make_instance("ttl-a", world_size=1)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{worker.agent.port}")
+    decoder = m.reply_decoder()
+
+    def ask(cmd: m.Command) -> m.Reply:
+        dealer.send(m.encode(cmd))
+        assert dealer.poll(5000), "no reply"
+        return decoder.decode(dealer.recv())
+
+    try:
+        op = m.UnpinOp(PROMPT)
+        # A controller clock far ahead of the worker's: the relative ttl is what counts.
+        assert isinstance(ask(m.Prepare(1, "e1", op, expires_at=0.0, ttl_s=5.0)), m.Ok)
+        older = ask(m.Prepare(2, "e2", op, expires_at=time.time() - 60))  # no ttl_s: wall clock
+        assert isinstance(older, m.Failed) and older.code == "expired"
+        assert isinstance(ask(m.Abort(3, "e1")), m.Ok)
+    finally:
+        dealer.close(linger=0)
+        context.term()
+
+
+def test_http_handlers_never_wait_for_the_controller_lock_on_the_event_loop() -> None:
+    service = ControllerService(Settings(port=free_port(), monitor_port=free_port()))
+    app = create_app(service)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with service.controller.lock:  # as the monitor thread does, applying a huge snapshot
+            held.set()
+            release.wait(5)
+
+    async def scenario() -> tuple[float, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://controller") as client:
+            requests = [
+                asyncio.create_task(client.request(method, path, json=body))
+                for method, path, body in (
+                    ("GET", "/health", None),
+                    ("GET", "/instances", None),
+                    ("GET", "/metrics", None),
+                    ("POST", "/lookup", {"tokens": PROMPT}),
+                )
+            ]
+            started = time.monotonic()
+            await asyncio.sleep(0.05)
+            stalled = time.monotonic() - started
+            release.set()
+            answers = await asyncio.gather(*requests)
+            return stalled, max(a.status_code for a in answers)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        stalled, worst = asyncio.run(scenario())
+    finally:
+        release.set()
+        holder.join()
+        service.close()
+    assert stalled < 1.0, f"the event loop stalled {stalled:.2f} s behind the lock"
+    assert worst == 200

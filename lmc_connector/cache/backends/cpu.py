@@ -8,8 +8,10 @@ from lmc_connector.cache.backends.lru import IndexedTier
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.pool import BufferPool
 
-#: Share of the capacity that removed chunks' buffers may keep for reuse.
-POOL_SHARE = 8
+#: Removed chunks' buffers kept for reuse: a share of the capacity, at most a fixed amount.
+#: In steady state every put evicts one chunk, so a few buffers are enough.
+POOL_SHARE = 16
+POOL_MAX_BYTES = 256 * 2**20
 
 
 class LocalCPUBackend(IndexedTier[Chunk]):
@@ -19,14 +21,11 @@ class LocalCPUBackend(IndexedTier[Chunk]):
 
     def __init__(self, capacity_bytes: int) -> None:
         super().__init__(capacity_bytes, lambda c: c.nbytes)
-        self._pool = BufferPool(capacity_bytes // POOL_SHARE)
+        self._pool = BufferPool(min(capacity_bytes // POOL_SHARE, POOL_MAX_BYTES))
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor to copy a new chunk into, reusing a removed chunk's memory if it can."""
         return self._pool.take(shape, dtype)
-
-    def read(self, key: int) -> Chunk | None:
-        return self._index.touch(key)
 
     def write(self, key: int, chunk: Chunk) -> None:
         old = self._index.pop(key)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
 
 from lmc_connector.cache.backends.diskfile import (
     HEADER_SIZE,
-    DiskFormatError,
     DiskRecord,
     read_chunk,
     read_record,
@@ -18,14 +19,16 @@ from lmc_connector.cache.chunk import Chunk
 
 logger = logging.getLogger(__name__)
 SUFFIX = ".kvc"
-
-
-class CorruptChunkError(DiskFormatError):
-    """A chunk file failed verification; it has been deleted and must be recomputed."""
+#: Temporary files older than this are left-overs of an interrupted write; younger ones may
+#: belong to another process writing to the same folder right now.
+STALE_TMP_S = 600.0
 
 
 class LocalDiskBackend(IndexedTier[DiskRecord]):
     """Chunk files with an in-memory LRU index; files from an earlier run are re-admitted.
+
+    Index methods run under the engine lock; `*_file` methods do the I/O and
+    are called without it.
 
     The folder name is the layout fingerprint, so a different model, rank or
     dtype never sees these files.
@@ -40,8 +43,11 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
     def open(self) -> list[int]:
         """Create the folder and re-admit the files already there; return their keys."""
         self.root.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STALE_TMP_S
         for stale in self.root.glob(f".*{SUFFIX}.*.tmp"):
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
         files = sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
         for path in files:
             try:
@@ -54,26 +60,30 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
             self._index.set(key, record)
         return list(self._index)
 
-    def _path(self, key: int) -> Path:
+    def path(self, key: int) -> Path:
         return self.root / f"{key:016x}{SUFFIX}"
 
-    def read(self, key: int) -> Chunk | None:
-        """Load and verify a chunk; a corrupt file is deleted and raises CorruptChunkError."""
-        if self._index.touch(key) is None:
-            return None
-        path = self._path(key)
-        try:
-            return read_chunk(path)
-        except (DiskFormatError, OSError) as e:
-            self.remove(key)
-            raise CorruptChunkError(f"cache file dropped: {e}") from e
+    def read_file(self, key: int) -> Chunk:
+        """Load and verify a chunk file (no index change; raises on a missing or bad file)."""
+        return read_chunk(self.path(key))
 
-    def write(self, key: int, chunk: Chunk) -> None:
-        self._index.set(key, write_chunk(self._path(key), chunk))
+    def write_file(self, key: int, chunk: Chunk) -> DiskRecord:
+        """Write a chunk file atomically (no index change)."""
+        return write_chunk(self.path(key), chunk)
+
+    def delete_file(self, key: int) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def admit(self, key: int, record: DiskRecord) -> None:
+        self._index.set(key, record)
+
+    def forget(self, key: int) -> bool:
+        """Drop the index entry only (its file is already gone)."""
+        return self._index.pop(key) is not None
 
     def remove(self, key: int) -> bool:
-        self._path(key).unlink(missing_ok=True)
-        return self._index.pop(key) is not None
+        self.delete_file(key)
+        return self.forget(key)
 
     def size_of(self, chunk: Chunk) -> int:
         return HEADER_SIZE + chunk.nbytes

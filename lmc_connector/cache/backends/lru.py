@@ -97,5 +97,9 @@ class IndexedTier(Generic[V]):
     def peek(self, key: int) -> V | None:
         return self._index.peek(key)
 
+    def touch(self, key: int) -> V | None:
+        """The entry under `key`, now the most recently used."""
+        return self._index.touch(key)
+
     def victims(self, need_bytes: int, is_pinned: Callable[[int], bool]) -> list[int] | None:
         return self._index.victims(need_bytes, is_pinned)
