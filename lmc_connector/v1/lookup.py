@@ -24,13 +24,10 @@ import msgspec
 import zmq
 
 from lmc_connector.cache import CacheEngine
+from lmc_connector.control.transport import configure
 
 logger = logging.getLogger(__name__)
 
-#: Queued messages per socket before sends fail fast (a dead peer must not grow memory).
-_SNDHWM = 1000
-#: Milliseconds a closing socket may spend flushing; -1 (the default) can hang Context.term().
-_LINGER_MS = 200
 #: Milliseconds the server thread waits for a message before checking whether to stop.
 _POLL_MS = 100
 
@@ -132,8 +129,7 @@ class LookupServer:
     def _run(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, _LINGER_MS)
-        sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+        configure(sock)
         try:
             sock.bind(self.address)
         except zmq.ZMQError as e:
@@ -195,8 +191,7 @@ class LookupClient:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         for address in self._addresses:
             sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, _LINGER_MS)
-            sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+            configure(sock)
             sock.connect(address)
             self._socks.append(sock)
 

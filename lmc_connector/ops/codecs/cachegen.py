@@ -24,8 +24,9 @@ from lmc_connector.ops.codecs import cachegen_model as model
 from lmc_connector.ops.codecs import format as fmt
 from lmc_connector.ops.codecs._tensors import from_bytes, resolve_device, to_bytes
 from lmc_connector.ops.codecs.errors import CodecError
+from lmc_connector.ops.codecs.registry import codec_id
 
-CODEC_ID = 2
+CODEC_ID = codec_id("cachegen")
 MAX_HALF_LEVELS = 15
 _PARAMS = struct.Struct("<BH")  # model revision, stream groups; then C per layer (u8 each)
 _REVISION = 2  # 2: int32 rANS state (L = 2**15), new bitstream

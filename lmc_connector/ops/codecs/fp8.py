@@ -11,8 +11,9 @@ import torch
 from lmc_connector.ops.codecs import format as fmt
 from lmc_connector.ops.codecs._tensors import from_bytes, resolve_device, to_bytes
 from lmc_connector.ops.codecs.errors import CodecError
+from lmc_connector.ops.codecs.registry import codec_id
 
-CODEC_ID = 1
+CODEC_ID = codec_id("fp8")
 # A little under e4m3's max (448) so the rounded product never overflows to NaN.
 _TARGET = 440.0
 _PARAMS = b"\x00"  # scale mode 0: per (K/V, layer, token)

@@ -38,6 +38,11 @@ _REGISTRY: dict[str, tuple[int, str]] = {
 CODEC_IDS: dict[int, str] = {cid: name for name, (cid, _) in _REGISTRY.items()}
 
 
+def codec_id(name: str) -> int:
+    """The id `name` writes into its blobs' headers."""
+    return _REGISTRY[name][0]
+
+
 def codec_names() -> list[str]:
     return sorted(_REGISTRY)
 
