@@ -136,4 +136,19 @@ class OpExecutor:
         except Exception as e:  # boundary: this job fails and is reported; the agent lives on
             logger.exception("%s job of event %s crashed", job.kind, event_id)
             job.errors.append(f"{type(e).__name__}: {e}")
+        rate = job.bytes_before / job.seconds / 1e6 if job.seconds > 0 else 0.0
+        logger.info(
+            "%s with %s, event %s: %d chunks done, %d skipped, %.1f MB -> %.1f MB in %.2f s "
+            "(%.0f MB/s)%s",
+            job.kind,
+            job.method,
+            event_id,
+            job.chunks_done,
+            job.chunks_skipped,
+            job.bytes_before / 1e6,
+            job.bytes_after / 1e6,
+            job.seconds,
+            rate,
+            f"; errors: {job.errors}" if job.errors else "",
+        )
         self._on_job_done(event_id, job)

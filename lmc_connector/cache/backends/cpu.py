@@ -10,7 +10,7 @@ from lmc_connector.cache.pool import BufferPool
 
 #: Removed chunks' buffers kept for reuse: a share of the capacity, at most a fixed amount.
 #: In steady state every put evicts one chunk, so a few buffers are enough.
-POOL_SHARE = 16
+POOL_SHARE = 4
 POOL_MAX_BYTES = 256 * 2**20
 
 
