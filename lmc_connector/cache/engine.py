@@ -44,8 +44,7 @@ class CacheEngine:
         self.layout = layout
         backends: dict[str, Backend] = {}
         if config.local_cpu:
-            on_gpu = device is not None and device.type == "cuda"
-            backends[CPU] = LocalCPUBackend(config.max_local_cpu_bytes, pin_memory=on_gpu)
+            backends[CPU] = LocalCPUBackend(config.max_local_cpu_bytes)
         if config.local_disk is not None:
             root = Path(config.local_disk) / layout.fingerprint()
             backends[DISK] = DiskBackend(root, config.max_local_disk_bytes)

@@ -33,15 +33,10 @@ def _storage_uses(kv: torch.Tensor) -> int:
 
 
 class BufferPool:
-    """Free CPU buffers by (shape, dtype), at most `max_bytes` in all. Thread-safe.
+    """Free CPU buffers by (shape, dtype), at most `max_bytes` in all. Thread-safe."""
 
-    With `pin_memory` new buffers are page-locked, so copies from a GPU run at
-    full bus speed; pooling keeps that costly allocation rare.
-    """
-
-    def __init__(self, max_bytes: int, pin_memory: bool = False) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.pin_memory = pin_memory
         self.pooled_bytes = 0
         self._free: defaultdict[Shape, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
@@ -54,7 +49,7 @@ class BufferPool:
                 kv = free.pop()
                 self.pooled_bytes -= kv.nbytes
                 return kv
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        return torch.empty(shape, dtype=dtype)
 
     def recycle(self, chunk: Chunk) -> bool:
         """Keep the buffer of a chunk just removed from the cache, if nobody else holds it."""

@@ -19,10 +19,9 @@ class LocalCPUBackend(IndexedTier[Chunk]):
 
     name = "LocalCPUBackend"
 
-    def __init__(self, capacity_bytes: int, pin_memory: bool = False) -> None:
+    def __init__(self, capacity_bytes: int) -> None:
         super().__init__(capacity_bytes, lambda c: c.nbytes)
-        budget = min(capacity_bytes // POOL_SHARE, POOL_MAX_BYTES)
-        self._pool = BufferPool(budget, pin_memory)
+        self._pool = BufferPool(min(capacity_bytes // POOL_SHARE, POOL_MAX_BYTES))
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor to copy a new chunk into, reusing a removed chunk's memory if it can."""
