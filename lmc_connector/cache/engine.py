@@ -18,6 +18,7 @@ import torch
 from lmc_connector import tokens as tok
 from lmc_connector.cache.backends import CPU, DISK, LocalCPUBackend
 from lmc_connector.cache.backends import LocalDiskBackend as DiskBackend
+from lmc_connector.cache.backends.disk import discard
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.errors import UnknownLocationError
 from lmc_connector.cache.layout import ChunkLayout
@@ -211,9 +212,12 @@ class CacheEngine:
     def remove(self, tokens: Sequence[int], locations: Iterable[str] | None = None) -> int:
         """Remove every chunk of `tokens` (pinned ones too); returns the chunks removed."""
         backends = self.tiers.select(locations)
+        keys = self.hashes(tokens)
+        if any(b is self.tiers.disk for b in backends):
+            self.tiers.cancel_spills(keys)
         removed = 0
         with self.lock:
-            for key in self.hashes(tokens):
+            for key in keys:
                 for b in backends:
                     if b.remove(key):
                         self.tiers.emit_evict(b.name, [key])
@@ -223,20 +227,31 @@ class CacheEngine:
     def clear(self, location: str | None = None) -> tuple[int, int]:
         """Remove every unpinned chunk of one location (all when None).
 
-        Returns (removed, kept because pinned).
+        Returns (removed, kept because pinned). Disk files are deleted after
+        the lock is released.
         """
-        backends = self.tiers.select(None if location is None else [location])
+        tiers = self.tiers
+        backends = tiers.select(None if location is None else [location])
+        disk = tiers.disk
+        if disk is not None and disk in backends:
+            tiers.cancel_spills()
         removed = kept = 0
+        doomed: list[Path] = []
         with self.lock:
             for b in backends:
                 gone = []
                 for key in list(b.keys()):
-                    if key in self.tiers.pins:
+                    if key in tiers.pins:
                         kept += 1
-                    elif b.remove(key):
+                    elif b is disk and disk.forget(key):
                         gone.append(key)
-                self.tiers.emit_evict(b.name, gone)
+                        doomed.append(disk.path(key))
+                    elif b is not disk and b.remove(key):
+                        gone.append(key)
+                tiers.emit_evict(b.name, gone)
                 removed += len(gone)
+        for path in doomed:
+            discard(path)
         return removed, kept
 
     def move(self, tokens: Sequence[int], source: str, destination: str) -> int:

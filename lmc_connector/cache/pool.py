@@ -38,12 +38,15 @@ class BufferPool:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.pooled_bytes = 0
+        #: A pool nobody takes from (callers hand over their own tensors) keeps nothing.
+        self._drawn_from = False
         self._free: defaultdict[Shape, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous CPU tensor of `shape`, reused when one is free."""
         with self._lock:
+            self._drawn_from = True
             free = self._free.get((shape, dtype))
             if free:
                 kv = free.pop()
@@ -52,9 +55,10 @@ class BufferPool:
         return torch.empty(shape, dtype=dtype)
 
     def recycle(self, chunk: Chunk) -> bool:
-        """Keep the buffer of a chunk just removed from the cache, if nobody else holds it."""
+        """Keep the buffer of a chunk just removed from the cache, if nobody else holds it
+        and buffers are being taken from this pool."""
         kv = chunk.kv
-        if kv is None or sys.getrefcount(chunk) > _OWNER_CHUNK_REFS:
+        if not self._drawn_from or kv is None or sys.getrefcount(chunk) > _OWNER_CHUNK_REFS:
             return False
         if sys.getrefcount(kv) > _OWNER_TENSOR_REFS or _storage_uses(kv) > _OWNER_STORAGE_USES:
             return False

@@ -1,12 +1,12 @@
 """The mechanism under the engine: tiers, pins, room-making, spills and events.
 
-One lock guards every index, pin and event. File I/O never runs under it:
-a disk read touches the index under the lock, reads the file outside it,
-and drops the entry afterwards only if the file turned out missing or
-corrupt; a disk write writes the file outside the lock, then admits it
-(making room) under the lock. Any file content stored for a key is valid for
-that key (plain or encoded), so a write that races an eviction at worst
-leaves a miss or an orphan file that the next start re-admits.
+One lock guards every index, pin and event. File contents are never read or
+written under it: a disk read touches the index under the lock, reads the
+file outside it, and drops the entry afterwards only if that same entry
+turned out missing or corrupt. A disk write writes a temporary file outside
+the lock, then, under it, checks that the write is still wanted (the chunk
+was not removed or replaced meanwhile), makes room and renames the file into
+place, so the index and the files change together.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Protocol
 
 from lmc_connector.cache.backends import CPU, DISK, LocalCPUBackend
 from lmc_connector.cache.backends import LocalDiskBackend as DiskBackend
+from lmc_connector.cache.backends.disk import discard
 from lmc_connector.cache.backends.diskfile import DiskFormatError, DiskRecord
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.errors import UnknownLocationError
@@ -48,8 +49,10 @@ class Tiers:
         self.backends = backends
         self.pins: Counter[int] = Counter()
         self._sinks: list[CacheEventSink] = []
-        #: Chunks evicted from the CPU tier, waiting to be written to the disk tier.
-        self._spills: list[tuple[int, Chunk]] = []
+        #: Chunks evicted from the CPU tier, waiting to be written to the disk tier, each with
+        #: a token that `cancel_spills` withdraws when the chunk is removed meanwhile.
+        self._spills: list[tuple[int, Chunk, object]] = []
+        self._spilling: dict[int, object] = {}
         self._warned_oversized = False
 
     @property
@@ -136,7 +139,9 @@ class Tiers:
             if isinstance(backend, LocalCPUBackend) and disk is not None and key not in disk:
                 chunk = backend.peek(key)
                 if chunk is not None:
-                    self._spills.append((key, chunk))
+                    token = object()
+                    self._spilling[key] = token
+                    self._spills.append((key, chunk, token))
             backend.remove(key)
             self.emit_evict(backend.name, [key])
         return True
@@ -164,9 +169,25 @@ class Tiers:
             with self.lock:
                 if not self._spills:
                     return
-                key, chunk = self._spills.pop()
+                key, chunk, token = self._spills.pop()
             if disk is not None:
-                self.disk_write(disk, key, chunk)
+                wanted = lambda k=key, t=token: self._spilling.get(k) is t  # noqa: E731
+                self.disk_write(disk, key, chunk, wanted)
+            with self.lock:
+                if self._spilling.get(key) is token:
+                    del self._spilling[key]
+
+    def cancel_spills(self, keys: Iterable[int] | None = None) -> None:
+        """Withdraw pending spills of `keys` (all when None): those chunks were removed."""
+        with self.lock:
+            if keys is None:
+                self._spilling.clear()
+                self._spills.clear()
+                return
+            gone = set(keys)
+            for key in gone:
+                self._spilling.pop(key, None)
+            self._spills = [s for s in self._spills if s[0] not in gone]
 
     def disk_read(self, disk: DiskBackend, key: int) -> tuple[Marker, Chunk | None]:
         """Read and verify a chunk file; a missing or corrupt one is dropped from the index."""
@@ -190,24 +211,42 @@ class Tiers:
                 self.emit_evict(disk.name, [key])
         return None, None
 
-    def disk_write(self, disk: DiskBackend, key: int, chunk: Chunk) -> bool:
-        """Write a chunk file, then admit it under the lock; False when it cannot be kept."""
+    def disk_write(
+        self,
+        disk: DiskBackend,
+        key: int,
+        chunk: Chunk,
+        still_wanted: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Store a chunk file; False when it cannot be kept or is no longer wanted.
+
+        `still_wanted` is asked under the lock just before the file goes into
+        place, after the slow write.
+        """
         try:
-            record = disk.write_file(key, chunk)
+            tmp, record = disk.write_temporary(key, chunk)
         except OSError as e:
             logger.error("%s: cannot write a chunk (%s); it is not cached on disk", disk.name, e)
             return False
+        installed = False
         with self.lock:
-            if self.make_room(disk, record.nbytes, exclude=key):
-                fresh = key not in disk
-                disk.admit(key, record)
-                if fresh:
+            old = disk.peek(key)
+            grow = record.nbytes - (old.nbytes if old is not None else 0)
+            if not still_wanted():
+                pass
+            elif grow > 0 and not self.make_room(disk, grow, exclude=key):
+                self._warn_no_room(disk, record.nbytes)
+            else:
+                try:
+                    disk.install(key, tmp, record)
+                    installed = True
+                except OSError as e:
+                    logger.error("%s: cannot place a chunk file (%s)", disk.name, e)
+                if installed and old is None:
                     self.emit_admit(disk.name, [key])
-                return True
-            self._warn_no_room(disk, record.nbytes)
-            if key not in disk:
-                disk.delete_file(key)
-        return False
+        if not installed:
+            discard(tmp)
+        return installed
 
     # -- either tier (lock NOT held) ---------------------------------------------------------
 
@@ -247,4 +286,7 @@ class Tiers:
         with self.lock:
             if backend.peek(key) is not marker:
                 return None
-        return self.disk_write(backend, key, chunk)
+        if self.disk_write(backend, key, chunk, lambda: backend.peek(key) is marker):
+            return True
+        with self.lock:
+            return None if backend.peek(key) is not marker else False

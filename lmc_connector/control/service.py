@@ -223,11 +223,17 @@ class ControllerService:
             event.num_tokens = min(p.num_tokens for p in event.workers)
             events.start(event)
             if refused:
-                not_applied = [w.rank for w in workers if w.rank not in applied]
+                # A worker that answered Failed did not apply it; one that did not answer may
+                # still apply the queued commit later.
+                said_no = [w.rank for w, r in zip(workers, committed, strict=True)
+                           if isinstance(r, m.Failed)]  # fmt: skip
+                unknown = [
+                    w.rank for w in workers if w.rank not in applied and w.rank not in said_no
+                ]
                 error = (
                     f"commit failed ({'; '.join(refused)}): applied on worker(s) "
-                    f"{_ranks(applied)}, not on worker(s) {_ranks(not_applied)}; "
-                    "it is not rolled back"
+                    f"{_ranks(applied)}, not on worker(s) {_ranks(said_no)}, unknown on "
+                    f"worker(s) {_ranks(unknown)}; it is not rolled back"
                 )
                 events.fail(event, error)  # running parts may still report their outcome
                 event.error = error  # also when the last part's failure already ended it

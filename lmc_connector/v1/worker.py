@@ -157,8 +157,8 @@ class LMCWorker:
         device = self._layers[0][0].device
         try:
             chunks = engine.get(spec.keys, device=device)
-        except (ValueError, OSError):
-            # Corrupt or undecodable chunk: the tokens are recomputed, never served wrong.
+        except Exception:
+            # Boundary of vLLM's load path: the tokens are recomputed, never served wrong.
             logger.exception("load of %s failed; its tokens will be recomputed", spec.req_id)
             chunks = []
         available = base + sum(c.shape[2] for c in chunks)
@@ -199,9 +199,15 @@ class LMCWorker:
         for key, (start, end) in zip(spec.keys, spec.bounds, strict=True):
             if engine.contains(key):
                 continue  # e.g. a rank that held more than the minimum over ranks
-            kv = self._gather(spec.block_ids, start, self._round_up(end))
-            # put copies into a reused CPU buffer (and off the GPU when there is one)
-            if not engine.put(key, kv):
+            try:
+                kv = self._gather(spec.block_ids, start, self._round_up(end))
+                # A CPU gather is already a private tensor; a GPU one is copied off the device.
+                stored = engine.put(key, kv, copy=kv.device.type != "cpu")
+            except Exception:
+                # Boundary of vLLM's save path: a chunk that could not be saved is a future miss.
+                logger.exception("%s: saving chunk [%d, %d) failed", spec.req_id, start, end)
+                continue
+            if not stored:
                 logger.debug("%s: chunk [%d, %d) was not cached", spec.req_id, start, end)
 
     def take_load_errors(self) -> set[int]:

@@ -10,8 +10,21 @@ def removed_chunk() -> Chunk:
     return Chunk(4, kv=torch.ones(SHAPE, dtype=torch.float16))
 
 
-def test_buffer_of_an_unreferenced_chunk_is_reused() -> None:
+def pool_in_use(max_bytes: int) -> BufferPool:
+    """A pool that puts draw their buffers from."""
+    pool = BufferPool(max_bytes)
+    pool.take(SHAPE, torch.float16)
+    return pool
+
+
+def test_pool_nobody_draws_from_keeps_nothing() -> None:
     pool = BufferPool(max_bytes=1 << 20)
+    assert not pool.recycle(removed_chunk())
+    assert pool.pooled_bytes == 0
+
+
+def test_buffer_of_an_unreferenced_chunk_is_reused() -> None:
+    pool = pool_in_use(max_bytes=1 << 20)
     chunk = removed_chunk()
     storage = chunk.kv.data_ptr()  # type: ignore[union-attr]
     assert pool.recycle(chunk)
@@ -20,7 +33,7 @@ def test_buffer_of_an_unreferenced_chunk_is_reused() -> None:
 
 
 def test_buffer_still_held_by_a_reader_is_not_reused() -> None:
-    pool = BufferPool(max_bytes=1 << 20)
+    pool = pool_in_use(max_bytes=1 << 20)
     chunk = removed_chunk()
     reader_copy = chunk.kv
     assert not pool.recycle(chunk)
@@ -46,7 +59,7 @@ def test_chunk_object_held_elsewhere_is_not_reused() -> None:
 
 def test_pool_keeps_at_most_its_byte_budget() -> None:
     one = removed_chunk()
-    pool = BufferPool(max_bytes=one.nbytes)
+    pool = pool_in_use(max_bytes=one.nbytes)
     assert pool.recycle(one)
     assert not pool.recycle(removed_chunk())
     assert pool.pooled_bytes == one.nbytes

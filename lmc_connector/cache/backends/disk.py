@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 
 from lmc_connector.cache.backends.diskfile import (
@@ -22,6 +24,16 @@ SUFFIX = ".kvc"
 #: Temporary files older than this are left-overs of an interrupted write; younger ones may
 #: belong to another process writing to the same folder right now.
 STALE_TMP_S = 600.0
+
+
+def discard(path: Path) -> None:
+    """Delete a file; one already gone is fine, one that cannot be deleted is logged."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("cannot delete cache file %s: %s", path, e)
 
 
 class LocalDiskBackend(IndexedTier[DiskRecord]):
@@ -67,23 +79,30 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
         """Load and verify a chunk file (no index change; raises on a missing or bad file)."""
         return read_chunk(self.path(key))
 
-    def write_file(self, key: int, chunk: Chunk) -> DiskRecord:
-        """Write a chunk file atomically (no index change)."""
-        return write_chunk(self.path(key), chunk)
+    def write_temporary(self, key: int, chunk: Chunk) -> tuple[Path, DiskRecord]:
+        """Write a chunk under a temporary name beside its final one (no index change)."""
+        tmp = self.root / f".{key:016x}{SUFFIX}.{uuid.uuid4().hex}.tmp"
+        try:
+            return tmp, write_chunk(tmp, chunk)
+        except BaseException:
+            discard(tmp)
+            raise
 
-    def delete_file(self, key: int) -> None:
-        self.path(key).unlink(missing_ok=True)
-
-    def admit(self, key: int, record: DiskRecord) -> None:
+    def install(self, key: int, tmp: Path, record: DiskRecord) -> None:
+        """Rename a written temporary file into place and index it (a metadata operation)."""
+        os.replace(tmp, self.path(key))
         self._index.set(key, record)
 
     def forget(self, key: int) -> bool:
-        """Drop the index entry only (its file is already gone)."""
+        """Drop the index entry only (its file is gone, or the caller deletes it later)."""
         return self._index.pop(key) is not None
 
     def remove(self, key: int) -> bool:
-        self.delete_file(key)
-        return self.forget(key)
+        """Drop the entry and its file; a file nobody indexed is left alone."""
+        if not self.forget(key):
+            return False
+        discard(self.path(key))
+        return True
 
     def size_of(self, chunk: Chunk) -> int:
         return HEADER_SIZE + chunk.nbytes

@@ -6,9 +6,7 @@ as is. Nothing here is ever unpickled: the header is a fixed struct.
 
 from __future__ import annotations
 
-import os
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +49,13 @@ def _payload(chunk: Chunk) -> tuple[memoryview | bytes, bytes, tuple[int, int, i
 
 
 def write_chunk(path: Path, chunk: Chunk) -> DiskRecord:
-    """Write atomically: a temporary file in the same folder, then rename over `path`."""
+    """Write a chunk file at `path` (callers write a temporary name and rename it)."""
     data, name, shape = _payload(chunk)
     header_fields = (MAGIC, VERSION, int(chunk.encoded), name, chunk.num_tokens, *shape, len(data))
     crc = zlib.crc32(data, zlib.crc32(struct.pack("<4sHB16sI4IQ", *header_fields)))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(*header_fields, crc))
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.write(_HEADER.pack(*header_fields, crc))
+        f.write(data)
     return DiskRecord(HEADER_SIZE + len(data), chunk.num_tokens, chunk.method)
 
 
