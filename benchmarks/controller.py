@@ -16,7 +16,6 @@ import argparse
 import json
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from examples.services import free_port
 from lmc_connector import tokens as tok
 from lmc_connector.control import messages as m
 
@@ -37,12 +37,6 @@ CHUNK = 256
 PROMPT_TOKENS = 32 * 1024
 INSTANCES = 16
 BATCH_KEYS = 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(check, timeout: float = 120.0):  # type: ignore[no-untyped-def]

@@ -176,9 +176,7 @@ def run_steps(flow: Walkthrough, method: str, location: str) -> Report:
 
 
 def _bytes(event: dict[str, Any], key: str) -> int:
-    workers = event.get("workers") or {}
-    values = [w.get(key) for w in (workers.values() if isinstance(workers, dict) else workers)]
-    return sum(int(v) for v in values if isinstance(v, int | float))
+    return sum(int(worker.get(key, 0)) for worker in event.get("workers", []))
 
 
 def print_report(report: Report, method: str) -> None:

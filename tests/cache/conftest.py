@@ -1,3 +1,4 @@
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,3 +74,21 @@ def put_prompt(engine: CacheEngine, tokens: list[int], seed: int = 0) -> list[in
         n = min(CHUNK, len(tokens) - i * CHUNK)
         assert engine.put(key, make_kv(n, seed + i))
     return keys
+
+
+def run_in_threads(work: Callable[[int], None], count: int) -> list[BaseException]:
+    """Run `work(0)`..`work(count - 1)` on as many threads; return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(seed: int) -> None:
+        try:
+            work(seed)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(seed,)) for seed in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors

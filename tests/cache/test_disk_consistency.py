@@ -6,7 +6,7 @@ import pytest
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.cache.backends import LocalDiskBackend
-from tests.cache.conftest import CHUNK, EngineFactory, RecordingSink, put_prompt
+from tests.cache.conftest import CHUNK, EngineFactory, RecordingSink, put_prompt, run_in_threads
 
 DISK = "LocalDiskBackend"
 PROMPTS = [[p * 100 + i for i in range(CHUNK)] for p in range(4)]
@@ -84,24 +84,13 @@ def test_chunk_removed_while_it_spills_to_disk_stays_removed(
 def test_concurrent_spills_and_clears_keep_index_and_files_in_step(
     make_engine: EngineFactory,
 ) -> None:
-    import threading
-
     engine = make_engine(cpu_chunks=2, disk_chunks=6)
-    errors: list[BaseException] = []
 
     def churn(seed: int) -> None:
-        try:
-            for i in range(60):
-                put_prompt(engine, [seed * 10_000 + (i % 12) * 10 + j for j in range(CHUNK)])
-                if i % 20 == 19:
-                    engine.clear()
-        except BaseException as e:  # noqa: BLE001 - surfaced to the test thread below
-            errors.append(e)
+        for i in range(60):
+            put_prompt(engine, [seed * 10_000 + (i % 12) * 10 + j for j in range(CHUNK)])
+            if i % 20 == 19:
+                engine.clear()
 
-    threads = [threading.Thread(target=churn, args=(s,)) for s in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    assert not run_in_threads(churn, 3)
     verify_index_matches_files(engine)

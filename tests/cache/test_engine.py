@@ -1,10 +1,15 @@
-import threading
-
 import pytest
 import torch
 
 from lmc_connector.cache import UnknownLocationError
-from tests.cache.conftest import CHUNK, EngineFactory, RecordingSink, make_kv, put_prompt
+from tests.cache.conftest import (
+    CHUNK,
+    EngineFactory,
+    RecordingSink,
+    make_kv,
+    put_prompt,
+    run_in_threads,
+)
 
 PROMPT = list(range(10))  # two full chunks and a partial one
 
@@ -131,26 +136,17 @@ def test_concurrent_puts_gets_and_clears_keep_the_index_consistent(
     make_engine: EngineFactory,
 ) -> None:
     engine = make_engine(cpu_chunks=8)
-    errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
-        try:
-            for i in range(200):
-                tokens = [seed * 10_000 + (i % 16) * 10 + j for j in range(CHUNK)]
-                put_prompt(engine, tokens, seed=i)
-                for kv in engine.get(engine.hashes(tokens)):
-                    assert kv.shape == (2, 2, CHUNK, 8)
-                if i % 50 == 0:
-                    engine.clear()
-        except BaseException as e:  # noqa: BLE001 - surfaced to the test thread below
-            errors.append(e)
+        for i in range(200):
+            tokens = [seed * 10_000 + (i % 16) * 10 + j for j in range(CHUNK)]
+            put_prompt(engine, tokens, seed=i)
+            for kv in engine.get(engine.hashes(tokens)):
+                assert kv.shape == (2, 2, CHUNK, 8)
+            if i % 50 == 0:
+                engine.clear()
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
+    assert not run_in_threads(worker, 4)
     chunks, used, capacity = engine.usage()["LocalCPUBackend"]
     assert used == chunks * 2 * 2 * CHUNK * 8 * 2 <= capacity
 

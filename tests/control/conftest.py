@@ -7,11 +7,11 @@ from typing import Any
 import httpx
 import pytest
 
+from examples.services import free_port
 from tests.control.harness import (
     Controller,
     Worker,
     engine_config,
-    free_port,
     registered,
     start_worker,
     wait_until,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,6 @@ CPU = "LocalCPUBackend"
 DISK = "LocalDiskBackend"
 #: Agents heartbeat this often in tests, so resyncs and expiries take well under a second.
 HEARTBEAT_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:

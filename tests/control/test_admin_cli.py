@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from examples.services import free_port
 from lmc_connector.control.admin import main
 from tests.control.conftest import InstanceFactory
-from tests.control.harness import CPU, Controller, free_port, wait_until
+from tests.control.harness import CPU, Controller, wait_until
 
 PROMPT = list(range(700, 710))
 

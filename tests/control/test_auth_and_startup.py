@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from examples.services import free_port
 from lmc_connector.control.main import SettingsError, build_settings
 from tests.control.conftest import new_controller
-from tests.control.harness import Controller, free_port
+from tests.control.harness import Controller
 
 #: Makes `import torch` / `import vllm` fail in the controller process.
 BLOCKER = """

@@ -19,6 +19,7 @@ import msgspec
 import pytest
 import zmq
 
+from examples.services import free_port
 from lmc_connector.control import messages as m
 from lmc_connector.control.commands import CommandLoop, CommandSendError, CommandTimeout
 from lmc_connector.control.server import create_app
@@ -29,7 +30,6 @@ from tests.control.harness import (
     Controller,
     Worker,
     engine_config,
-    free_port,
     start_worker,
     start_worker_process,
     wait_until,

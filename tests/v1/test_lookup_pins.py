@@ -7,7 +7,6 @@ those pins must not outlive the lookup.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +17,9 @@ from lmc_connector.config import load_config
 from lmc_connector.v1.lookup import LookupClient, LookupServer, PinRegistry
 from lmc_connector.v1.scheduler import LMCScheduler
 from tests.cache.conftest import CHUNK, LAYOUT, put_prompt
+from tests.control.harness import wait_until
 
 PROMPT = list(range(3 * CHUNK))
-
-
-def wait_until(predicate: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 @pytest.fixture
