@@ -28,9 +28,10 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.services import free_port
 from lmc_connector import tokens as tok
-from lmc_connector.control import messages as m
+from lmc_connector.control.wire import monitor as m
+from lmc_connector.control.wire.codec import encode
+from lmc_connector.launch import free_port
 
 CPU = "LocalCPUBackend"
 CHUNK = 256
@@ -72,7 +73,7 @@ def bench_index(url: str, monitor_port: int, pid: int, total_chunks: int, lookup
     prompt_keys = tok.chunk_hashes(prompt, CHUNK)
     for i in range(INSTANCES):
         reg = m.Register(f"inst-{i}", 0, 1, "s0", "127.0.0.1", 1, "bench", CHUNK, [CPU], [])
-        push.send(m.encode(reg))
+        push.send(encode(reg))
     wait_for(lambda: len(httpx.get(f"{url}/instances").json()["instances"]) == INSTANCES)
     rss_before = psutil.Process(pid).memory_info().rss
 
@@ -84,7 +85,7 @@ def bench_index(url: str, monitor_port: int, pid: int, total_chunks: int, lookup
         keys = keys + [random.getrandbits(64) for _ in range(per_instance - len(keys))]
         for start in range(0, len(keys), BATCH_KEYS):
             op = m.ChunkOp(True, CPU, keys[start : start + BATCH_KEYS])
-            batches.append(m.encode(m.ChunkEvents(f"inst-{i}", 0, "s0", [op])))
+            batches.append(encode(m.ChunkEvents(f"inst-{i}", 0, "s0", [op])))
     base = ingested(url)
     started = time.perf_counter()
     for payload in batches:
@@ -101,7 +102,7 @@ def bench_index(url: str, monitor_port: int, pid: int, total_chunks: int, lookup
     for kind in (True, False):
         for start in range(0, len(victims), BATCH_KEYS):
             op = m.ChunkOp(kind, CPU, victims[start : start + BATCH_KEYS])
-            push.send(m.encode(m.ChunkEvents("inst-0", 0, "s0", [op])))
+            push.send(encode(m.ChunkEvents("inst-0", 0, "s0", [op])))
     wait_for(lambda: ingested(url) - base >= 2 * len(victims))
     seconds = time.perf_counter() - started
     print(
@@ -142,7 +143,7 @@ def bench_compress(url: str, monitor_port: int, rounds: int) -> None:
     from lmc_connector.cache.engine import CacheEngine
     from lmc_connector.cache.layout import ChunkLayout
     from lmc_connector.config import load_config
-    from lmc_connector.control.agent import ControlAgent
+    from lmc_connector.control.agent.agent import ControlAgent
 
     ports = [free_port(), free_port()]
     config = load_config(
@@ -203,7 +204,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "lmc_connector.control.main",
+            "lmc_connector.control.controller",
             "--port",
             str(port),
             "--monitor-port",

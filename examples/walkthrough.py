@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from examples import services
+from lmc_connector import launch as services
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PROMPT = "Explain the significance of KV cache in language models."

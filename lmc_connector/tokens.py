@@ -11,6 +11,11 @@ import hashlib
 import sys
 from array import array
 from collections.abc import Sequence
+from typing import NewType
+
+#: A chained 64-bit chunk hash: the key of a chunk in every tier, on the wire and in the
+#: controller's index (together with the layout it belongs to).
+ChunkKey = NewType("ChunkKey", int)
 
 #: The parent of the first chunk; a constant so that hashes are stable across releases.
 ROOT_HASH = b"lmc-connector/v1"
@@ -37,20 +42,20 @@ def chunk_bounds(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
 
 
-def chunk_hashes(tokens: Sequence[int], chunk_size: int) -> list[int]:
+def chunk_hashes(tokens: Sequence[int], chunk_size: int) -> list[ChunkKey]:
     """One chained 64-bit hash per chunk of `tokens`, including a trailing partial chunk.
 
     The hash of chunk i depends on every token before its end, so equal hashes
     mean equal prefixes (up to 64-bit collisions).
     """
     data = _token_bytes(tokens)
-    hashes: list[int] = []
+    hashes: list[ChunkKey] = []
     parent = ROOT_HASH
     width = 4 * chunk_size
     for start, _ in chunk_bounds(len(tokens), chunk_size):
         digest = hashlib.blake2b(data[4 * start : 4 * start + width], digest_size=8, key=parent)
         parent = digest.digest()
-        hashes.append(int.from_bytes(parent, "little"))
+        hashes.append(ChunkKey(int.from_bytes(parent, "little")))
     return hashes
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from examples import services
+from lmc_connector import launch as services
 
 #: Flags that keep the tiny model cheap on a 2-core CPU machine.
 CPU_DEFAULTS: tuple[str, ...] = ("--enforce-eager", "--block-size", "32", "--max-model-len", "1024")

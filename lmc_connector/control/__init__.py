@@ -1,6 +1,9 @@
-"""The control plane: controller process, in-worker agent, HTTP API, admin CLI.
+"""The control plane, split by the process that runs it.
 
-Nothing here imports torch or vllm except `agent` and `executor` (through the cache engine).
+* `controller/`: the `lmc-controller` process (torch-free);
+* `agent/`: what runs inside each vLLM worker (uses the cache, so torch);
+* `wire/`: messages, sockets and the request/reply transport every channel shares (torch-free);
+* `admin/`: the HTTP client and `lmc-admin` (torch-free).
 """
 
 #: The environment variable holding the controller's API key (read by lmc-controller and lmc-admin).

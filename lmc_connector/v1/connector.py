@@ -80,7 +80,11 @@ def _layer_format(vllm_config: VllmConfig, layer_name: str) -> KVFormat:
 
 
 class LMCConnectorV1(KVConnectorBase_V1):
-    """Saves prompt KV into the chunk cache of each worker and loads cached prefixes back."""
+    """Saves prompt KV into the chunk cache of each worker and loads cached prefixes back.
+
+    A thin switch on role: holds either the scheduler half (engine-core
+    process) or the worker half (each worker process) and forwards every hook.
+    """
 
     def __init__(
         self,

@@ -1,60 +1,30 @@
-"""The scheduler's lookup channel to the caches living in the worker processes.
+"""The scheduler's lookup channel to the caches living in its worker processes.
 
-Each worker binds a ROUTER socket on a local IPC path derived from the engine
-id, the data-parallel rank and its own rank; the scheduler holds one DEALER
-per worker. Messages are msgspec Structs (msgpack), never pickle.
-
-Threading: `LookupServer` runs one daemon thread that owns its socket and
-calls into the (thread-safe) cache engine. `LookupClient` is used from the
-scheduler's thread only. Every wait is bounded: a lookup that gets no answer
-within the timeout counts as a miss, never a hang.
+Each worker serves lookups on a local IPC path derived from the engine id,
+the data-parallel rank and its own rank; the scheduler asks every rank over
+the shared request/reply transport and takes the minimum. Every wait is
+bounded: a lookup that gets no answer within the timeout counts as a miss.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import msgspec
 import zmq
 
 from lmc_connector.cache import CacheEngine
-from lmc_connector.control.transport import configure
+from lmc_connector.control.wire import lookup as lk
+from lmc_connector.control.wire.codec import MessageError, encode
+from lmc_connector.control.wire.rpc import Call, RpcClient, RpcError, RpcServer
+from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
-
-#: Milliseconds the server thread waits for a message before checking whether to stop.
-_POLL_MS = 100
-
-
-class Lookup(msgspec.Struct, tag=True, array_like=True, gc=False):
-    """How many prefix tokens of a prompt with these chunk keys are cached (pin them)."""
-
-    seq: int
-    req_id: str
-    keys: list[int]
-    num_tokens: int
-    pin: bool = True
-
-
-class Unpin(msgspec.Struct, tag=True, array_like=True, gc=False):
-    """Drop the pins taken by lookups of `req_id`; no reply."""
-
-    req_id: str
-
-
-class LookupReply(msgspec.Struct, array_like=True, gc=False):
-    seq: int
-    tokens: int
-    error: str | None = None
-
-
-Request = Lookup | Unpin
 
 
 def channel_path(engine_id: str, dp_rank: int, rank: int) -> str:
@@ -64,17 +34,17 @@ def channel_path(engine_id: str, dp_rank: int, rank: int) -> str:
 
 
 class PinRegistry:
-    """Pins held per request, so repeated lookups of one request never stack pins.
+    """Owns the pins held per request, so repeated lookups of one request never stack pins.
 
-    Shared by the server thread (lookups) and vLLM's worker thread (loads done).
+    Shared by the lookup server thread (lookups) and vLLM's worker thread (loads done).
     """
 
     def __init__(self, engine: CacheEngine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
-        self._held: dict[str, list[int]] = {}
+        self._held: dict[str, list[ChunkKey]] = {}
 
-    def lookup(self, req_id: str, keys: Sequence[int], num_tokens: int, pin: bool) -> int:
+    def lookup(self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool) -> int:
         """Cached prefix tokens; with `pin` the hit chunks replace the request's earlier pins."""
         chunk = self._engine.layout.chunk_size
         with self._lock, self._engine.lock:
@@ -96,151 +66,99 @@ class PinRegistry:
         if keys:
             self._engine.unpin_keys(keys)
 
-    def held(self) -> dict[str, list[int]]:
+    def held(self) -> dict[str, list[ChunkKey]]:
         with self._lock:
             return {k: list(v) for k, v in self._held.items()}
 
 
 class LookupServer:
-    """Answers `Lookup` and `Unpin` messages for one worker's cache; construct, start, close."""
+    """Answers `Lookup` and `Unpin` for one worker's cache, on its request/reply server thread.
+
+    Owns its ZMQ context and server. Construct, `start`, `close`.
+    """
 
     def __init__(self, address: str, pins: PinRegistry) -> None:
         self.address = address
         self._pins = pins
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._server = RpcServer(self._context, address, self._handle, "lookup")
+        self._decoder = lk.lookup_request_decoder()
 
-    def start(self, timeout: float = 10.0) -> None:
-        self._thread = threading.Thread(target=self._run, name="lmc-lookup", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"lookup server on {self.address} did not start in {timeout}s")
-        if self._error is not None:
-            raise RuntimeError(f"lookup server could not bind {self.address}") from self._error
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        configure(sock)
+    def start(self) -> None:
         try:
-            sock.bind(self.address)
+            self._server.start()
         except zmq.ZMQError as e:
-            self._error = e
-            self._ready.set()
-            sock.close()
-            return
-        self._ready.set()
-        decoder = msgspec.msgpack.Decoder(Request)
-        encoder = msgspec.msgpack.Encoder()
-        try:
-            while not self._stop.is_set():
-                if not sock.poll(_POLL_MS):
-                    continue
-                frames = sock.recv_multipart()
-                if len(frames) != 2:
-                    logger.warning("lookup server: dropping a message of %d frames", len(frames))
-                    continue
-                reply = self._handle(decoder, frames[1])
-                if reply is not None:
-                    try:
-                        sock.send_multipart([frames[0], encoder.encode(reply)], zmq.NOBLOCK)
-                    except zmq.Again:
-                        logger.warning("lookup server: reply dropped, the scheduler is not reading")
-        finally:
-            sock.close()
+            self._context.term()
+            raise RuntimeError(f"lookup server could not bind {self.address}: {e}") from e
 
-    def _handle(self, decoder: msgspec.msgpack.Decoder[Request], data: bytes) -> LookupReply | None:
+    def close(self) -> None:
+        self._server.close()
+        self._context.term()
+
+    def _handle(self, call: Call) -> None:
         try:
-            msg = decoder.decode(data)
-        except msgspec.ValidationError as e:
+            msg = self._decoder.decode(call.frames[0].buffer)
+        except MessageError as e:
             # Untrusted peer input: answer with the error, keep serving.
-            logger.warning("lookup server: malformed message: %s", e)
-            return LookupReply(seq=-1, tokens=0, error=str(e))
-        if isinstance(msg, Unpin):
+            call.reply([encode(lk.LookupReply(tokens=0, error=str(e)[:200]))])
+            return
+        if isinstance(msg, lk.Unpin):
             self._pins.release(msg.req_id)
-            return None
+            return
+        keys = [ChunkKey(k) for k in msg.keys]
         try:
-            tokens = self._pins.lookup(msg.req_id, msg.keys, msg.num_tokens, msg.pin)
+            tokens = self._pins.lookup(msg.req_id, keys, msg.num_tokens, msg.pin)
         except Exception as e:
             # Boundary of the server thread: keep serving; the scheduler counts it as a miss.
             logger.exception("lookup server: lookup of %s failed", msg.req_id)
-            return LookupReply(seq=msg.seq, tokens=0, error=f"{type(e).__name__}: {e}")
-        return LookupReply(seq=msg.seq, tokens=tokens)
+            call.reply([encode(lk.LookupReply(tokens=0, error=f"{type(e).__name__}: {e}"))])
+            return
+        call.reply([encode(lk.LookupReply(tokens=tokens))])
 
 
 class LookupClient:
-    """The scheduler's side: ask every worker, take the minimum, treat silence as a miss."""
+    """The scheduler's side: ask every rank, take the minimum, treat silence as a miss.
+
+    Owns its ZMQ context and request/reply client; used from the scheduler's thread.
+    """
 
     def __init__(self, addresses: Sequence[str], timeout_ms: int) -> None:
         self._addresses = list(addresses)
         self._timeout_s = timeout_ms / 1000
-        self._socks: list[zmq.Socket[bytes]] = []
-        self._seq = 0
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(LookupReply)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._client = RpcClient(self._context, "lookup-client")
+        self._decoder = lk.lookup_reply_decoder()
 
     def start(self) -> None:
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        for address in self._addresses:
-            sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-            configure(sock)
-            sock.connect(address)
-            self._socks.append(sock)
+        self._client.start()
 
     def close(self) -> None:
-        for sock in self._socks:
-            sock.close()
-        self._socks.clear()
+        self._client.close()
+        self._context.term()
 
-    def lookup(self, req_id: str, keys: Sequence[int], num_tokens: int, pin: bool = True) -> int:
-        """Tokens cached on every worker (the minimum over ranks); 0 on any failure or timeout."""
-        if not keys or not self._socks:
+    def lookup(
+        self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool = True
+    ) -> int:
+        """Tokens cached on every rank (the minimum over ranks); 0 on any failure or timeout."""
+        if not keys or not self._addresses:
             return 0
-        self._seq += 1
-        data = self._encoder.encode(Lookup(self._seq, req_id, list(keys), num_tokens, pin))
-        for sock in self._socks:
+        data = encode(lk.Lookup(req_id, list(keys), num_tokens, pin))
+        futures = [self._client.request(a, [data], self._timeout_s) for a in self._addresses]
+        answers: list[int] = []
+        for future in futures:
             try:
-                sock.send(data, zmq.NOBLOCK)
-            except zmq.Again:
-                logger.warning("lookup: worker queue full; treating %s as a miss", req_id)
+                reply = self._decoder.decode(future.result(self._timeout_s + 1.0)[0].buffer)
+            except (RpcError, MessageError, concurrent.futures.TimeoutError) as e:
+                logger.warning("lookup for %s: a rank did not answer (%s): a miss", req_id, e)
                 return 0
-        deadline = time.monotonic() + self._timeout_s
-        answers = [self._await(sock, self._seq, deadline) for sock in self._socks]
-        if any(a is None for a in answers):
-            logger.warning("lookup for %s timed out after %.1fs: a miss", req_id, self._timeout_s)
-            return 0
-        return min(a for a in answers if a is not None)
-
-    def unpin(self, req_id: str) -> None:
-        """Fire and forget: every worker drops the pins it holds for `req_id`."""
-        data = self._encoder.encode(Unpin(req_id))
-        for sock in self._socks:
-            try:
-                sock.send(data, zmq.NOBLOCK)
-            except zmq.Again:
-                logger.warning("unpin of %s dropped: worker queue full", req_id)
-
-    def _await(self, sock: zmq.Socket[bytes], seq: int, deadline: float) -> int | None:
-        while (left := deadline - time.monotonic()) > 0:
-            if not sock.poll(int(left * 1000) + 1):
-                return None
-            try:
-                reply = self._decoder.decode(sock.recv())
-            except msgspec.DecodeError as e:
-                logger.warning("lookup: malformed reply: %s", e)
-                continue
-            if reply.seq != seq:
-                continue  # a late answer to an earlier, timed-out lookup
             if reply.error is not None:
                 logger.warning("lookup failed on a worker: %s", reply.error)
-                return None
-            return reply.tokens
-        return None
+                return 0
+            answers.append(reply.tokens)
+        return min(answers)
+
+    def unpin(self, req_id: str) -> None:
+        """Every rank drops the pins it holds for `req_id` (no answer awaited)."""
+        data = encode(lk.Unpin(req_id))
+        for address in self._addresses:
+            self._client.notify(address, [data])

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from lmc_connector.tokens import ChunkKey
+
 
 @dataclass(slots=True)
 class LoadSpec:
@@ -21,7 +23,7 @@ class LoadSpec:
     """
 
     req_id: str
-    keys: list[int]
+    keys: list[ChunkKey]
     first_chunk: int
     start: int
     end: int
@@ -36,7 +38,7 @@ class SaveSpec:
     """
 
     req_id: str
-    keys: list[int]
+    keys: list[ChunkKey]
     bounds: list[tuple[int, int]]
     block_ids: list[int]
 

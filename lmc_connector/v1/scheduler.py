@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lmc_connector import tokens as tok
+from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.lookup import LookupClient
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
 
@@ -25,7 +26,7 @@ class RequestTracker:
     req_id: str
     prompt_len: int
     #: Chained chunk keys of the prompt (the last chunk may be partial).
-    keys: list[int]
+    keys: list[ChunkKey]
     #: Chunks [0, saved_chunks) are known to be in the cache (hit or saved by us).
     saved_chunks: int = 0
     #: The vLLM-computed prefix the last lookup was relative to.
@@ -38,7 +39,11 @@ class RequestTracker:
 
 
 class LMCScheduler:
-    """Answers vLLM's scheduler hooks; construct, start, close."""
+    """Answers vLLM's scheduler hooks: owns the tracker of every unfinished request and the
+    lookup client to this engine's workers. Runs on vLLM's scheduler thread only.
+
+    Construct, `start`, `close`.
+    """
 
     def __init__(self, chunk_size: int, block_size: int, client: LookupClient) -> None:
         self.chunk_size = chunk_size

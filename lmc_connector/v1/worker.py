@@ -24,7 +24,7 @@ from lmc_connector.v1.lookup import LookupServer, PinRegistry
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
 
 if TYPE_CHECKING:
-    from lmc_connector.control.agent import ControlAgent
+    from lmc_connector.control.agent.agent import ControlAgent
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class WorkerSettings:
 
 
 class LMCWorker:
-    """Registers the paged caches, then serves loads, saves and lookups.
+    """Owns this rank's cache engine, its lookup server and control agent, and the views of
+    vLLM's paged KV caches. Loads and saves run on vLLM's model-runner thread; the lookup
+    server and the agent run on their own threads over the (thread-safe) engine.
 
     Construct, `register_kv_caches` (starts serving), `close`.
     """
@@ -123,7 +125,7 @@ class LMCWorker:
             self._start_agent(self.engine)
 
     def _start_agent(self, engine: CacheEngine) -> None:
-        from lmc_connector.control.agent import ControlAgent
+        from lmc_connector.control.agent.agent import ControlAgent
 
         self._agent = ControlAgent(
             self.config, engine, self.settings.rank, self.settings.world_size, self.settings.model

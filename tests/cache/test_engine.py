@@ -1,3 +1,5 @@
+from dataclasses import astuple
+
 import pytest
 import torch
 
@@ -147,7 +149,7 @@ def test_concurrent_puts_gets_and_clears_keep_the_index_consistent(
                 engine.clear()
 
     assert not run_in_threads(worker, 4)
-    chunks, used, capacity = engine.usage()["LocalCPUBackend"]
+    chunks, used, capacity = astuple(engine.usage()["LocalCPUBackend"])
     assert used == chunks * 2 * 2 * CHUNK * 8 * 2 <= capacity
 
 

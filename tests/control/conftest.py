@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from examples.services import free_port
+from lmc_connector.launch import free_port
 from tests.control.harness import (
     Controller,
     Worker,

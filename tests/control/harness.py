@@ -62,7 +62,7 @@ class Controller:
             [
                 sys.executable,
                 "-m",
-                "lmc_connector.control.main",
+                "lmc_connector.control.controller",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -135,14 +135,15 @@ class Worker:
             assert engine.put(key, kv.to(engine.layout.torch_dtype))
 
     def encoded(self, tokens: Sequence[int], location: str = CPU) -> list[bool]:
-        backend = self.engine.backend(location)
-        return [backend.peek(k).encoded for k in self.engine.hashes(tokens) if k in backend]
+        tier = self.engine.tier(location)
+        loaded = [tier.load(k)[1] for k in self.engine.hashes(tokens)]
+        return [chunk.encoded for chunk in loaded if chunk is not None]
 
 
 def start_worker(config: Any, rank: int, world_size: int, model: str = "tiny") -> Worker:
     from lmc_connector.cache.engine import CacheEngine
     from lmc_connector.cache.layout import ChunkLayout
-    from lmc_connector.control.agent import ControlAgent
+    from lmc_connector.control.agent.agent import ControlAgent
 
     layout = ChunkLayout(model, world_size, rank, "float32", 2, 2, 8, config.chunk_size)
     engine = CacheEngine(config, layout)

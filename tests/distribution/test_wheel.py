@@ -74,3 +74,17 @@ def test_vllm_plugin_entry_point_is_declared(wheel: Path, tmp_path: Path) -> Non
         text = archive.read(name).decode()
     assert "[vllm.general_plugins]" in text
     assert "lmc-controller" in text and "lmc-admin" in text
+
+
+def test_every_entry_point_is_a_thin_function_of_entrypoints(wheel: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("entry_points.txt")]
+        text = archive.read(name).decode()
+    targets = [line.split("=", 1)[1].strip() for line in text.splitlines() if "=" in line]
+    assert sorted(targets) == [
+        "lmc_connector.entrypoints:admin",
+        "lmc_connector.entrypoints:controller",
+        "lmc_connector.entrypoints:vllm_plugin",
+    ]

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from examples import services, walkthrough
+from examples import walkthrough
 from examples.walkthrough import Ports, Report, Walkthrough
+from lmc_connector import launch as services
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -69,7 +69,7 @@ class KVProbe:
         assert worker is not None and worker.engine is not None and worker.pins is not None
         return {
             "pins": worker.pins.held(),
-            "chunks": {k: v[0] for k, v in worker.engine.usage().items()},
+            "chunks": {k: v.chunks for k, v in worker.engine.usage().items()},
             "layout": [
                 worker.engine.layout.planes,
                 worker.engine.layout.layers,

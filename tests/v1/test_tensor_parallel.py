@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from examples import services
+from lmc_connector import launch as services
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

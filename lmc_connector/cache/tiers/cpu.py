@@ -1,0 +1,117 @@
+"""LocalCPUBackend: chunks held in CPU memory, LRU within a byte budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from typing_extensions import override
+
+from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.pool import BufferPool
+from lmc_connector.cache.tiers.base import Marker, Tier, TierContext
+from lmc_connector.cache.tiers.indexed import IndexedTier
+from lmc_connector.tokens import ChunkKey
+
+#: Removed chunks' buffers kept for reuse: a share of the capacity, at most a fixed amount.
+#: In steady state every put evicts one chunk, so a few buffers are enough.
+POOL_SHARE = 4
+POOL_MAX_BYTES = 256 * 2**20
+
+
+class LocalCPUBackend(IndexedTier[Chunk]):
+    """Chunk objects in memory; capacity counts their real bytes (encoded size when encoded).
+
+    Owns the index of its chunks, a pool of removed chunks' buffers, and the
+    queue of evicted chunks waiting to be written to `spill_to` (the disk
+    tier). Chunks are queued under the lock and written by `flush`, which the
+    engine calls without it.
+    """
+
+    name = "LocalCPUBackend"
+
+    def __init__(self, ctx: TierContext, capacity_bytes: int) -> None:
+        super().__init__(ctx, capacity_bytes, lambda c: c.nbytes)
+        self._pool = BufferPool(min(capacity_bytes // POOL_SHARE, POOL_MAX_BYTES))
+        #: Where evicted chunks go instead of being dropped (the next local tier), if anywhere.
+        self.spill_to: Tier | None = None
+        self._spills: list[tuple[ChunkKey, Chunk, Callable[[], bool]]] = []
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor to copy a new chunk into, reusing a removed chunk's memory if it can."""
+        return self._pool.take(shape, dtype)
+
+    @override
+    def size_of(self, chunk: Chunk) -> int:
+        return chunk.nbytes
+
+    @override
+    def load(self, key: ChunkKey) -> tuple[Marker, Chunk | None]:
+        with self.ctx.lock:
+            chunk = self._index.peek(key)
+        return chunk, chunk
+
+    @override
+    def store(
+        self, key: ChunkKey, chunk: Chunk, still_wanted: Callable[[], bool] | None = None
+    ) -> bool:
+        with self.ctx.lock:
+            if key in self._index:
+                stored = True
+            elif still_wanted is not None and not still_wanted():
+                stored = False
+            elif not self._make_room(chunk.nbytes, exclude=key):
+                self._no_room(chunk.nbytes)
+                stored = False
+            else:
+                self._index.set(key, chunk)
+                self.ctx.admitted(self.name, [key])
+                stored = True
+        self.flush()
+        return stored
+
+    @override
+    def replace(self, key: ChunkKey, marker: Marker, chunk: Chunk) -> bool | None:
+        with self.ctx.lock:
+            old = self._index.peek(key)
+            if old is None or old is not marker:
+                return None
+            grow = chunk.nbytes - old.nbytes
+            if grow > 0 and not self._make_room(grow, exclude=key):
+                return False
+            self._index.pop(key)
+            self._index.set(key, chunk)
+            self._pool.recycle(old)
+        self.flush()
+        return True
+
+    @override
+    def flush(self) -> None:
+        """Write the chunks eviction queued to `spill_to`, one at a time, without the lock."""
+        while True:
+            with self.ctx.lock:
+                if not self._spills:
+                    return
+                key, chunk, still_wanted = self._spills.pop()
+            if self.spill_to is not None:
+                self.spill_to.store(key, chunk, still_wanted)
+            with self.ctx.lock:
+                self.ctx.end_spill(key, still_wanted)
+
+    @override
+    def _drop(self, key: ChunkKey) -> bool:
+        old = self._index.pop(key)
+        if old is None:
+            return False
+        self._pool.recycle(old)
+        return True
+
+    @override
+    def _evict(self, key: ChunkKey) -> None:
+        spill_to = self.spill_to
+        if spill_to is None or spill_to.held([key])[0]:
+            self._drop(key)
+            return
+        chunk = self._index.pop(key)
+        if chunk is not None:
+            self._spills.append((key, chunk, self.ctx.start_spill(key)))

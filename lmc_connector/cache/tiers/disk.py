@@ -1,0 +1,182 @@
+"""LocalDiskBackend: one file per chunk under `<local_disk>/<layout fingerprint>/`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from typing_extensions import override
+
+from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.tiers.base import Marker, TierContext
+from lmc_connector.cache.tiers.diskfile import (
+    HEADER_SIZE,
+    DiskFormatError,
+    DiskRecord,
+    read_chunk,
+    read_record,
+    write_chunk,
+)
+from lmc_connector.cache.tiers.indexed import IndexedTier
+from lmc_connector.tokens import ChunkKey
+
+logger = logging.getLogger(__name__)
+SUFFIX = ".kvc"
+#: Temporary files older than this are left-overs of an interrupted write; younger ones may
+#: belong to another process writing to the same folder right now.
+STALE_TMP_S = 600.0
+
+
+def discard(path: Path) -> None:
+    """Delete a file; one already gone is fine, one that cannot be deleted is logged."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("cannot delete cache file %s: %s", path, e)
+
+
+class LocalDiskBackend(IndexedTier[DiskRecord]):
+    """Chunk files with an in-memory LRU index; files from an earlier run are re-admitted.
+
+    Owns the folder of one layout (its name is the layout fingerprint, so a
+    different model, rank or dtype never sees these files) and the index of
+    the files in it. File contents are read and written without the cache
+    lock: a write goes to a temporary file first, and only the rename into
+    place (after checking the write is still wanted) and deletions happen
+    under the lock, so the index and the files change together.
+    """
+
+    name = "LocalDiskBackend"
+
+    def __init__(self, ctx: TierContext, root: Path, capacity_bytes: int) -> None:
+        super().__init__(ctx, capacity_bytes, lambda r: r.nbytes)
+        self.root = root
+
+    @override
+    def open(self) -> None:
+        """Create the folder and re-admit the files already there."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STALE_TMP_S
+        for stale in self.root.glob(f".*{SUFFIX}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+        found: list[tuple[ChunkKey, DiskRecord]] = []
+        for path in sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+            try:
+                found.append((ChunkKey(int(path.stem, 16)), read_record(path)))
+            except (ValueError, OSError) as e:
+                logger.warning("dropping unreadable cache file %s: %s", path, e)
+                path.unlink(missing_ok=True)
+        with self.ctx.lock:
+            for key, record in found:
+                self._index.set(key, record)
+            self.ctx.admitted(self.name, [key for key, _ in found])
+        if found:
+            logger.info("disk tier %s: re-admitted %d chunks", self.root, len(found))
+
+    def path(self, key: ChunkKey) -> Path:
+        return self.root / f"{key:016x}{SUFFIX}"
+
+    @override
+    def size_of(self, chunk: Chunk) -> int:
+        return HEADER_SIZE + chunk.nbytes
+
+    @override
+    def load(self, key: ChunkKey) -> tuple[Marker, Chunk | None]:
+        with self.ctx.lock:
+            record = self._index.peek(key)
+        if record is None:
+            return None, None
+        try:
+            return record, read_chunk(self.path(key))
+        except FileNotFoundError:
+            reason = None
+        except (DiskFormatError, OSError) as e:
+            reason = str(e)
+        with self.ctx.lock:
+            if self._index.peek(key) is record:
+                self._index.pop(key)
+                if reason is not None:
+                    logger.error("cache file dropped (recomputed on next use): %s", reason)
+                    discard(self.path(key))
+                self.ctx.evicted(self.name, [key])
+        return None, None
+
+    @override
+    def store(
+        self, key: ChunkKey, chunk: Chunk, still_wanted: Callable[[], bool] | None = None
+    ) -> bool:
+        with self.ctx.lock:
+            if key in self._index:
+                return True
+        return self._write(key, chunk, still_wanted or (lambda: key not in self._index))
+
+    @override
+    def replace(self, key: ChunkKey, marker: Marker, chunk: Chunk) -> bool | None:
+        with self.ctx.lock:
+            if self._index.peek(key) is not marker:
+                return None
+        if self._write(key, chunk, lambda: self._index.peek(key) is marker):
+            return True
+        with self.ctx.lock:
+            return None if self._index.peek(key) is not marker else False
+
+    @override
+    def remove(self, keys: Sequence[ChunkKey]) -> int:
+        self.ctx.cancel_spills(keys)
+        return super().remove(keys)
+
+    @override
+    def clear(self) -> tuple[int, int]:
+        self.ctx.cancel_spills()
+        return super().clear()
+
+    @override
+    def _drop(self, key: ChunkKey) -> bool:
+        """Forget `key` and delete its file; a file nobody indexed is left alone."""
+        if self._index.pop(key) is None:
+            return False
+        discard(self.path(key))
+        return True
+
+    def _write(self, key: ChunkKey, chunk: Chunk, still_wanted: Callable[[], bool]) -> bool:
+        """Write a chunk file and put it in place if `still_wanted()` (asked under the lock)."""
+        tmp = self.root / f".{key:016x}{SUFFIX}.{uuid.uuid4().hex}.tmp"
+        try:
+            record = write_chunk(tmp, chunk)
+        except OSError as e:
+            discard(tmp)
+            logger.error("%s: cannot write a chunk (%s); it is not cached on disk", self.name, e)
+            return False
+        except BaseException:
+            discard(tmp)
+            raise
+        installed = False
+        with self.ctx.lock:
+            old = self._index.peek(key)
+            grow = record.nbytes - (old.nbytes if old is not None else 0)
+            if not still_wanted():
+                pass
+            elif grow > 0 and not self._make_room(grow, exclude=key):
+                self._no_room(record.nbytes)
+            else:
+                try:
+                    os.replace(tmp, self.path(key))
+                    installed = True
+                except OSError as e:
+                    logger.error("%s: cannot place a chunk file (%s)", self.name, e)
+                if installed:
+                    self._index.set(key, record)
+                    if old is None:
+                        self.ctx.admitted(self.name, [key])
+        if not installed:
+            discard(tmp)
+        return installed

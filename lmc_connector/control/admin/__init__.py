@@ -1,0 +1,1 @@
+"""The controller's HTTP client and the `lmc-admin` command line (httpx only, no torch)."""

@@ -1,0 +1,208 @@
+"""The in-worker control agent: reports to the controller and executes its commands.
+
+The vLLM connector builds one per worker when `enable_controller` is set:
+
+    agent = ControlAgent(config, engine, rank, world_size, model)
+    agent.start()   # binds lmcache_worker_ports[rank]; raises ConfigError if it cannot
+    ...
+    agent.close()
+
+Threads: the command server thread (the request/reply transport) decodes
+commands and hands them to the ops thread, which validates and applies them
+one at a time; the jobs thread runs compress/decompress; the reporter thread
+talks to the monitor port. Nothing here runs on, or waits for, vLLM's forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import zmq
+
+from lmc_connector.cache import CacheEngine
+from lmc_connector.config import CacheConfig, ConfigError
+from lmc_connector.control.agent.executor import OpExecutor
+from lmc_connector.control.agent.reporter import Reporter
+from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire.codec import MessageError, encode
+from lmc_connector.control.wire.monitor import WorkerSpec
+from lmc_connector.control.wire.rpc import Call, RpcServer
+from lmc_connector.control.wire.sockets import Throttle, parse_host_port, tcp_url
+
+logger = logging.getLogger(__name__)
+
+#: Commands waiting for the ops thread; beyond it a command is refused as busy.
+MAX_QUEUED_COMMANDS = 256
+#: Seconds between two warnings about malformed commands.
+BAD_COMMAND_LOG_EVERY_S = 10.0
+
+
+def _methods() -> list[str]:
+    from lmc_connector.ops.codecs import codec_names
+
+    return codec_names()
+
+
+def _advertised(host: str) -> str:
+    ip = tcp_url(host, 1).removeprefix("tcp://").rsplit(":", 1)[0]
+    return socket.gethostbyname(socket.gethostname()) if ip == "0.0.0.0" else ip
+
+
+class ControlAgent:
+    """Owns this worker's link to the controller: the command server, the ops thread, the
+    executor of prepared commands and the reporter.
+
+    Built and started by the connector's worker half on vLLM's worker thread;
+    afterwards it runs on its own threads (see the module docstring).
+    """
+
+    def __init__(
+        self, config: CacheConfig, engine: CacheEngine, rank: int, world_size: int, model: str
+    ) -> None:
+        if config.controller_pull_url is None:
+            raise ConfigError("enable_controller needs controller_pull_url (e.g. localhost:9001)")
+        try:
+            host, port = parse_host_port(config.controller_pull_url, "controller_pull_url")
+            self._controller_url = tcp_url(host, port)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.config = config
+        self.engine = engine
+        self.host = config.lmcache_worker_host
+        try:
+            advertised = _advertised(self.host)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"lmcache_worker_host={self.host!r}: {e}") from e
+        self.spec = WorkerSpec(
+            instance_id=config.lmcache_instance_id,
+            rank=rank,
+            world_size=world_size,
+            session=uuid.uuid4().hex,
+            host=advertised,
+            port=config.worker_port(rank),
+            model=model,
+            chunk_size=engine.layout.chunk_size,
+            locations=engine.locations,
+            methods=_methods(),
+            pid=os.getpid(),
+        )
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._ops = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-ops")
+        self._queued = threading.BoundedSemaphore(MAX_QUEUED_COMMANDS)
+        self._reporter = Reporter(
+            self.spec,
+            engine,
+            config.controller_heartbeat_interval,
+            on_beat=self._sweep_soon,
+        )
+        self._executor = OpExecutor(engine, self.spec.methods, self._reporter.job_done)
+        self._server = RpcServer(
+            self._context,
+            tcp_url(self.host, self.spec.port),
+            self._handle,
+            f"agent-{rank}",
+        )
+        self._decoder = cmd.command_decoder()
+        self._bad_commands = Throttle(BAD_COMMAND_LOG_EVERY_S)
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the command port (raises ConfigError if taken), then register in background."""
+        try:
+            self._server.start()
+        except zmq.ZMQError as e:
+            self._context.term()
+            raise ConfigError(
+                f"control agent of rank {self.spec.rank} cannot bind {self.host}:"
+                f"{self.spec.port} ({e}); choose free lmcache_worker_ports"
+            ) from e
+        self._reporter.start(self._context, self._controller_url)
+        logger.info(
+            "control agent %s/%d: commands on %s:%d, reporting to %s",
+            self.spec.instance_id,
+            self.spec.rank,
+            self.host,
+            self.spec.port,
+            self._controller_url,
+        )
+
+    def close(self) -> None:
+        """Say goodbye to the controller, stop the threads and close the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reporter.close()
+        self._server.close()
+        self._ops.shutdown(wait=False, cancel_futures=True)
+        self._executor.close()
+        if self._reporter.alive or self._server.alive:
+            self._context.destroy(linger=0)  # a thread is stuck: force its sockets shut
+        else:
+            self._context.term()
+
+    # -- commands (command server thread) ----------------------------------------------------
+
+    def _handle(self, call: Call) -> None:
+        try:
+            command = self._decoder.decode(call.frames[0].buffer)
+        except MessageError as e:
+            if self._bad_commands.ready():
+                logger.warning("%s (dropped; more are not logged for a while)", e)
+            call.reply([encode(cmd.Failed("bad_request", str(e)[:200]))])
+            return
+        if isinstance(command, cmd.Resync):
+            self._reporter.request_resync()
+            call.reply([encode(cmd.Ok())])
+        elif isinstance(command, cmd.Prepare):
+            self._run(call, partial(self._executor.prepare, command, time.monotonic()))
+        elif isinstance(command, cmd.Commit):
+            self._run(call, partial(self._executor.commit, command))
+        else:
+            self._run(call, partial(self._executor.abort, command))
+
+    def _run(self, call: Call, work: Callable[[], cmd.Reply]) -> None:
+        """Run `work` on the ops thread and send its reply; every command gets one."""
+
+        def run() -> None:
+            try:
+                reply = work()
+            except Exception as e:  # boundary: this command fails as "internal"; agent lives on
+                logger.exception("a command failed unexpectedly")
+                reply = cmd.Failed("internal", f"{type(e).__name__}: {e}")
+            call.reply([encode(reply)])
+
+        if not self._submit(run):
+            call.reply([encode(cmd.Failed("busy", "too many commands queued; retry later"))])
+
+    def _sweep_soon(self) -> None:
+        self._submit(self._executor.sweep)
+
+    def _submit(self, work: Callable[[], None]) -> bool:
+        """Queue `work` for the ops thread; False when the queue is full."""
+        if not self._queued.acquire(blocking=False):
+            return False
+
+        def run() -> None:
+            try:
+                work()
+            except Exception:  # boundary: e.g. a failing sweep; the ops thread lives on
+                logger.exception("agent ops task failed")
+            finally:
+                self._queued.release()
+
+        try:
+            self._ops.submit(run)
+        except RuntimeError:  # shut down
+            self._queued.release()
+            return False
+        return True

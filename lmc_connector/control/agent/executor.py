@@ -1,0 +1,162 @@
+"""Carries out the controller's commands on a worker's cache engine (no sockets).
+
+Threading: `prepare`, `commit`, `abort` and `sweep` run on the agent's single
+ops thread, one at a time; compress/decompress jobs run on the jobs thread
+and report through `on_job_done`. The engine does its own locking, so none of
+this blocks vLLM's forward pass beyond the engine's short critical sections.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
+from lmc_connector.control.wire import commands as cmd
+from lmc_connector.operations import JobOutcome
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a prepared op outlives its TTL waiting for Commit/Abort before its pins are dropped.
+PREPARED_GRACE_S = 30.0
+#: Operations held prepared at once; a Prepare beyond it is refused as busy.
+MAX_PREPARED = 1024
+
+
+@dataclass(slots=True)
+class _Prepared:
+    op: cmd.Op
+    job: TransformJob | None
+    #: time.monotonic() after which the controller has given up on this op
+    deadline: float
+
+
+class OpExecutor:
+    """Owns the ops prepared but not yet committed (bounded) and the jobs thread.
+
+    Called on the agent's ops thread; reports finished jobs through `on_job_done`
+    from the jobs thread.
+    """
+
+    def __init__(
+        self,
+        engine: CacheEngine,
+        methods: list[str],
+        on_job_done: Callable[[str, JobOutcome], None],
+    ) -> None:
+        self._engine = engine
+        self._methods = methods
+        self._on_job_done = on_job_done
+        self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
+        self._jobs = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-jobs")
+
+    def close(self) -> None:
+        self._jobs.shutdown(wait=False, cancel_futures=True)
+        for event_id in list(self._prepared):
+            self._release(event_id)
+
+    # -- phase one --------------------------------------------------------------------------
+
+    def prepare(self, prepare: cmd.Prepare, received: float | None = None) -> cmd.Reply:
+        """`received`: time.monotonic() when the command arrived (default: now)."""
+        now = time.monotonic()
+        deadline = (now if received is None else received) + prepare.ttl_s
+        if now > deadline:
+            return cmd.Failed("expired", "the command expired before this worker got to it")
+        self.sweep(now)
+        if prepare.event_id not in self._prepared and len(self._prepared) >= MAX_PREPARED:
+            return cmd.Failed("busy", f"{MAX_PREPARED} operations already prepared; retry later")
+        op, engine = prepare.op, self._engine
+        try:
+            job = None
+            if isinstance(op, cmd.TransformOp):
+                if op.method not in self._methods:
+                    valid = ", ".join(self._methods) or "none"
+                    return cmd.Failed(
+                        "unknown_method", f"unknown method '{op.method}'; valid: {valid}"
+                    )
+                job = engine.schedule(op.kind, op.tokens, op.method, op.location)
+            elif isinstance(op, cmd.PinOp | cmd.ClearOp) and op.location is not None:
+                engine.tier(op.location)
+            elif isinstance(op, cmd.MoveOp):
+                engine.tier(op.source)
+                engine.tier(op.destination)
+        except UnknownLocationError as e:
+            return cmd.Failed("unknown_location", str(e))
+        except ValueError as e:
+            return cmd.Failed("bad_request", str(e))
+        self._release(prepare.event_id)
+        self._prepared[prepare.event_id] = _Prepared(op, job, deadline)
+        tokens = 0 if job is None else job.outcome.num_tokens
+        return cmd.Ok(JobOutcome(num_tokens=tokens))
+
+    # -- phase two --------------------------------------------------------------------------
+
+    def commit(self, commit: cmd.Commit) -> cmd.Reply:
+        prepared = self._prepared.pop(commit.event_id, None)
+        if prepared is None:
+            return cmd.Failed("unknown_event", f"nothing prepared for event {commit.event_id}")
+        op, engine = prepared.op, self._engine
+        try:
+            if prepared.job is not None:
+                job = prepared.job
+                self._jobs.submit(self._run_job, commit.event_id, job)
+                return cmd.Ok(JobOutcome(num_tokens=job.outcome.num_tokens))
+            if isinstance(op, cmd.PinOp):
+                where = None if op.location is None else [op.location]
+                return cmd.Ok(JobOutcome(num_tokens=engine.pin(op.tokens, where)))
+            if isinstance(op, cmd.UnpinOp):
+                return cmd.Ok(JobOutcome(num_tokens=engine.unpin(op.tokens)))
+            if isinstance(op, cmd.ClearOp):
+                removed, kept = engine.clear(op.location)
+                return cmd.Ok(JobOutcome(removed=removed, kept=kept))
+            assert isinstance(op, cmd.MoveOp)
+            moved = engine.move(op.tokens, op.source, op.destination)
+            return cmd.Ok(JobOutcome(num_tokens=moved))
+        except (ValueError, OSError) as e:
+            return cmd.Failed("bad_request", f"{type(e).__name__}: {e}")
+
+    def abort(self, abort: cmd.Abort) -> cmd.Reply:
+        self._release(abort.event_id)
+        return cmd.Ok()
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop prepared ops nobody committed or aborted (the controller gave up on them)."""
+        now = time.monotonic() if now is None else now
+        for event_id, prepared in list(self._prepared.items()):
+            if now > prepared.deadline + PREPARED_GRACE_S:
+                logger.warning("event %s was prepared but never committed: dropped", event_id)
+                self._release(event_id)
+
+    def _release(self, event_id: str) -> None:
+        prepared = self._prepared.pop(event_id, None)
+        if prepared is not None and prepared.job is not None:
+            self._engine.release(prepared.job)
+
+    def _run_job(self, event_id: str, job: TransformJob) -> None:
+        outcome = job.outcome
+        try:
+            self._engine.run(job)
+        except Exception as e:  # boundary: this job fails and is reported; the agent lives on
+            logger.exception("%s job of event %s crashed", job.kind, event_id)
+            outcome.errors.append(f"{type(e).__name__}: {e}")
+        rate = outcome.bytes_before / outcome.seconds / 1e6 if outcome.seconds > 0 else 0.0
+        logger.info(
+            "%s with %s, event %s: %d chunks done, %d skipped, %.1f MB -> %.1f MB in %.2f s "
+            "(%.0f MB/s)%s",
+            job.kind,
+            job.method,
+            event_id,
+            outcome.chunks_done,
+            outcome.chunks_skipped,
+            outcome.bytes_before / 1e6,
+            outcome.bytes_after / 1e6,
+            outcome.seconds,
+            rate,
+            f"; errors: {outcome.errors}" if outcome.errors else "",
+        )
+        self._on_job_done(event_id, outcome)

@@ -1,0 +1,1 @@
+"""The controller's HTTP API: the app, its routes by concern, and the body helpers."""

@@ -1,0 +1,130 @@
+"""Routes that change cached KV on an instance's workers: each runs as a tracked operation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from lmc_connector.control.controller.errors import InvalidChoiceError
+from lmc_connector.control.controller.http import bodies
+from lmc_connector.control.controller.http.endpoint import body, doc, json_response, service_of
+from lmc_connector.control.controller.instances import Instance
+from lmc_connector.control.controller.service import ControllerService
+from lmc_connector.control.wire import commands as cmd
+from lmc_connector.operations import TransformKind
+
+router = APIRouter()
+Service = Depends(service_of)
+
+
+async def _transform(
+    service: ControllerService, kind: TransformKind, req: bodies.TransformRequest
+) -> Response:
+    def check(inst: Instance) -> None:
+        inst.check_method(req.method)
+        inst.check_location(req.location)
+
+    op = cmd.TransformOp(kind, req.method, req.location, req.tokens)
+    operation = await service.run(kind, req.instance_id, op, check)
+    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+
+
+def _location(location: str | None) -> Callable[[Instance], None]:
+    def check(inst: Instance) -> None:
+        if location is not None:
+            inst.check_location(location)
+
+    return check
+
+
+@router.post(
+    "/compress",
+    summary="Compress cached KV",
+    **doc(bodies.TransformRequest, bodies.ScheduledResponse),
+)
+async def compress(
+    req: bodies.TransformRequest = Depends(body(bodies.TransformRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    return await _transform(service, "compress", req)
+
+
+@router.post(
+    "/decompress",
+    summary="Decompress cached KV",
+    **doc(bodies.TransformRequest, bodies.ScheduledResponse),
+)
+async def decompress(
+    req: bodies.TransformRequest = Depends(body(bodies.TransformRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    return await _transform(service, "decompress", req)
+
+
+@router.post(
+    "/pin", summary="Pin a cached prefix", **doc(bodies.PinRequest, bodies.ScheduledResponse)
+)
+async def pin(
+    req: bodies.PinRequest = Depends(body(bodies.PinRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    op = cmd.PinOp(req.tokens, req.location)
+    operation = await service.run("pin", req.instance_id, op, _location(req.location))
+    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+
+
+@router.post(
+    "/unpin",
+    summary="Unpin a cached prefix",
+    **doc(bodies.UnpinRequest, bodies.ScheduledResponse),
+)
+async def unpin(
+    req: bodies.UnpinRequest = Depends(body(bodies.UnpinRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    op = cmd.UnpinOp(req.tokens)  # req.location is ignored: see bodies.UnpinRequest
+    operation = await service.run("unpin", req.instance_id, op, _location(None))
+    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+
+
+@router.post(
+    "/clear", summary="Clear unpinned chunks", **doc(bodies.ClearRequest, bodies.ClearResponse)
+)
+async def clear(
+    req: bodies.ClearRequest = Depends(body(bodies.ClearRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    op = cmd.ClearOp(req.location)
+    operation = await service.run("clear", req.instance_id, op, _location(req.location))
+    return json_response(
+        bodies.ClearResponse(
+            operation.event_id,
+            sum(p.removed for p in operation.workers),
+            sum(p.kept for p in operation.workers),
+        )
+    )
+
+
+@router.post(
+    "/move",
+    summary="Move a cached prefix between locations",
+    **doc(bodies.MoveRequest, bodies.ScheduledResponse),
+)
+async def move(
+    req: bodies.MoveRequest = Depends(body(bodies.MoveRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    def check(inst: Instance) -> None:
+        inst.check_location(req.source)
+        inst.check_location(req.destination)
+        if req.source == req.destination:
+            others = [loc for loc in inst.locations if loc != req.source]
+            raise InvalidChoiceError(
+                "destination (must differ from source)", req.destination, others
+            )
+
+    op = cmd.MoveOp(req.source, req.destination, req.tokens)
+    operation = await service.run("move", req.instance_id, op, check)
+    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))

@@ -1,0 +1,172 @@
+"""Routes that read the controller's state: lookups, operations, health, workers, instances.
+
+Handlers never take the state's lock on the event loop: the monitor thread
+may hold it for a while (a 1M-key snapshot), so that work runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from lmc_connector.control.controller.errors import InvalidChoiceError
+from lmc_connector.control.controller.http import bodies
+from lmc_connector.control.controller.http.endpoint import body, doc, json_response, service_of
+from lmc_connector.control.controller.instances import Instance, Worker
+from lmc_connector.control.controller.operations import new_event_id
+from lmc_connector.control.controller.service import ControllerService
+from lmc_connector.control.controller.state import ControllerState
+from lmc_connector.control.wire.monitor import TierReport, WorkerSpec
+
+router = APIRouter()
+Service = Depends(service_of)
+
+
+def worker_info(state: ControllerState, worker: Worker, now: float) -> bodies.WorkerInfo:
+    """The API's view of one worker (call with the state's lock held)."""
+    spec = worker.spec
+    usage = {
+        loc: bodies.TierUsage(
+            chunks=state.index.count(spec.instance_id, spec.rank, loc),
+            used_bytes=worker.usage.get(loc, TierReport(0, 0, 0)).used_bytes,
+            capacity_bytes=worker.usage.get(loc, TierReport(0, 0, 0)).capacity_bytes,
+        )
+        for loc in spec.locations
+    }
+    fields = {name: getattr(spec, name) for name in WorkerSpec.__struct_fields__}
+    return bodies.WorkerInfo(
+        **fields,
+        worker_id=spec.rank,
+        address=f"{spec.host}:{spec.port}",
+        last_heartbeat_age_s=round(now - worker.last_seen, 3),
+        registered_age_s=round(now - worker.registered_at, 3),
+        usage=usage,
+    )
+
+
+def instance_info(state: ControllerState, inst: Instance, now: float) -> bodies.InstanceInfo:
+    return bodies.InstanceInfo(
+        instance_id=inst.instance_id,
+        model=inst.model,
+        world_size=inst.world_size,
+        chunk_size=inst.chunk_size,
+        locations=inst.locations,
+        methods=inst.methods,
+        indexed_chunks=state.index.size(inst.instance_id),
+        workers=[worker_info(state, w, now) for _, w in sorted(inst.workers.items())],
+    )
+
+
+@router.post(
+    "/lookup",
+    summary="Where a prefix is cached",
+    **doc(bodies.LookupRequest, bodies.LookupResponse),
+)
+async def lookup(
+    req: bodies.LookupRequest = Depends(body(bodies.LookupRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    layout = await asyncio.to_thread(service.state.lookup, req.tokens)
+    return json_response(bodies.LookupResponse(new_event_id(), layout))
+
+
+def _operation(state: ControllerState, event_id: str) -> Response:
+    with state.lock:
+        return json_response(state.operations.get(event_id))
+
+
+@router.post(
+    "/check_finish",
+    summary="An operation's status",
+    **doc(bodies.CheckFinishRequest, bodies.Operation),
+)
+async def check_finish(
+    req: bodies.CheckFinishRequest = Depends(body(bodies.CheckFinishRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    return await asyncio.to_thread(_operation, service.state, req.event_id)
+
+
+@router.get("/events/{event_id}", summary="An operation's status", **doc(None, bodies.Operation))
+async def get_operation(event_id: str, service: ControllerService = Service) -> Response:
+    return await asyncio.to_thread(_operation, service.state, event_id)
+
+
+def _health(service: ControllerService, req: bodies.HealthRequest) -> Response:
+    state = service.state
+    problems = [f"internal thread '{name}' stopped" for name in service.dead_threads()]
+    with state.lock:
+        codes: dict[int, int] = {}
+        if req.instance_id is not None:
+            inst = state.instance(req.instance_id)
+            codes = {r: int(r not in inst.workers) for r in range(inst.world_size)}
+            if any(codes.values()):
+                problems.append(f"missing ranks {[r for r, c in codes.items() if c][:16]}")
+        return json_response(
+            bodies.HealthResponse(
+                event_id=new_event_id(),
+                status="degraded" if problems else "ok",
+                instances=len(state.instances),
+                workers=sum(len(i.workers) for i in state.instances.values()),
+                indexed_chunks=state.index.size(),
+                error_codes=codes,
+                problems=problems,
+            )
+        )
+
+
+@router.post(
+    "/health",
+    summary="Controller or instance health",
+    **doc(bodies.HealthRequest, bodies.HealthResponse),
+)
+async def health(
+    req: bodies.HealthRequest = Depends(body(bodies.HealthRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    return await asyncio.to_thread(_health, service, req)
+
+
+@router.get("/health", summary="Controller health", **doc(None, bodies.HealthResponse))
+async def health_get(service: ControllerService = Service) -> Response:
+    return await asyncio.to_thread(_health, service, bodies.HealthRequest())
+
+
+def _worker_infos(state: ControllerState, req: bodies.WorkerInfoRequest) -> Response:
+    now = time.monotonic()
+    with state.lock:
+        inst = state.instance(req.instance_id)
+        ids = sorted(inst.workers) if req.worker_ids is None else req.worker_ids
+        unknown = next((i for i in ids if i not in inst.workers), None)
+        if unknown is not None:
+            valid = [str(r) for r in sorted(inst.workers)]
+            raise InvalidChoiceError("worker_id", str(unknown), valid)
+        infos = [worker_info(state, inst.workers[i], now) for i in ids]
+    return json_response(bodies.WorkerInfoResponse(new_event_id(), infos))
+
+
+@router.post(
+    "/query_worker_info",
+    summary="Workers of an instance",
+    **doc(bodies.WorkerInfoRequest, bodies.WorkerInfoResponse),
+)
+async def query_worker_info(
+    req: bodies.WorkerInfoRequest = Depends(body(bodies.WorkerInfoRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    return await asyncio.to_thread(_worker_infos, service.state, req)
+
+
+def _instances(state: ControllerState) -> Response:
+    now = time.monotonic()
+    with state.lock:
+        items = [instance_info(state, i, now) for i in state.instances.values()]
+    return json_response(bodies.InstancesResponse(items))
+
+
+@router.get("/instances", summary="Registered instances", **doc(None, bodies.InstancesResponse))
+async def instances(service: ControllerService = Service) -> Response:
+    return await asyncio.to_thread(_instances, service.state)

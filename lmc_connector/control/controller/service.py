@@ -1,0 +1,279 @@
+"""The controller service: its state, its threads, and two-phase operations on workers.
+
+Every operation runs in two phases. Prepare asks each worker of the instance
+to validate the op (a compress/decompress also pins its chunks and counts
+the tokens it covers) without changing anything; only when every worker
+answered yes does Commit carry it out. A worker that does not answer in
+time, or refuses, fails the operation in the prepare phase and the others
+abort: nothing was changed. Commit is not atomic across workers: when it
+fails on some worker, the others have applied the op (it is not rolled
+back), and the operation's error says which workers applied it and which
+did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import NoReturn
+
+import zmq
+
+from lmc_connector.control.controller.errors import (
+    WorkerRejectedError,
+    WorkerUnavailableError,
+)
+from lmc_connector.control.controller.instances import Instance
+from lmc_connector.control.controller.metrics import LatencyHistogram
+from lmc_connector.control.controller.monitor import MonitorLoop
+from lmc_connector.control.controller.operations import Operation
+from lmc_connector.control.controller.settings import Settings
+from lmc_connector.control.controller.state import ControllerState, WorkerRef
+from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire.codec import MessageError, encode
+from lmc_connector.control.wire.rpc import RpcClient, RpcError
+from lmc_connector.control.wire.sockets import tcp_url
+from lmc_connector.operations import TRANSFORM_KINDS
+
+logger = logging.getLogger(__name__)
+
+#: Seconds past the command timeout after which a phase stops waiting for the client thread
+#: itself (which settles every request by its deadline; this is the backstop).
+ASK_MARGIN_S = 1.0
+#: Failure codes that mean "the worker could not take part", not "the request is wrong".
+UNAVAILABLE_CODES = ("expired", "busy", "internal")
+
+Answer = cmd.Reply | BaseException
+
+
+def _outcome(answer: Answer) -> str | None:
+    """None for success, else why this worker's answer does not count."""
+    if isinstance(answer, cmd.Ok):
+        return None
+    if isinstance(answer, cmd.Failed):
+        return answer.error
+    if isinstance(answer, RpcError):
+        return f"no answer ({answer})"
+    return f"{type(answer).__name__}: {answer}"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks)) or "none"
+
+
+class ControllerService:
+    """Owns the controller's state, its ZMQ context and threads (monitor, command client).
+
+    `run` is called by HTTP handlers on the event loop; it takes the state's
+    lock only in worker threads (`asyncio.to_thread`), never on the loop.
+    Construct, `start`, `close`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        monitor_url = tcp_url(settings.host, settings.monitor_port)  # ValueError: unknown host
+        self.state = ControllerState(settings.worker_timeout)
+        self.latency = LatencyHistogram()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.commands = RpcClient(self._context, "commands")
+        self._replies = cmd.reply_decoder()
+        self.monitor = MonitorLoop(
+            self._context,
+            self.state,
+            monitor_url,
+            on_resync=self.resync,
+            on_gone=lambda ref: self.commands.forget(ref.address),
+        )
+
+    def start(self) -> None:
+        """Bind the monitor port (raises zmq.ZMQError if taken) and start the threads."""
+        self.monitor.start()
+        self.commands.start()
+        logger.info(
+            "controller monitoring workers on %s:%d (worker timeout %.1f s)",
+            self.settings.host,
+            self.settings.monitor_port,
+            self.settings.worker_timeout,
+        )
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.commands.close()
+        self._context.term()
+
+    def dead_threads(self) -> list[str]:
+        """Internal threads that stopped although the service runs (health reports them)."""
+        threads = {"monitor": self.monitor.alive, "commands": self.commands.alive}
+        return [name for name, alive in threads.items() if not alive]
+
+    def resync(self, ref: WorkerRef) -> None:
+        """Ask a worker the controller does not know to register and resend its chunks."""
+        self.commands.notify(ref.address, [encode(cmd.Resync())])
+
+    # -- two-phase operations -----------------------------------------------------------------
+
+    def _send(self, worker: WorkerRef, command: cmd.Command) -> Future[cmd.Reply]:
+        """Send one command; the future resolves to the decoded reply."""
+        raw = self.commands.request(
+            worker.address, [encode(command)], self.settings.command_timeout
+        )
+        decoded: Future[cmd.Reply] = Future()
+
+        def done(f: Future[list[zmq.Frame]]) -> None:
+            try:
+                decoded.set_result(self._replies.decode(f.result()[0].buffer))
+            except (RpcError, MessageError, IndexError) as e:
+                decoded.set_exception(e)
+
+        raw.add_done_callback(done)
+        return decoded
+
+    async def _ask(self, workers: list[WorkerRef], command: cmd.Command) -> list[Answer]:
+        """Each worker's reply, or the exception standing for it; returns by the deadline."""
+        waiters = [asyncio.wrap_future(self._send(w, command)) for w in workers]
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*waiters, return_exceptions=True),
+                self.settings.command_timeout + ASK_MARGIN_S,
+            )
+        except TimeoutError:
+            logger.error("the command thread missed its deadline; counting the workers as silent")
+            return [
+                w.exception() or w.result() if w.done() and not w.cancelled() else TimeoutError()
+                for w in waiters
+            ]
+
+    async def run(
+        self, kind: str, instance_id: str, op: cmd.Op, check: Callable[[Instance], None]
+    ) -> Operation:
+        """Run `op` on every worker of the instance; raises ControlError subclasses."""
+        started = time.perf_counter()
+        workers, operation = await asyncio.to_thread(self._begin, kind, instance_id, check)
+        event_id = operation.event_id
+        prepare = cmd.Prepare(event_id, op, ttl_s=self.settings.command_timeout)
+        prepared = await self._ask(workers, prepare)
+        problems = [(w, _outcome(r), r) for w, r in zip(workers, prepared, strict=True)]
+        if any(why for _, why, _ in problems):
+            for worker, _, reply in problems:
+                # A silent worker may still prepare later: the Abort queued behind the
+                # Prepare releases what it pinned. A Failed one holds nothing.
+                if not isinstance(reply, cmd.Failed):
+                    self.commands.notify(worker.address, [encode(cmd.Abort(event_id))])
+            await asyncio.to_thread(self._refuse, operation, problems, started)
+
+        committed = await self._ask(workers, cmd.Commit(event_id))
+        failed = await asyncio.to_thread(self._record, operation, workers, prepared, committed)
+        elapsed = time.perf_counter() - started
+        self.latency.observe(kind, elapsed)
+        logger.info(
+            "%s on %s (%d workers): %d tokens, event %s %s, %.1f ms",
+            kind,
+            instance_id,
+            len(workers),
+            operation.num_tokens,
+            event_id,
+            operation.status,
+            elapsed * 1000,
+        )
+        if failed:
+            raise WorkerUnavailableError(
+                f"{kind} failed on instance '{instance_id}': {operation.error}", event_id
+            )
+        return operation
+
+    def _begin(
+        self, kind: str, instance_id: str, check: Callable[[Instance], None]
+    ) -> tuple[list[WorkerRef], Operation]:
+        state = self.state
+        with state.lock:
+            instance = state.instance(instance_id)
+            check(instance)
+            workers = [WorkerRef(instance_id, w.rank, w.address) for w in instance.ready_workers()]
+            operation = state.operations.create(kind, instance_id, [w.rank for w in workers])
+        return workers, operation
+
+    def _record(
+        self,
+        operation: Operation,
+        workers: list[WorkerRef],
+        prepared: list[Answer],
+        committed: list[Answer],
+    ) -> bool:
+        """Record each worker's commit outcome; True if the operation failed."""
+        transform = operation.kind in TRANSFORM_KINDS
+        operations = self.state.operations
+        applied: list[int] = []
+        refused: list[str] = []
+        with self.state.lock:
+            for worker, before, after in zip(workers, prepared, committed, strict=True):
+                part = operation.part(worker.rank)
+                assert part is not None and isinstance(before, cmd.Ok)
+                why = _outcome(after)
+                if why is not None:
+                    refused.append(f"worker {worker.rank}: {why}")
+                    operations.finish_part(operation, worker.rank, why)
+                    continue
+                assert isinstance(after, cmd.Ok)
+                applied.append(worker.rank)
+                part.num_tokens = (before if transform else after).outcome.num_tokens
+                if not transform:
+                    operations.finish_part(operation, worker.rank, outcome=after.outcome)
+            operation.num_tokens = min(p.num_tokens for p in operation.workers)
+            operations.start(operation)
+            if refused:
+                # A worker that answered Failed did not apply it; one that did not answer may
+                # still apply the queued commit later.
+                said_no = [
+                    w.rank
+                    for w, r in zip(workers, committed, strict=True)
+                    if isinstance(r, cmd.Failed)
+                ]
+                unknown = [
+                    w.rank for w in workers if w.rank not in applied and w.rank not in said_no
+                ]
+                error = (
+                    f"commit failed ({'; '.join(refused)}): applied on worker(s) "
+                    f"{_ranks(applied)}, not on worker(s) {_ranks(said_no)}, unknown on "
+                    f"worker(s) {_ranks(unknown)}; it is not rolled back"
+                )
+                operations.fail(operation, error)  # running parts may still report
+                operation.error = error  # also when the last part's failure already ended it
+            return operation.status == "failed"
+
+    def _refuse(
+        self,
+        operation: Operation,
+        problems: list[tuple[WorkerRef, str | None, Answer]],
+        started: float,
+    ) -> NoReturn:
+        """Fail the operation after the prepare phase (nothing was changed) and raise why."""
+        errors = "; ".join(f"worker {w.rank}: {why}" for w, why, _ in problems if why)
+        unavailable = any(
+            not isinstance(r, cmd.Ok | cmd.Failed)
+            or (isinstance(r, cmd.Failed) and r.code in UNAVAILABLE_CODES)
+            for _, why, r in problems
+            if why
+        )
+        with self.state.lock:
+            for worker, why, _ in problems:
+                if why:
+                    self.state.operations.finish_part(operation, worker.rank, why)
+            self.state.operations.fail(operation, errors)
+        self.latency.observe(operation.kind, time.perf_counter() - started)
+        logger.warning(
+            "%s on %s refused, event %s: %s",
+            operation.kind,
+            operation.instance_id,
+            operation.event_id,
+            errors,
+        )
+        if unavailable:
+            raise WorkerUnavailableError(
+                f"workers failed or did not answer within {self.settings.command_timeout:g} s, "
+                f"nothing was changed: {errors}",
+                operation.event_id,
+            )
+        raise WorkerRejectedError(f"{errors}; nothing was changed", operation.event_id)

@@ -1,0 +1,129 @@
+"""The controller's settings: defaults, `--config FILE`, the environment, the command line.
+
+In rising priority: defaults, `--config FILE` (YAML with the long option
+names as keys, e.g. `monitor_port: 9001`), the environment
+(`LMC_CONTROLLER_API_KEY`), and the command line. Every mistake is a
+`SettingsError` whose message says how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from lmc_connector.control import API_KEY_ENV
+from lmc_connector.control.wire.sockets import resolve_host
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How one controller runs, built once at start-up."""
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    monitor_port: int = 9001
+    #: Bearer token the HTTP API requires; None leaves the API open.
+    api_key: str | None = None
+    #: Seconds without a heartbeat before a worker and its chunks are dropped.
+    worker_timeout: float = 10.0
+    #: Seconds each worker has to answer one command phase.
+    command_timeout: float = 5.0
+    log_level: str = "info"
+
+
+class SettingsError(ValueError):
+    """The controller's settings are wrong; the message says how to fix them."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmc-controller",
+        description="The lmc_connector cache controller: tracks instances and cached chunks "
+        "and serves the HTTP API (OpenAPI at /docs).",
+    )
+    p.add_argument(
+        "--host",
+        help="address to bind both sockets (default 127.0.0.1); workers pushing to the monitor "
+        "port are not authenticated: expose it only on trusted networks",
+    )
+    p.add_argument("--port", type=int, help="HTTP API port (default 9000)")
+    p.add_argument("--monitor-port", type=int, help="port workers push to (default 9001)")
+    p.add_argument("--config", type=Path, help="YAML file of settings (keys as the long options)")
+    p.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on every route (or set {API_KEY_ENV}); "
+        "/docs and /openapi.json stay open: they show only the API schema",
+    )
+    p.add_argument(
+        "--worker-timeout", type=float, help="seconds without heartbeat before a worker is dropped"
+    )
+    p.add_argument(
+        "--command-timeout", type=float, help="seconds a worker has to answer a command (5)"
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _file_settings(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SettingsError(f"--config {path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise SettingsError(f"--config {path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: expected a mapping of setting: value")
+    names = list(Settings.__struct_fields__)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(names)}"
+            raise SettingsError(f"--config {path}: unknown setting '{key}': {hint}")
+        out[name] = value
+    return out
+
+
+def build_settings(
+    argv: Sequence[str] | None = None, env: dict[str, str] | None = None
+) -> Settings:
+    """Merge defaults, --config, environment and flags; SettingsError on a mistake."""
+    env = dict(os.environ) if env is None else env
+    args = _parser().parse_args(argv)
+    merged: dict[str, Any] = {}
+    if args.config is not None:
+        merged.update(_file_settings(args.config))
+    if env.get(API_KEY_ENV):
+        merged["api_key"] = env[API_KEY_ENV]
+    for name in ("host", "port", "monitor_port", "api_key", "worker_timeout", "command_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            merged[name] = value
+    if args.log_level is not None:
+        merged["log_level"] = args.log_level
+    try:
+        settings = msgspec.convert(merged, Settings)
+    except msgspec.ValidationError as e:
+        raise SettingsError(f"invalid setting: {e}") from e
+    for name in ("port", "monitor_port"):
+        if not 0 < getattr(settings, name) < 65536:
+            raise SettingsError(f"{name}={getattr(settings, name)} must be in 1..65535")
+    if settings.port == settings.monitor_port:
+        raise SettingsError("port and monitor_port must differ")
+    try:
+        resolve_host(settings.host)
+    except ValueError as e:
+        raise SettingsError(f"--host: {e}") from e
+    for name in ("worker_timeout", "command_timeout"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{name} must be > 0")
+    return settings

@@ -1,0 +1,121 @@
+"""Commands the controller sends to a worker's command port, and the worker's replies.
+
+Requests and replies travel over the request/reply transport (`rpc.py`),
+which matches them; the messages carry no request ids. Every command runs in
+two phases: `Prepare` validates and holds an op (a transform also pins its
+chunks), `Commit` carries it out, `Abort` forgets it. Schema evolution as in
+`monitor.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from lmc_connector.control.wire.codec import Decoder
+from lmc_connector.control.wire.types import Name, TokenId
+from lmc_connector.operations import JobOutcome, TransformKind
+
+#: Longest time a worker holds a prepared op for the controller (its `--command-timeout` is
+#: seconds); a larger `ttl_s` is refused at decoding, so a forged Prepare cannot pin forever.
+MAX_PREPARE_TTL_S = 300.0
+
+
+class TransformOp(msgspec.Struct, tag="transform"):
+    kind: TransformKind
+    method: Name
+    location: Name
+    tokens: list[TokenId]
+
+
+class PinOp(msgspec.Struct, tag="pin"):
+    """Pin the cached prefix in `location` (any location when None)."""
+
+    tokens: list[TokenId]
+    location: Name | None = None
+
+
+class UnpinOp(msgspec.Struct, tag="unpin"):
+    tokens: list[TokenId]
+
+
+class ClearOp(msgspec.Struct, tag="clear"):
+    """Clear one location, or every location when `location` is None."""
+
+    location: Name | None = None
+
+
+class MoveOp(msgspec.Struct, tag="move"):
+    source: Name
+    destination: Name
+    tokens: list[TokenId]
+
+
+Op = TransformOp | PinOp | UnpinOp | ClearOp | MoveOp
+
+
+class Prepare(msgspec.Struct, tag=True):
+    """Phase one: validate `op` (a transform also pins its chunks) and hold it; change nothing.
+
+    The worker holds it for `ttl_s` seconds from receipt, on its own
+    monotonic clock; an op neither committed nor aborted by then (plus a
+    grace period) is dropped and its pins released.
+    """
+
+    event_id: str
+    op: Op
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_PREPARE_TTL_S)]
+
+
+class Commit(msgspec.Struct, tag=True):
+    """Phase two: carry out the op prepared under `event_id` (a transform starts in background)."""
+
+    event_id: str
+
+
+class Abort(msgspec.Struct, tag=True):
+    """Forget the op prepared under `event_id` and release its pins."""
+
+    event_id: str
+
+
+class Resync(msgspec.Struct, tag=True):
+    """The controller does not know this worker (it restarted): register and send a snapshot."""
+
+
+Command = Prepare | Commit | Abort | Resync
+
+
+class Ok(msgspec.Struct, tag=True, omit_defaults=True):
+    """Success; `outcome` counts what the phase covered (tokens, or removed/kept for clear)."""
+
+    outcome: JobOutcome = msgspec.field(default_factory=JobOutcome)
+
+
+#: "internal": the worker hit an unexpected error (logged there with its traceback).
+ErrorCode = Literal[
+    "bad_request",
+    "unknown_location",
+    "unknown_method",
+    "unknown_event",
+    "expired",
+    "busy",
+    "internal",
+]
+
+
+class Failed(msgspec.Struct, tag=True):
+    code: ErrorCode
+    error: str
+
+
+Reply = Ok | Failed
+
+
+def command_decoder() -> Decoder[Command]:
+    return Decoder(Command, "command")
+
+
+def reply_decoder() -> Decoder[Reply]:
+    return Decoder(Reply, "reply")

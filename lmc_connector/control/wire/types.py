@@ -1,0 +1,34 @@
+"""Constrained field types of the wire messages: malformed values fail at decoding.
+
+The caps keep a forged message from making a receiver loop over billions of
+ranks or allocate for absurd sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from lmc_connector.tokens import MAX_TOKEN_ID, ChunkKey
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+#: A chained 64-bit chunk hash (msgspec decodes up to 2**64 - 1).
+WireChunkKey = Annotated[ChunkKey, msgspec.Meta(ge=0)]
+MAX_WORLD_SIZE = 256
+Rank = Annotated[int, msgspec.Meta(ge=0, le=MAX_WORLD_SIZE - 1)]
+WorldSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+#: Where the controller connects back to a worker: an IPv4 address or a DNS name. Anything
+#: else (spaces, "*", URLs) is rejected at decoding, so it never reaches a socket.
+Host = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=253,
+        pattern=r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*$",
+    ),
+]
+#: Instance ids name a vLLM deployment; long ids are a mistake or an attack (they are echoed).
+InstanceId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: Location and method names (`LocalCPUBackend`, `cachegen`, ...).
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]

@@ -1,0 +1,45 @@
+"""Every way into the package from outside: console scripts and the vLLM plugin hook.
+
+Each is a thin function that imports what it runs lazily, so that
+`lmc-admin --help` never loads the controller and the vLLM plugin never loads
+anything until vLLM asks for the connector.
+"""
+
+from __future__ import annotations
+
+#: The name `--kv-transfer-config` uses: `{"kv_connector": "LMCConnectorV1", ...}`.
+CONNECTOR_NAME = "LMCConnectorV1"
+
+
+def controller() -> int:
+    """`lmc-controller`: run the controller process."""
+    from lmc_connector.control.controller.main import main
+
+    return main()
+
+
+def admin() -> int:
+    """`lmc-admin`: the controller's HTTP API from the shell."""
+    from lmc_connector.control.admin.cli import main
+
+    return main()
+
+
+def vllm_plugin() -> None:
+    """`vllm.general_plugins` hook: make `LMCConnectorV1` resolve to our connector.
+
+    vLLM calls plugins in every process (API server, engine core, workers),
+    sometimes more than once; registering twice is harmless.
+    """
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    registry = getattr(KVConnectorFactory, "_registry", None)
+    if registry is not None and CONNECTOR_NAME in registry:
+        return
+    try:
+        KVConnectorFactory.register_connector(
+            CONNECTOR_NAME, "lmc_connector.v1.connector", "LMCConnectorV1"
+        )
+    except ValueError:
+        # Registered concurrently or by a registry we could not inspect: already done.
+        return

