@@ -59,6 +59,9 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     codec_device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Milliseconds the scheduler waits for a worker's lookup answer before treating it as a miss.
     lookup_timeout_ms: int = 2000
+    #: When the CPU tier is full, compress its least recently used plain chunks with this codec
+    #: before evicting anything (None: plain LRU eviction).
+    compress_before_evict: str | None = None
 
     @property
     def max_local_cpu_bytes(self) -> int:

@@ -7,6 +7,7 @@ one `ChunkLayout`, so model, rank and dtype are implied.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import partial
 
 import torch
 
@@ -24,7 +25,7 @@ from lmc_connector.cache.tiers import (
     build_tiers,
 )
 from lmc_connector.cache.transforms import TransformJob, TransformRunner
-from lmc_connector.config import CacheConfig
+from lmc_connector.config import CacheConfig, ConfigError
 from lmc_connector.operations import TransformKind
 from lmc_connector.tokens import ChunkKey
 
@@ -56,10 +57,14 @@ class CacheEngine:
         self.layout = layout
         self.ctx = TierContext()
         self.lock = self.ctx.lock
-        self.tiers = build_tiers(config, layout, self.ctx)
-        self._near = [t for t in self.tiers if t.answers_from_memory]
-        self._far = [t for t in self.tiers if not t.answers_from_memory]
         self._transforms = TransformRunner(self.ctx, _codec_device(config, device))
+        method = config.compress_before_evict
+        if method is not None:
+            _check_method("compress_before_evict", method)
+        self.tiers = build_tiers(
+            config, layout, self.ctx, partial(self._transforms.encode, method or "")
+        )
+        self._near = [t for t in self.tiers if t.answers_from_memory]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -283,6 +288,15 @@ class CacheEngine:
     def decompress(self, tokens: Sequence[int], method: str, location: str) -> int:
         """Turn encoded chunks of the cached prefix back into plain tensors."""
         return self.run(self.schedule("decompress", tokens, method, location)).outcome.num_tokens
+
+
+def _check_method(key: str, method: str) -> None:
+    from lmc_connector.ops.codecs import UnknownCodecError, get_codec
+
+    try:
+        get_codec(method)
+    except UnknownCodecError as e:
+        raise ConfigError(f"{key}: {e}") from e
 
 
 def _codec_device(config: CacheConfig, serving: torch.device | None) -> torch.device:

@@ -101,18 +101,21 @@ class TransformRunner:
             else:
                 outcome.errors.append(f"no room in {tier.name} for a {job.kind}ed chunk")
 
+    def encode(self, method: str, chunks: list[Chunk]) -> list[Chunk]:
+        """Plain chunks encoded with `method` on the codec device (any thread)."""
+        from lmc_connector.ops.codecs import get_codec
+
+        codec = get_codec(method)
+        kvs = [c.kv.to(self.device) for c in chunks if c.kv is not None]
+        blobs = codec.encode_batch(kvs)
+        return [
+            Chunk(c.num_tokens, blob=b, method=method) for c, b in zip(chunks, blobs, strict=True)
+        ]
+
     def _code(self, job: TransformJob, chunks: list[Chunk]) -> list[Chunk]:
         if not chunks:
             return []
         if job.kind == "compress":
-            from lmc_connector.ops.codecs import get_codec
-
-            codec = get_codec(job.method)
-            kvs = [c.kv.to(self.device) for c in chunks if c.kv is not None]
-            blobs = codec.encode_batch(kvs)
-            return [
-                Chunk(c.num_tokens, blob=b, method=job.method)
-                for c, b in zip(chunks, blobs, strict=True)
-            ]
+            return self.encode(job.method, chunks)
         plain = to_tensors(chunks, self.device)
         return [Chunk(c.num_tokens, kv=kv.cpu()) for c, kv in zip(chunks, plain, strict=True)]

@@ -12,7 +12,7 @@ from lmc_connector.cache.tiers.base import (
     TierContext,
     TierUsage,
 )
-from lmc_connector.cache.tiers.cpu import LocalCPUBackend
+from lmc_connector.cache.tiers.cpu import Compressor, LocalCPUBackend
 from lmc_connector.cache.tiers.disk import LocalDiskBackend
 from lmc_connector.config import CacheConfig
 
@@ -20,12 +20,17 @@ CPU = LocalCPUBackend.name
 DISK = LocalDiskBackend.name
 
 
-def build_tiers(config: CacheConfig, layout: ChunkLayout, ctx: TierContext) -> list[Tier]:
-    """The tiers `config` asks for, nearest first; the CPU tier spills into the disk tier."""
+def build_tiers(
+    config: CacheConfig, layout: ChunkLayout, ctx: TierContext, compressor: Compressor
+) -> list[Tier]:
+    """The tiers `config` asks for, nearest first; the CPU tier spills into the disk tier and,
+    with `compress_before_evict`, compresses with `compressor` before it evicts."""
     tiers: list[Tier] = []
     cpu = LocalCPUBackend(ctx, config.max_local_cpu_bytes) if config.local_cpu else None
     if cpu is not None:
         tiers.append(cpu)
+        if config.compress_before_evict is not None:
+            cpu.compressor = compressor
     if config.local_disk is not None:
         root = Path(config.local_disk) / layout.fingerprint()
         disk = LocalDiskBackend(ctx, root, config.max_local_disk_bytes)
@@ -39,6 +44,7 @@ __all__ = [
     "CPU",
     "DISK",
     "CacheEventSink",
+    "Compressor",
     "LocalCPUBackend",
     "LocalDiskBackend",
     "Marker",

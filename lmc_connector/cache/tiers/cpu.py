@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -13,10 +14,17 @@ from lmc_connector.cache.tiers.base import Marker, Tier, TierContext
 from lmc_connector.cache.tiers.indexed import IndexedTier
 from lmc_connector.tokens import ChunkKey
 
+#: Chunks encoded per round when the tier makes room by compressing (`compress_before_evict`).
+SQUEEZE_BATCH = 8
+#: Turns plain chunks into encoded ones (the engine's codec on its codec device).
+Compressor = Callable[[list[Chunk]], list[Chunk]]
+
 #: Removed chunks' buffers kept for reuse: a share of the capacity, at most a fixed amount.
 #: In steady state every put evicts one chunk, so a few buffers are enough.
 POOL_SHARE = 4
 POOL_MAX_BYTES = 256 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 class LocalCPUBackend(IndexedTier[Chunk]):
@@ -25,7 +33,9 @@ class LocalCPUBackend(IndexedTier[Chunk]):
     Owns the index of its chunks, a pool of removed chunks' buffers, and the
     queue of evicted chunks waiting to be written to `spill_to` (the disk
     tier). Chunks are queued under the lock and written by `flush`, which the
-    engine calls without it.
+    engine calls without it. With a `compressor`, a store that does not fit
+    first compresses the least recently used plain chunks (in the storing
+    thread, outside the lock), and evicts only what compression could not free.
     """
 
     name = "LocalCPUBackend"
@@ -36,6 +46,10 @@ class LocalCPUBackend(IndexedTier[Chunk]):
         #: Where evicted chunks go instead of being dropped (the next local tier), if anywhere.
         self.spill_to: Tier | None = None
         self._spills: list[tuple[ChunkKey, Chunk, Callable[[], bool]]] = []
+        #: Compresses chunks instead of evicting them (`compress_before_evict`), if set.
+        self.compressor: Compressor | None = None
+        #: Chunks compressed to make room so far.
+        self.squeezed = 0
 
     def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor to copy a new chunk into, reusing a removed chunk's memory if it can."""
@@ -55,6 +69,8 @@ class LocalCPUBackend(IndexedTier[Chunk]):
     def store(
         self, key: ChunkKey, chunk: Chunk, still_wanted: Callable[[], bool] | None = None
     ) -> bool:
+        if self.compressor is not None:
+            self._squeeze(key, chunk.nbytes)
         with self.ctx.lock:
             if key in self._index:
                 stored = True
@@ -97,6 +113,41 @@ class LocalCPUBackend(IndexedTier[Chunk]):
                 self.spill_to.store(key, chunk, still_wanted)
             with self.ctx.lock:
                 self.ctx.end_spill(key, still_wanted)
+
+    def _squeeze(self, key: ChunkKey, need: int) -> None:
+        """Compress least recently used plain, unpinned chunks until `need` more bytes fit.
+
+        Each round encodes the coldest chunks whose plain size covers what is
+        still missing (at most `SQUEEZE_BATCH`), so only as much is compressed
+        as the codec's ratio requires.
+        """
+        compressor = self.compressor
+        assert compressor is not None
+        tried: set[ChunkKey] = set()
+        while True:
+            with self.ctx.lock:
+                index = self._index
+                shortfall = index.used_bytes + need - index.capacity_bytes
+                if key in index or shortfall <= 0:
+                    return
+                batch: list[tuple[ChunkKey, Chunk]] = []
+                for k, c in index.oldest():
+                    if shortfall <= 0 or len(batch) == SQUEEZE_BATCH:
+                        break
+                    if c.kv is not None and k not in tried and not self.ctx.is_pinned(k):
+                        batch.append((k, c))
+                        shortfall -= c.nbytes
+            if not batch:
+                return
+            tried.update(k for k, _ in batch)
+            try:
+                encoded = compressor([c for _, c in batch])
+            except (ValueError, RuntimeError):
+                logger.exception("compress_before_evict failed; evicting instead")
+                return
+            for (k, old), new in zip(batch, encoded, strict=True):
+                if self.replace(k, old, new):
+                    self.squeezed += 1
 
     @override
     def _drop(self, key: ChunkKey) -> bool:

@@ -32,6 +32,10 @@ class LRUIndex(Generic[V]):
     def __iter__(self) -> Iterator[ChunkKey]:
         return iter(list(self._items))
 
+    def oldest(self) -> Iterator[tuple[ChunkKey, V]]:
+        """Entries from the least recently used on (a snapshot, safe to change the index)."""
+        return iter(list(self._items.items()))
+
     def peek(self, key: ChunkKey) -> V | None:
         return self._items.get(key)
 
