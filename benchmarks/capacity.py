@@ -1,0 +1,161 @@
+"""How much more context a full CPU tier serves when it compresses before it evicts.
+
+Through real vLLM on the CPU: distinct long prompts, requested with
+Zipf-distributed reuse, whose KV is about three times the CPU tier. Each
+configuration runs in its own child process on the same request sequence:
+
+* plain LRU eviction;
+* `compress_before_evict: cachegen` (and any other codec named with --methods).
+
+Prints hit tokens, hit rate and mean / p50 time to first token per
+configuration; asserts nothing. The model is a config-only Llama served with
+`--load-format dummy` (random weights: prefill cost is real, answers are not).
+
+    python benchmarks/capacity.py [--quick] [--methods cachegen,fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.tiny_model import write_config_only_model  # noqa: E402
+
+MODEL = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "intermediate": 2816}
+QUICK_MODEL = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1408}
+#: Zipf exponent of prompt popularity (1 = classic Zipf; larger = hotter head).
+ZIPF_S = 1.1
+CHUNK_SIZE = 256
+
+
+def kv_bytes_per_token(model: dict[str, int]) -> int:
+    head = model["hidden"] // model["heads"]
+    return 2 * model["layers"] * model["kv_heads"] * head * 2  # K and V, bf16
+
+
+def requests(num_prompts: int, num_requests: int, seed: int) -> list[int]:
+    """Prompt indices drawn with Zipf popularity (a fixed sequence per seed)."""
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) ** ZIPF_S for rank in range(num_prompts)]
+    order = list(range(num_prompts))
+    rng.shuffle(order)
+    return [order[i] for i in rng.choices(range(num_prompts), weights, k=num_requests)]
+
+
+def prompt_ids(index: int, length: int) -> list[int]:
+    rng = random.Random(10_000 + index)
+    return [rng.randrange(3, 1024) for _ in range(length)]
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    extra: dict[str, Any] = {"chunk_size": CHUNK_SIZE, "max_local_cpu_size": args.cpu_gb}
+    if args.child != "plain":
+        extra["compress_before_evict"] = args.child
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        dtype="bfloat16",
+        enforce_eager=True,
+        block_size=32,
+        max_model_len=args.prompt_len + 64,
+        max_num_batched_tokens=args.prompt_len + 64,
+        enable_prefix_caching=False,
+        kv_transfer_config={
+            "kv_connector": "LMCConnectorV1",
+            "kv_connector_module_path": "lmc_connector.v1",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": extra,
+        },
+    )
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate([{"prompt_token_ids": prompt_ids(-1, 256)}], one, use_tqdm=False)  # warm-up
+    seconds, hits = [], []
+    sequence = requests(args.prompts, args.requests, seed=7)
+    for n, index in enumerate(sequence, 1):
+        start = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": prompt_ids(index, args.prompt_len)}], one,
+                           use_tqdm=False)  # fmt: skip
+        seconds.append(time.perf_counter() - start)
+        hits.append(out[0].num_cached_tokens or 0)
+        if n % 20 == 0:
+            print(f"{args.child}: {n}/{len(sequence)} requests", file=sys.stderr, flush=True)
+    return {"seconds": seconds, "hits": hits}
+
+
+def run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model]
+    cmd += ["--prompt-len", str(args.prompt_len), "--prompts", str(args.prompts)]
+    cmd += ["--requests", str(args.requests), "--cpu-gb", str(args.cpu_gb)]
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=7200)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[len("RESULT ") :]))
+    raise RuntimeError(f"{kind} run failed with exit code {proc.returncode}")
+
+
+def report(kind: str, result: dict[str, Any], prompt_len: int, base: dict[str, Any]) -> str:
+    hits, seconds = result["hits"], result["seconds"]
+    total = len(hits) * prompt_len
+    gain = sum(hits) / max(1, sum(base["hits"]))
+    return (
+        f"| {kind} | {sum(hits):,} | {100 * sum(hits) / total:.1f}% | {gain:.2f}x | "
+        f"{1000 * statistics.mean(seconds):.0f} | {1000 * statistics.median(seconds):.0f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller model and workload")
+    parser.add_argument("--methods", default="cachegen", help="codecs to compare, comma list")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, default=24, help="distinct prompts")
+    parser.add_argument("--requests", type=int, default=80, help="requests in the sequence")
+    parser.add_argument("--cpu-gb", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    shape = QUICK_MODEL if args.quick else MODEL
+    if args.quick:
+        args.prompts, args.requests, args.prompt_len = 16, 40, 512
+    working_set = args.prompts * args.prompt_len * kv_bytes_per_token(shape)
+    args.cpu_gb = working_set / 3 / 1e9
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model = str(write_config_only_model(Path(tmp) / "model", **shape))
+        print(
+            f"{args.prompts} prompts x {args.prompt_len} tokens, {args.requests} Zipf({ZIPF_S}) "
+            f"requests; KV working set {working_set / 1e6:.0f} MB, CPU tier "
+            f"{args.cpu_gb * 1e3:.0f} MB",
+            flush=True,
+        )
+        results = {kind: run_child(args, kind) for kind in ["plain", *args.methods.split(",")]}
+    print("| CPU tier | hit tokens | hit rate | vs plain LRU | mean TTFT ms | p50 TTFT ms |")
+    print("|---|---|---|---|---|---|")
+    for kind, result in results.items():
+        name = "plain LRU" if kind == "plain" else f"compress_before_evict: {kind}"
+        print(report(name, result, args.prompt_len, results["plain"]))
+
+
+if __name__ == "__main__":
+    main()
