@@ -3,25 +3,32 @@
 Sources, in rising priority: defaults, the YAML file named by
 `LMCACHE_CONFIG_FILE`, `LMCACHE_<KEY>` environment variables, and vLLM's
 `kv_connector_extra_config` (keys with or without an `lmcache.` prefix).
-Every mistake raises `ConfigError` with a message that says how to fix it.
+Every mistake raises `ConfigError` with a message that says how to fix it;
+all the mistakes of one configuration are reported together. Keys (and
+`LMCACHE_*` variables) that LMCache knows and this connector does not
+implement are ignored with one warning that lists them (`config_lmcache.py`).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 import yaml
 
+from lmc_connector.config_lmcache import LMCACHE_ALIASES, LMCACHE_KEYS, is_lmcache_variable
+
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_"
 EXTRA_CONFIG_PREFIX = "lmcache."
-#: LMCACHE_* variables that are not configuration keys.
-NON_KEY_ENV = frozenset({CONFIG_FILE_ENV, "LMCACHE_LOG_LEVEL"})
 
 
 class ConfigError(ValueError):
@@ -85,18 +92,37 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 KEYS: tuple[str, ...] = CacheConfig.__struct_fields__
+#: Keys whose ports are checked to be TCP ports.
 _LIST_KEYS = {"lmcache_worker_ports", "p2p_init_ports"}
+ENV_SOURCE = "environment"
+
+
+def _is_list(info: msgspec.inspect.Type) -> bool:
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_is_list(t) for t in info.types)
+    return isinstance(info, msgspec.inspect.ListType)
+
+
+def _field_types() -> dict[str, msgspec.inspect.Type]:
+    struct = msgspec.inspect.type_info(CacheConfig)
+    assert isinstance(struct, msgspec.inspect.StructType)
+    return {f.name: f.type for f in struct.fields}
+
+
+_TYPES = _field_types()
+#: Keys holding lists: a single value or LMCache's comma form ("8001,8002") is accepted.
+LIST_VALUED = frozenset(key for key, info in _TYPES.items() if _is_list(info))
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else f"known keys: {', '.join(sorted(KEYS))}"
-
-
-def _describe(key: str) -> str:
-    struct = msgspec.inspect.type_info(CacheConfig)
-    assert isinstance(struct, msgspec.inspect.StructType)
-    return _type_text(next(f for f in struct.fields if f.name == key).type)
+    """A hint for an unknown key: the closest of ours or LMCache's, else where keys are listed."""
+    ours = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
+    if ours:
+        return f"did you mean {ours[0]}?"
+    theirs = difflib.get_close_matches(key, sorted(LMCACHE_KEYS), n=1, cutoff=0.75)
+    if theirs:
+        return f"did you mean {theirs[0]}? (an LMCache key lmc_connector ignores)"
+    return "not a key of lmc_connector nor of LMCache (the README's Configuration lists the keys)"
 
 
 def _type_text(info: msgspec.inspect.Type) -> str:
@@ -107,7 +133,8 @@ def _type_text(info: msgspec.inspect.Type) -> str:
     if isinstance(info, msgspec.inspect.LiteralType):
         return "one of " + ", ".join(repr(v) for v in info.values)
     if isinstance(info, msgspec.inspect.ListType):
-        return f"a list of {_type_text(info.item_type)}s or a single value"
+        item = _type_text(info.item_type)
+        return f"a list, comma-separated values or a single value, each {item}"
     if isinstance(info, msgspec.inspect.IntType):
         return "an integer"
     if isinstance(info, msgspec.inspect.FloatType):
@@ -117,8 +144,23 @@ def _type_text(info: msgspec.inspect.Type) -> str:
     return "a string"
 
 
-def _normalise(key: str, value: Any, source: str) -> Any:
-    if key in _LIST_KEYS and value is not None and not isinstance(value, list):
+def _split_list(text: str) -> list[Any]:
+    """LMCache's comma form of a list: "8001, 8002" -> [8001, 8002]."""
+    items: list[Any] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                items.append(yaml.safe_load(part))
+            except yaml.YAMLError:
+                items.append(part)
+    return items
+
+
+def _normalise(key: str, given: Any, where: str) -> Any:
+    value = given
+    if key in LIST_VALUED and isinstance(value, str):
+        value = _split_list(value)
+    elif key in LIST_VALUED and value is not None and not isinstance(value, list):
         value = [value]
     if key == "local_disk" and isinstance(value, str) and value.startswith("file://"):
         value = value[len("file://") :]
@@ -126,22 +168,65 @@ def _normalise(key: str, value: Any, source: str) -> Any:
         return getattr(msgspec.convert({key: value}, CacheConfig, strict=False), key)
     except msgspec.ValidationError as e:
         raise ConfigError(
-            f"{source}: {key}={value!r} is not valid: expected {_describe(key)}"
+            f"{where}={given!r} is not valid: expected {_type_text(_TYPES[key])}"
         ) from e
 
 
-def _merge(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+class _Layer(NamedTuple):
+    """One source of settings: where it came from, and its key -> value pairs."""
+
+    source: str
+    values: Mapping[str, Any]
+
+    def where(self, key: str) -> str:
+        """How a message names `key` of this source (a variable name for the environment)."""
+        if self.source == ENV_SOURCE:
+            return f"environment variable {ENV_PREFIX}{key.upper()}"
+        return f"{self.source}: {key}"
+
+
+class _Merged(NamedTuple):
+    values: dict[str, Any]
+    #: source -> the LMCache settings of it that this connector does not implement
+    ignored: dict[str, list[str]]
+
+
+def _merge(layers: list[_Layer]) -> _Merged:
+    """Apply the layers in order; every mistake of every layer is reported in one ConfigError."""
     merged: dict[str, Any] = {}
-    for source, mapping in layers:
-        for raw_key, value in mapping.items():
-            key = str(raw_key)
-            if key not in KEYS:
-                raise ConfigError(f"{source}: unknown key '{key}': {_suggest(key)}")
-            merged[key] = _normalise(key, value, source)
-    return merged
+    ignored: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for layer in layers:
+        seen: dict[str, str] = {}
+        for raw_key, value in layer.values.items():
+            given = str(raw_key)
+            key = LMCACHE_ALIASES.get(given, given)
+            if key in KEYS:
+                if key in seen:
+                    problems.append(
+                        f"{layer.source}: {seen[key]} and {given} set the same key: keep one"
+                    )
+                    continue
+                seen[key] = given
+                try:
+                    merged[key] = _normalise(key, value, layer.where(given))
+                except ConfigError as e:
+                    problems.append(str(e))
+            elif given in LMCACHE_KEYS:
+                name = f"{ENV_PREFIX}{given.upper()}" if layer.source == ENV_SOURCE else given
+                ignored.setdefault(layer.source, []).append(name)
+            else:
+                fix = " (rename or unset the variable)" if layer.source == ENV_SOURCE else ""
+                problems.append(f"{layer.where(given)}: unknown key: {_suggest(given)}{fix}")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{len(problems)} problems in the configuration:\n{listed}")
+    return _Merged(merged, ignored)
 
 
-def _yaml_layer(env: Mapping[str, str]) -> list[tuple[str, Mapping[str, Any]]]:
+def _yaml_layer(env: Mapping[str, str]) -> list[_Layer]:
     path_text = env.get(CONFIG_FILE_ENV)
     if not path_text:
         return []
@@ -159,35 +244,40 @@ def _yaml_layer(env: Mapping[str, str]) -> list[tuple[str, Mapping[str, Any]]]:
         return []
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
-    return [(str(path), data)]
+    return [_Layer(str(path), data)]
 
 
-def _env_layer(env: Mapping[str, str]) -> list[tuple[str, Mapping[str, Any]]]:
+def _env_layer(env: Mapping[str, str]) -> tuple[list[_Layer], list[str]]:
+    """The `LMCACHE_<KEY>` layer, and the names of LMCache's own non-key variables (ignored)."""
     values: dict[str, Any] = {}
-    for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or name in NON_KEY_ENV:
+    ignored: list[str] = []
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
             continue
-        key = name[len(ENV_PREFIX) :].lower()
-        if key not in KEYS:
-            raise ConfigError(
-                f"environment variable {name}: unknown key '{key}': {_suggest(key)} "
-                "(LMCACHE_* variables configure lmc_connector: rename it, or unset it)"
-            )
+        if is_lmcache_variable(name):
+            ignored.append(name)
+            continue
         try:
-            values[key] = yaml.safe_load(text)
+            values[name[len(ENV_PREFIX) :].lower()] = yaml.safe_load(text)
         except yaml.YAMLError:
-            values[key] = text
-    return [("environment", values)] if values else []
+            values[name[len(ENV_PREFIX) :].lower()] = text
+    return ([_Layer(ENV_SOURCE, values)] if values else []), ignored
 
 
-def _extra_layer(extra: Mapping[str, Any] | None) -> list[tuple[str, Mapping[str, Any]]]:
+def _extra_layer(extra: Mapping[str, Any] | None) -> list[_Layer]:
     if not extra:
         return []
     stripped = {
         (k[len(EXTRA_CONFIG_PREFIX) :] if k.startswith(EXTRA_CONFIG_PREFIX) else k): v
         for k, v in extra.items()
     }
-    return [("kv_connector_extra_config", stripped)]
+    return [_Layer("kv_connector_extra_config", stripped)]
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Log `message` once per process (vLLM builds the config in several roles per process)."""
+    logger.warning(message)
 
 
 def _check_requirements(config: CacheConfig) -> None:
@@ -231,11 +321,28 @@ def _check_requirements(config: CacheConfig) -> None:
 
 
 def load_config(
-    extra_config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    extra_config: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    warn_ignored: bool = True,
 ) -> CacheConfig:
-    """Build the validated config; `env` defaults to `os.environ`."""
+    """Build the validated config; `env` defaults to `os.environ`.
+
+    With `warn_ignored`, LMCache settings this connector does not implement are
+    named in one warning (once per process); vLLM's worker processes build the
+    same config as its scheduler, which alone warns.
+    """
     env = os.environ if env is None else env
-    layers = _yaml_layer(env) + _env_layer(env) + _extra_layer(extra_config)
-    config = CacheConfig(**_merge(layers))
+    env_layers, ignored_variables = _env_layer(env)
+    merged = _merge(_yaml_layer(env) + env_layers + _extra_layer(extra_config))
+    config = CacheConfig(**merged.values)
     _check_requirements(config)
+    ignored = merged.ignored
+    if ignored_variables:
+        ignored[ENV_SOURCE] = sorted(ignored.get(ENV_SOURCE, []) + ignored_variables)
+    if ignored and warn_ignored:
+        listed = "; ".join(f"{source}: {', '.join(names)}" for source, names in ignored.items())
+        _warn_once(
+            f"LMCache settings not implemented here, ignored: {listed} "
+            "(see the README's 'Coming from LMCache')"
+        )
     return config

@@ -1,8 +1,12 @@
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lmc_connector.config import CacheConfig, ConfigError, load_config
+from lmc_connector import config as config_module
+from lmc_connector.config import KEYS, CacheConfig, ConfigError, load_config
+from lmc_connector.config_lmcache import LMCACHE_KEYS
 
 SEED_YAML = """\
 chunk_size: 256
@@ -19,6 +23,42 @@ lmcache_worker_ports: 8001
 p2p_host: "localhost"
 p2p_init_ports: 8200
 """
+
+
+#: An LMCache configuration with a dozen keys this connector does not implement.
+LMCACHE_YAML = (
+    SEED_YAML
+    + """
+save_decode_cache: false
+use_layerwise: true
+enable_blending: false
+cache_policy: LRU
+local_device: cpu
+extra_config: {enable_nixl_storage: false}
+blend_special_str: " # # "
+pre_caching_hash_algorithm: builtin
+save_unfull_chunk: true
+controller_reply_url: "localhost:9002"
+remote_serde: naive
+lmcache_worker_heartbeat_time: 10
+"""
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings() -> Iterator[None]:
+    """The ignored-keys warning is logged once per process; each test starts afresh."""
+    config_module._warn_once.cache_clear()
+    yield
+    config_module._warn_once.cache_clear()
+
+
+def ignored_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "not implemented here, ignored" in r.getMessage()
+    ]
 
 
 def write_yaml(tmp_path: Path, text: str) -> dict[str, str]:
@@ -100,8 +140,99 @@ def test_no_location_at_all_is_rejected() -> None:
 
 
 def test_unknown_environment_variable_says_how_to_fix_it() -> None:
-    with pytest.raises(ConfigError, match="rename it, or unset it"):
-        load_config(env={"LMCACHE_TRACK_USAGE": "false"})
+    with pytest.raises(ConfigError, match=r"LMCACHE_CHUNK_SIZ\b.*rename or unset the variable"):
+        load_config(env={"LMCACHE_CHUNK_SIZ": "64"})
+
+
+def test_lmcache_yaml_loads_with_one_warning_listing_every_ignored_setting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = write_yaml(tmp_path, LMCACHE_YAML)
+    env |= {"LMCACHE_USE_EXPERIMENTAL": "True", "LMCACHE_TRACK_USAGE": "false"}
+    with caplog.at_level(logging.WARNING):
+        extra = {"use_native": True, "lmcache.enable_p2p": True}
+        config = load_config(extra, env=env)
+        load_config(extra, env=env)  # vLLM builds the config once per role: still one warning
+    assert config.chunk_size == 256 and config.lmcache_worker_ports == [8001]
+    (warning,) = ignored_warnings(caplog)
+    for name in (
+        "save_decode_cache",
+        "use_layerwise",
+        "enable_blending",
+        "cache_policy",
+        "local_device",
+        "extra_config",
+        "controller_reply_url",
+        "LMCACHE_USE_EXPERIMENTAL",
+        "LMCACHE_TRACK_USAGE",
+        "kv_connector_extra_config: use_native, enable_p2p",
+    ):
+        assert name in warning, name
+    assert "chunk_size" not in warning and "lmcache_worker_ports" not in warning
+
+
+def test_a_true_typo_still_fails_with_the_suggestion(tmp_path: Path) -> None:
+    env = write_yaml(tmp_path, LMCACHE_YAML + "max_local_cpu_sise: 5\n")
+    with pytest.raises(
+        ConfigError, match="max_local_cpu_sise: unknown key: did you mean max_local_cpu_size"
+    ):
+        load_config(env=env)
+
+
+def test_every_unknown_key_is_reported_at_once(tmp_path: Path) -> None:
+    env = write_yaml(tmp_path, "chunk_sise: 64\nlocal_cpus: true\n")
+    env["LMCACHE_MAX_LOCAL_CPU_SIZ"] = "1"
+    with pytest.raises(ConfigError) as raised:
+        load_config({"lmcache.lookup_timeout": 100, "codec_device": "tpu"}, env=env)
+    message = str(raised.value)
+    assert message.startswith("5 problems in the configuration:")
+    for expected in (
+        "chunk_sise: unknown key: did you mean chunk_size?",
+        "local_cpus: unknown key: did you mean local_cpu?",
+        "LMCACHE_MAX_LOCAL_CPU_SIZ: unknown key: did you mean max_local_cpu_size?",
+        "lookup_timeout: unknown key: did you mean lookup_timeout_ms?",
+        "codec_device='tpu' is not valid",
+    ):
+        assert expected in message, expected
+
+
+def test_a_misspelled_lmcache_key_is_suggested_and_marked_ignored() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean save_decode_cache\? \(an LMCache key"):
+        load_config({"save_decode_cach": False}, env={})
+
+
+def test_a_key_of_nobody_says_so_without_dumping_every_key() -> None:
+    with pytest.raises(ConfigError, match="not a key of lmc_connector nor of LMCache") as raised:
+        load_config({"zzz_frobnicate": 1}, env={})
+    assert "chunk_size" not in str(raised.value)
+
+
+def test_lmcache_comma_form_of_a_list_from_the_environment_and_yaml(tmp_path: Path) -> None:
+    env = {"LMCACHE_LMCACHE_WORKER_PORTS": "8001,8002"}
+    assert load_config(env=env).lmcache_worker_ports == [8001, 8002]
+    env = write_yaml(tmp_path, 'p2p_init_ports: "8200, 8201"\n')
+    assert load_config(env=env).p2p_init_ports == [8200, 8201]
+    with pytest.raises(
+        ConfigError, match=r"LMCACHE_LMCACHE_WORKER_PORTS='8001,x'.*comma-separated"
+    ):
+        load_config(env={"LMCACHE_LMCACHE_WORKER_PORTS": "8001,x"})
+
+
+def test_lmcache_aliases_set_the_current_keys() -> None:
+    config = load_config({"controller_url": "localhost:9001", "lmcache_worker_port": 8001}, env={})
+    assert (config.controller_pull_url, config.lmcache_worker_ports) == ("localhost:9001", [8001])
+    with pytest.raises(
+        ConfigError, match="controller_url and controller_pull_url set the same key"
+    ):
+        load_config({"controller_url": "a:1", "controller_pull_url": "a:1"}, env={})
+
+
+def test_ignored_keys_are_lmcaches_keys_that_cacheconfig_lacks() -> None:
+    """Implementing an LMCache key is adding the field to CacheConfig: nothing else lists it."""
+    ours_and_theirs = set(KEYS) & LMCACHE_KEYS
+    assert {"chunk_size", "local_disk", "lmcache_worker_ports"} <= ours_and_theirs
+    values = {key: CacheConfig().__getattribute__(key) for key in ours_and_theirs}
+    assert load_config(values, env={}) == CacheConfig()
 
 
 def test_ports_out_of_range_are_rejected() -> None:

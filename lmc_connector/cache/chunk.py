@@ -30,8 +30,21 @@ class Chunk:
         return self.blob is not None
 
     @property
+    def form(self) -> ChunkForm:
+        return ChunkForm(self.num_tokens, self.method)
+
+    @property
     def nbytes(self) -> int:
         if self.kv is not None:
             return self.kv.numel() * self.kv.element_size()
         assert self.blob is not None
         return len(self.blob)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkForm:
+    """What a tier holds under a key, without the data: its tokens, and the codec that
+    encoded it (None for a plain tensor)."""
+
+    num_tokens: int
+    method: str | None

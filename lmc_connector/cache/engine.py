@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -29,7 +30,15 @@ from lmc_connector.config import CacheConfig, ConfigError
 from lmc_connector.operations import TransformKind
 from lmc_connector.tokens import ChunkKey
 
-__all__ = ["CacheEngine", "CacheEventSink"]
+__all__ = ["CacheEngine", "CacheEventSink", "Cleared"]
+
+
+class Cleared(NamedTuple):
+    """What a clear did: chunk entries removed and kept (pinned), and the tokens they held."""
+
+    removed: int
+    kept: int
+    num_tokens: int
 
 
 def _leading(flags: Sequence[bool]) -> int:
@@ -235,16 +244,27 @@ class CacheEngine:
         keys = self.hashes(tokens)
         return sum(tier.remove(keys) for tier in self.select(locations))
 
-    def clear(self, location: str | None = None) -> tuple[int, int]:
+    def clear(self, location: str | None = None) -> Cleared:
         """Remove every unpinned chunk of one location (all when None).
 
-        Returns (removed, kept because pinned), summed over the locations.
+        Counts are summed over the locations; `num_tokens` counts each chunk that was
+        there when the clear began and is gone from every cleared location at its end.
         """
         removed = kept = 0
+        tokens: dict[ChunkKey, int] = {}
+        remaining: set[ChunkKey] = set()
         for tier in self.select(None if location is None else [location]):
+            keys = tier.chunk_keys()
+            before = tier.forms(keys)
             gone, pinned = tier.clear()
             removed, kept = removed + gone, kept + pinned
-        return removed, kept
+            for key, form, held in zip(keys, before, tier.held(keys), strict=True):
+                if form is not None:
+                    tokens[key] = form.num_tokens
+                if held:
+                    remaining.add(key)
+        num_tokens = sum(n for key, n in tokens.items() if key not in remaining)
+        return Cleared(removed, kept, num_tokens)
 
     def move(self, tokens: Sequence[int], source: str, destination: str) -> int:
         """Move the cached prefix of `tokens` from `source` to `destination`; returns tokens moved.
@@ -266,10 +286,18 @@ class CacheEngine:
     # -- compress and decompress -----------------------------------------------------------
 
     def schedule(
-        self, kind: TransformKind, tokens: Sequence[int], method: str, location: str
+        self, kind: TransformKind, tokens: Sequence[int] | None, method: str, location: str
     ) -> TransformJob:
-        """Validate and pin the chunks a compress/decompress will touch; run it with `run`."""
-        job = self._transforms.schedule(kind, self.tier(location), self.hashes(tokens), method)
+        """Validate and pin the chunks a compress/decompress will touch; run it with `run`.
+
+        The chunks are the cached prefix of `tokens`, or every chunk in `location` when
+        `tokens` is None. Raises `StoredMethodError` for a decompress with a method none
+        of those chunks was encoded with.
+        """
+        tier = self.tier(location)
+        if tokens is None:
+            return self._transforms.schedule(kind, tier, tier.chunk_keys(), method, prefix=False)
+        job = self._transforms.schedule(kind, tier, self.hashes(tokens), method)
         job.outcome.num_tokens = self._tokens(len(job.keys), len(tokens))
         return job
 

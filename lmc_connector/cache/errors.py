@@ -22,3 +22,20 @@ class UnknownLocationError(CacheError):
         )
         self.location = location
         self.valid = names
+
+
+class StoredMethodError(CacheError):
+    """A decompress names a method none of the chunks was encoded with; use one listed."""
+
+    def __init__(self, method: str, location: str, stored: dict[str, int]) -> None:
+        listed = ", ".join(
+            f"{name} ({count} chunk{'s' if count != 1 else ''})"
+            for name, count in sorted(stored.items())
+        )
+        hint = next(iter(sorted(stored)))
+        super().__init__(
+            f"the chunks in {location} are stored with {listed}, not {method}: "
+            f"decompress with method '{hint}'"
+        )
+        self.method = method
+        self.stored = stored

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.decode import to_tensors
+from lmc_connector.cache.errors import StoredMethodError
 from lmc_connector.cache.tiers import Tier, TierContext
 from lmc_connector.operations import JobOutcome, TransformKind
 from lmc_connector.tokens import ChunkKey
@@ -37,6 +39,14 @@ class TransformJob:
     outcome: JobOutcome = field(default_factory=JobOutcome)
 
 
+def _wanted(job: TransformJob, chunk: Chunk) -> bool:
+    """Whether the job codes `chunk`: plain ones for a compress, ones encoded with the job's
+    method for a decompress (others are left as they are and counted as skipped)."""
+    if job.kind == "compress":
+        return not chunk.encoded
+    return chunk.method == job.method
+
+
 class TransformRunner:
     """Schedules and runs transform jobs over the tiers of one engine.
 
@@ -49,17 +59,44 @@ class TransformRunner:
         self.device = device
 
     def schedule(
-        self, kind: TransformKind, tier: Tier, keys: list[ChunkKey], method: str
+        self,
+        kind: TransformKind,
+        tier: Tier,
+        keys: list[ChunkKey],
+        method: str,
+        prefix: bool = True,
     ) -> TransformJob:
-        """Validate `method` and pin the cached prefix of `keys` in `tier` until the job ran."""
+        """Validate `method` against the codecs and what is stored, then pin the chunks the
+        job will code until it ran: the cached prefix of `keys`, or (`prefix=False`) every
+        one of them held in `tier`.
+
+        A decompress whose method none of the encoded chunks was stored with raises
+        `StoredMethodError` naming what is stored. Without `prefix`, the job's
+        `num_tokens` is the tokens of the chunks it covers.
+        """
         from lmc_connector.ops.codecs import get_codec
 
         get_codec(method)
+        forms = tier.forms(keys)
+        if prefix:
+            hits = next((i for i, f in enumerate(forms) if f is None), len(forms))
+            covered = list(zip(keys[:hits], forms[:hits], strict=True))
+        else:
+            covered = [(k, f) for k, f in zip(keys, forms, strict=True) if f is not None]
+        if kind == "decompress":
+            stored = Counter(f.method for _, f in covered if f is not None and f.method)
+            if stored and method not in stored:
+                raise StoredMethodError(method, tier.name, dict(stored))
         with self._ctx.lock:
-            held = tier.held(keys)
-            hits = held.index(False) if False in held else len(held)
-            self._ctx.pin(keys[:hits])
-        return TransformJob(kind, method, tier, keys[:hits])
+            still = tier.held([k for k, _ in covered])
+            if prefix:
+                still = still[: still.index(False)] if False in still else still
+            kept = [(k, f) for (k, f), held in zip(covered, still, strict=False) if held]
+            self._ctx.pin([k for k, _ in kept])
+        job = TransformJob(kind, method, tier, [k for k, _ in kept])
+        if not prefix:
+            job.outcome.num_tokens = sum(f.num_tokens for _, f in kept if f is not None)
+        return job
 
     def release(self, job: TransformJob) -> None:
         """Drop the pins of a job that will not run."""
@@ -81,7 +118,7 @@ class TransformRunner:
         todo = [
             (key, marker, chunk)
             for key, marker, chunk in loaded
-            if chunk is not None and chunk.encoded == (job.kind == "decompress")
+            if chunk is not None and _wanted(job, chunk)
         ]
         outcome.chunks_skipped += len(keys) - len(todo)
         try:

@@ -30,6 +30,7 @@ from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1.lookup import LookupClient, channel_path
 from lmc_connector.v1.metadata import LMCConnectorMetadata
 from lmc_connector.v1.scheduler import LMCScheduler
+from lmc_connector.v1.vllm_version import note_untested_vllm
 from lmc_connector.v1.worker import LMCWorker, WorkerSettings
 
 if TYPE_CHECKING:
@@ -94,11 +95,14 @@ class LMCConnectorV1(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
         transfer = self._kv_transfer_config
-        self.config = load_config(transfer.kv_connector_extra_config)
+        scheduler = role == KVConnectorRole.SCHEDULER
+        if scheduler:  # once per engine; the worker processes build the same config
+            note_untested_vllm()
+        self.config = load_config(transfer.kv_connector_extra_config, warn_ignored=scheduler)
         self.scheduler: LMCScheduler | None = None
         self.worker: LMCWorker | None = None
         block_size = vllm_config.cache_config.block_size
-        if role == KVConnectorRole.SCHEDULER:
+        if scheduler:
             # A cache miss is never fatal: failed loads are recomputed (vLLM defaults to "fail").
             if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
                 logger.info("lmc_connector: setting kv_load_failure_policy=recompute")

@@ -122,7 +122,7 @@ def test_clear_keeps_pinned_chunks(make_engine: EngineFactory) -> None:
     engine = make_engine()
     put_prompt(engine, PROMPT)
     engine.pin(PROMPT[:4])
-    assert engine.clear("LocalCPUBackend") == (2, 1)
+    assert engine.clear("LocalCPUBackend") == (2, 1, 6)
     assert engine.lookup(PROMPT) == CHUNK
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
+from lmc_connector.cache.errors import StoredMethodError
 from lmc_connector.ops.codecs import UnknownCodecError, get_codec
 from tests.cache.conftest import (
     CHUNK,
@@ -161,3 +162,39 @@ def test_loads_racing_compress_see_a_whole_chunk_either_way(make_engine: EngineF
     thread.join(timeout=30)
     assert "half state" not in loads
     assert {"plain", "encoded"} <= set(loads)
+
+
+def test_without_tokens_every_chunk_of_the_location_is_covered(make_engine: EngineFactory) -> None:
+    engine = make_engine(cpu_chunks=8)
+    keys = put_prompt(engine, PROMPT) + put_prompt(engine, [50, 51, 52, 53, 54], seed=9)
+    job = engine.schedule("compress", None, "fp8", CPU)
+    assert job.outcome.num_tokens == 10 + 5
+    assert all(engine.is_pinned(k) for k in keys)
+    engine.run(job)
+    assert job.outcome.chunks_done == 5
+    assert engine.decompress(None, "fp8", CPU) == 15
+    assert engine.usage()[CPU].used_bytes == 3 * CHUNK_BYTES + 3 * CHUNK_BYTES // 4
+
+
+def test_decompress_with_another_method_than_stored_names_what_is_stored(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine()
+    keys = put_prompt(engine, PROMPT)
+    engine.compress(PROMPT, "fp8", CPU)
+    with pytest.raises(StoredMethodError, match=r"stored with fp8 \(3 chunks\), not cachegen"):
+        engine.schedule("decompress", PROMPT, "cachegen", CPU)
+    assert not any(engine.is_pinned(k) for k in keys)
+    assert all(c.encoded for c in (engine.tier(CPU).load(k)[1] for k in keys) if c)
+
+
+def test_decompress_of_mixed_methods_restores_only_its_own(make_engine: EngineFactory) -> None:
+    engine = make_engine()
+    keys = put_prompt(engine, PROMPT)
+    engine.compress(PROMPT[:4], "fp8", CPU)
+    engine.compress(PROMPT, "cachegen", CPU)
+    job = engine.run(engine.schedule("decompress", PROMPT, "cachegen", CPU))
+    assert (job.outcome.chunks_done, job.outcome.chunks_skipped) == (2, 1)
+    methods = [engine.tier(CPU).load(k)[1].method for k in keys]  # type: ignore[union-attr]
+    assert methods == ["fp8", None, None]
+    assert engine.decompress(PROMPT, "fp8", CPU) == 10

@@ -88,3 +88,10 @@ def test_every_entry_point_is_a_thin_function_of_entrypoints(wheel: Path) -> Non
         "lmc_connector.entrypoints:controller",
         "lmc_connector.entrypoints:vllm_plugin",
     ]
+
+
+def test_lmc_admin_from_the_wheel_has_its_table_library(bare_venv: Path) -> None:
+    """rich is a declared dependency: lmc-admin installs without vLLM (which also brings it)."""
+    out = run(bare_venv / "bin/lmc-admin", "--version", cwd=bare_venv)
+    assert out.startswith("lmc-admin 0.")
+    assert run(bare_venv / "bin/python", "-c", "import rich; print('ok')", cwd=bare_venv) == "ok\n"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.chunk import Chunk, ChunkForm
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
@@ -209,6 +209,18 @@ class Tier(ABC):
     @abstractmethod
     def clear(self) -> tuple[int, int]:
         """Remove every unpinned chunk; returns (removed, kept because pinned)."""
+
+    def forms(self, keys: Sequence[ChunkKey]) -> list[ChunkForm | None]:
+        """What each key holds here (tokens, codec), None where it is not held.
+
+        Called without the lock. This default reads every chunk; a tier that
+        keeps this in its index (or in a store's metadata) overrides it.
+        """
+        out: list[ChunkForm | None] = []
+        for key in keys:
+            _, chunk = self.load(key)
+            out.append(None if chunk is None else chunk.form)
+        return out
 
     def open(self) -> None:
         """Prepare the tier (create folders, re-admit what an earlier run left); no-op here."""

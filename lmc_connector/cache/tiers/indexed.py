@@ -4,16 +4,27 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from typing_extensions import override
 
-from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.chunk import Chunk, ChunkForm
 from lmc_connector.cache.tiers.base import Marker, Tier, TierContext, TierUsage
 from lmc_connector.cache.tiers.lru import LRUIndex
 from lmc_connector.tokens import ChunkKey
 
-E = TypeVar("E")
+
+class IndexEntry(Protocol):
+    """What an index entry tells about its chunk without reading it."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def method(self) -> str | None: ...
+
+
+E = TypeVar("E", bound=IndexEntry)
 #: Chunks removed per lock acquisition when a whole tier is cleared, so that lookups and
 #: loads go on between batches.
 CLEAR_BATCH = 256
@@ -60,6 +71,12 @@ class IndexedTier(Tier, Generic[E]):
     def touch(self, key: ChunkKey) -> bool:
         with self.ctx.lock:
             return self._index.touch(key) is not None
+
+    @override
+    def forms(self, keys: Sequence[ChunkKey]) -> list[ChunkForm | None]:
+        with self.ctx.lock:
+            entries = [self._index.peek(key) for key in keys]
+        return [None if e is None else ChunkForm(e.num_tokens, e.method) for e in entries]
 
     @override
     def chunk_keys(self) -> list[ChunkKey]:

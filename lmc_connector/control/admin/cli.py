@@ -1,183 +1,209 @@
 """`lmc-admin`: the controller's HTTP API from the shell, one subcommand per route.
 
+    lmc-admin instances
     lmc-admin compress --instance lmcache_default_instance --method cachegen \\
         --location LocalCPUBackend --tokens 128000,849,21435 --wait
-    lmc-admin lookup --prompt "Explain KV cache." --vllm-url http://localhost:8000
+    lmc-admin lookup --prompt "Explain KV cache." --vllm-url http://localhost:8000 -o json
 
-Tokens: --tokens 1,2,3 (or a JSON list), --tokens-file FILE (JSON list, a
-/tokenize answer, or integers separated by commas/whitespace), or --prompt
-TEXT --vllm-url URL (tokenized by vLLM's /tokenize; --model defaults to the
-first model vLLM's /v1/models lists).
+Global options (--url, --api-key, -o, --json, --timeout) go before or after
+the subcommand. Answers print as tables; `-o wide` adds columns, `-o json`
+and `-o yaml` print the controller's answer unchanged.
 
 Exit codes: 0 success; 1 the operation failed (event failed, or workers did
-not answer: HTTP 503); 2 usage error (bad arguments, or the controller
-rejected the request: HTTP 400/404/422); 3 the controller or vLLM is
-unreachable or timed out; 4 authentication failed (HTTP 401/403).
+not answer: HTTP 503); 2 usage error or request rejected (HTTP 400/404/422);
+3 the controller or vLLM is unreachable, or the URL is not a controller;
+4 authentication failed; 5 --wait ran out before the operation ended (it goes
+on); 6 `health --strict` found the controller degraded; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
+from importlib import metadata
 from typing import Any
 
-import httpx
-
 from lmc_connector.control import API_KEY_ENV
+from lmc_connector.control.admin import render
 from lmc_connector.control.admin.client import (
+    DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     ControllerClient,
     ControllerRejectedError,
     ControllerUnreachableError,
 )
+from lmc_connector.control.admin.follow import WaitTimeoutError, follow
+from lmc_connector.control.admin.tokens import (
+    UsageError,
+    add_token_options,
+    required_tokens,
+    tokens_of,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4
-#: Seconds between event polls with --wait.
-POLL_S = 0.2
+EXIT_WAIT_TIMEOUT, EXIT_DEGRADED, EXIT_INTERRUPTED = 5, 6, 130
+#: Seconds --wait follows an operation by default.
+DEFAULT_WAIT_S = 600.0
+EPILOG = (
+    "exit codes: 0 ok, 1 operation failed, 2 usage or request rejected, 3 unreachable or not "
+    "a controller, 4 authentication, 5 --wait timed out, 6 degraded (health --strict), "
+    "130 interrupted"
+)
 
 
-class UsageError(ValueError):
-    """The command line is wrong; the message says how."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description as written and shows every option's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        shown = default not in (None, False, argparse.SUPPRESS) and action.nargs != 0
+        if shown and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
 
 
-def _parse_tokens_text(text: str, source: str) -> list[int]:
-    text = text.strip()
-    try:
-        data: Any = json.loads(text) if text[:1] in "[{" else None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{source}: not valid JSON: {e}") from e
-    if isinstance(data, dict):
-        data = data.get("tokens")
-    if data is None:
-        parts = [p for p in text.replace(",", " ").split() if p]
-        if not all(p.isdigit() for p in parts):
-            raise UsageError(f"{source}: expected integers separated by commas, or a JSON list")
-        data = [int(p) for p in parts]
-    if not isinstance(data, list) or not all(isinstance(t, int) and t >= 0 for t in data):
-        raise UsageError(f"{source}: expected a list of non-negative integer token ids")
-    return data
+def _add_globals(p: argparse.ArgumentParser, top: bool) -> None:
+    """The options every subcommand takes; below the top level they keep the top's values
+    unless given again (argparse.SUPPRESS leaves the attribute unset)."""
 
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
 
-def _tokenize(args: argparse.Namespace) -> list[int]:
-    base = args.vllm_url.rstrip("/")
-    try:
-        with httpx.Client(timeout=args.timeout) as http:
-            model = args.model
-            if model is None:
-                models = http.get(f"{base}/v1/models").raise_for_status().json()
-                model = models["data"][0]["id"]
-            answer = http.post(f"{base}/tokenize", json={"model": model, "prompt": args.prompt})
-            answer.raise_for_status()
-            return [int(t) for t in answer.json()["tokens"]]
-    except httpx.TransportError as e:
-        raise ControllerUnreachableError(f"cannot reach vLLM at {base}: {e}") from e
-    except (httpx.HTTPStatusError, KeyError, IndexError, TypeError, ValueError) as e:
-        raise UsageError(f"vLLM at {base} could not tokenize the prompt: {e}") from e
-
-
-def _tokens(args: argparse.Namespace) -> list[int]:
-    given = [x for x in (args.tokens, args.tokens_file, args.prompt) if x is not None]
-    if len(given) != 1:
-        raise UsageError("give exactly one of --tokens, --tokens-file, --prompt")
-    if args.tokens is not None:
-        return _parse_tokens_text(args.tokens, "--tokens")
-    if args.tokens_file is not None:
-        try:
-            text = Path(args.tokens_file).read_text()
-        except OSError as e:
-            raise UsageError(f"--tokens-file {args.tokens_file}: {e.strerror}") from e
-        return _parse_tokens_text(text, f"--tokens-file {args.tokens_file}")
-    if args.vllm_url is None:
-        raise UsageError("--prompt needs --vllm-url (the vLLM server that tokenizes it)")
-    return _tokenize(args)
-
-
-def _add_tokens(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", help="token ids: 1,2,3 or a JSON list")
-    p.add_argument("--tokens-file", help="file of token ids (JSON list or comma/space separated)")
-    p.add_argument("--prompt", help="text to tokenize through vLLM (needs --vllm-url)")
-    p.add_argument("--vllm-url", help="vLLM server for --prompt, e.g. http://localhost:8000")
-    p.add_argument("--model", help="model name for /tokenize (default: vLLM's first model)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lmc-admin",
-        description="Operate the lmc_connector controller over HTTP.",
-        epilog="exit codes: 0 ok, 1 operation failed, 2 usage/rejected, 3 unreachable, 4 auth",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    where = "" if top else " (global option)"
+    p.add_argument("--url", default=default(DEFAULT_URL), help=f"controller URL{where}")
+    p.add_argument(
+        "--api-key",
+        default=default(os.environ.get(API_KEY_ENV)),
+        help=f"the controller's API key{where} (default: ${API_KEY_ENV})",
     )
-    p.add_argument("--url", default=DEFAULT_URL, help=f"controller URL (default {DEFAULT_URL})")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"or ${API_KEY_ENV}")
-    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP call")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=render.FORMATS,
+        default=default("table"),
+        help=f"output format{where}",
+    )
+    p.add_argument(
+        "--json",
+        dest="output",
+        action="store_const",
+        const="json",
+        default=argparse.SUPPRESS,
+        help=f"same as -o json{where}",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"seconds per HTTP call{where}",
+    )
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="follow the operation to its end")
+    p.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT_S, help="seconds to follow")
+
+
+def _sub(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str, **kw: Any
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name, help=help_text, description=help_text, formatter_class=_Formatter, **kw
+    )
+    _add_globals(p, top=False)
+    return p
+
+
+def _subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name in ("compress", "decompress"):
-        s = sub.add_parser(name, help=f"{name} cached KV of a prompt on one instance")
+        s = _sub(sub, name, f"{name} cached KV of a prompt (or every chunk) on one instance")
         s.add_argument("--instance", required=True)
-        s.add_argument("--method", default="cachegen")
-        s.add_argument("--location", default="LocalCPUBackend")
-        _add_tokens(s)
-        s.add_argument("--wait", action="store_true", help="follow the event to its end")
-        s.add_argument("--wait-timeout", type=float, default=600.0)
-    s = sub.add_parser("lookup", help="where the longest cached prefix of a prompt lives")
-    _add_tokens(s)
-    s = sub.add_parser("pin", help="pin the cached prefix of a prompt")
+        s.add_argument("--method", default="cachegen", help="codec")
+        s.add_argument("--location", default="LocalCPUBackend", help="cache location")
+        add_token_options(s, every_chunk=True)
+        _add_wait(s)
+    s = _sub(sub, "lookup", "where the longest cached prefix of a prompt lives")
+    add_token_options(s)
+    s = _sub(sub, "pin", "pin the cached prefix of a prompt")
     s.add_argument("--instance", required=True)
     s.add_argument("--location", help="pin only the chunks in this location (default: any)")
-    _add_tokens(s)
-    s = sub.add_parser("unpin", help="unpin the cached prefix of a prompt (in every location)")
+    add_token_options(s)
+    s = _sub(sub, "unpin", "unpin the cached prefix of a prompt (in every location)")
     s.add_argument("--instance", required=True)
-    _add_tokens(s)
-    s = sub.add_parser("clear", help="remove unpinned chunks of an instance")
+    add_token_options(s)
+    s = _sub(sub, "clear", "remove unpinned chunks of an instance")
     s.add_argument("--instance", required=True)
     s.add_argument("--location", help="one location (default: all)")
-    s = sub.add_parser("move", help="move a cached prefix between locations of an instance")
+    s = _sub(sub, "move", "move a cached prefix between locations of an instance")
     s.add_argument("--instance", required=True)
     s.add_argument("--source", required=True)
     s.add_argument("--destination", required=True)
-    _add_tokens(s)
-    s = sub.add_parser("health", help="controller health (or one instance's)")
+    add_token_options(s)
+    s = _sub(sub, "health", "controller health (or one instance's)")
     s.add_argument("--instance")
-    s = sub.add_parser("worker-info", help="workers of an instance")
-    s.add_argument("--instance", required=True)
+    s.add_argument("--strict", action="store_true", help="exit 6 when degraded")
+    s = _sub(sub, "worker-info", "workers of one instance, or of all", aliases=["workers"])
+    s.add_argument("--instance", help="one instance (default: every instance)")
     s.add_argument("--worker", type=int, action="append", help="worker id (repeatable)")
-    sub.add_parser("instances", help="registered instances")
+    _sub(sub, "instances", "registered instances")
+    s = _sub(sub, "query-instance", "the instance with a worker at an IP address")
+    s.add_argument("ip")
     for name in ("event", "check-finish"):
-        s = sub.add_parser(name, help="an event's status")
+        s = _sub(sub, name, "an operation's status")
         s.add_argument("event_id")
-        s.add_argument("--wait", action="store_true", help="follow the event to its end")
-        s.add_argument("--wait-timeout", type=float, default=600.0)
-    sub.add_parser("metrics", help="Prometheus metrics text")
+        _add_wait(s)
+    _sub(sub, "metrics", "Prometheus metrics text")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lmc-connector")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmc-admin",
+        description="Operate the lmc_connector controller over HTTP.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--version", action="version", version=f"lmc-admin {_version()}")
+    _add_globals(p, top=True)
+    _subcommands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return p
 
 
 def _request(client: ControllerClient, args: argparse.Namespace) -> Any:
     c = args.command
     if c in ("compress", "decompress"):
-        fn = client.compress if c == "compress" else client.decompress
-        return fn(args.instance, args.method, args.location, _tokens(args))
+        return client.transform(c, args.instance, args.method, args.location, tokens_of(args))
     if c == "lookup":
-        return client.lookup(_tokens(args))
+        return client.lookup(required_tokens(args))
     if c == "pin":
-        return client.pin(args.instance, _tokens(args), args.location)
+        return client.pin(args.instance, required_tokens(args), args.location)
     if c == "unpin":
-        return client.unpin(args.instance, _tokens(args))
+        return client.unpin(args.instance, required_tokens(args))
     if c == "clear":
         return client.clear(args.instance, args.location)
     if c == "move":
-        return client.move(args.instance, args.source, args.destination, _tokens(args))
+        return client.move(args.instance, args.source, args.destination, required_tokens(args))
     if c == "health":
         return client.health(args.instance)
-    if c == "worker-info":
+    if c in ("worker-info", "workers"):
+        if args.instance is None:
+            if args.worker:
+                raise UsageError("--worker needs --instance (worker ids repeat per instance)")
+            return client.workers()
         return client.worker_info(args.instance, args.worker)
     if c == "instances":
         return client.instances()
+    if c == "query-instance":
+        return client.query_instance(args.ip)
     if c == "event":
         return client.event(args.event_id)
     if c == "check-finish":
@@ -185,66 +211,59 @@ def _request(client: ControllerClient, args: argparse.Namespace) -> Any:
     return client.metrics()
 
 
-def _wait(client: ControllerClient, event_id: str, limit: float, quiet: bool) -> dict[str, Any]:
-    deadline = time.monotonic() + limit
-    while True:
-        event: dict[str, Any] = client.event(event_id)
-        workers = event.get("workers", [])
-        done = sum(w["status"] in ("finished", "failed") for w in workers)
-        if not quiet:
-            print(
-                f"\revent {event_id}: {event['status']}, {done}/{len(workers)} workers done",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        if event["status"] in ("finished", "failed"):
-            if not quiet:
-                print(file=sys.stderr)
-            return event
-        if time.monotonic() > deadline:
-            raise ControllerUnreachableError(
-                f"event {event_id} still {event['status']} after {limit:g} s"
-            )
-        time.sleep(POLL_S)
+def _resume_hint(args: argparse.Namespace, event_id: str) -> str:
+    url = "" if args.url == DEFAULT_URL else f" --url {args.url}"
+    return f"lmc-admin{url} event {event_id} --wait"
 
 
-def _show(result: Any, as_json: bool) -> None:
-    if isinstance(result, str):
-        print(result, end="" if result.endswith("\n") else "\n")
-    elif as_json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            text = (
-                value
-                if isinstance(value, str | int | float) or value is None
-                else json.dumps(value)
-            )
-            print(f"{key}: {text}")
+def _error(message: str) -> None:
+    print(f"lmc-admin: {message}", file=sys.stderr, flush=True)
+
+
+def _run(client: ControllerClient, args: argparse.Namespace, state: dict[str, str]) -> int:
+    """One command; `state["event_id"]` names the operation once the controller answered."""
+    result = _request(client, args)
+    if getattr(args, "wait", False):
+        event_id = args.event_id if hasattr(args, "event_id") else result["event_id"]
+        state["event_id"] = event_id
+        try:
+            result = follow(client, event_id, args.wait_timeout, sys.stderr.isatty())
+        except WaitTimeoutError as e:
+            render.show(e.event, args.output)
+            _error(f"{e}; it goes on: follow it with `{_resume_hint(args, event_id)}`")
+            return EXIT_WAIT_TIMEOUT
+    render.show(result, args.output)
+    if isinstance(result, dict) and result.get("status") == "failed":
+        return EXIT_FAILED
+    if args.command == "health" and args.strict and result.get("status") != "ok":
+        return EXIT_DEGRADED
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    state: dict[str, str] = {}
     try:
         with ControllerClient(args.url, args.api_key, args.timeout) as client:
-            result = _request(client, args)
-            if getattr(args, "wait", False):
-                event_id = args.event_id if hasattr(args, "event_id") else result["event_id"]
-                result = _wait(client, event_id, args.wait_timeout, args.json)
-            _show(result, args.json)
-            if isinstance(result, dict) and result.get("status") == "failed":
-                return EXIT_FAILED
-            return EXIT_OK
+            return _run(client, args, state)
+    except KeyboardInterrupt:
+        if "event_id" in state:
+            hint = (
+                f"the operation goes on: follow it with `{_resume_hint(args, state['event_id'])}`"
+            )
+        else:
+            hint = "the request may still have reached the controller"
+        _error(f"interrupted; {hint}")
+        return EXIT_INTERRUPTED
     except UsageError as e:
-        print(f"lmc-admin: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     except ControllerUnreachableError as e:
-        print(f"lmc-admin: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_UNREACHABLE
     except ControllerRejectedError as e:
         suffix = f" (event {e.event_id})" if e.event_id else ""
-        print(f"lmc-admin: {e}{suffix}", file=sys.stderr)
+        _error(f"{e}{suffix}")
         if e.status in (401, 403):
             return EXIT_AUTH
         return EXIT_FAILED if e.status >= 500 else EXIT_USAGE

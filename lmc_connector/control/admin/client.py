@@ -1,6 +1,6 @@
 """A small synchronous client of the controller's HTTP API (httpx), used by `lmc-admin`.
 
-Every call has a timeout. Failures become one of three exceptions, each
+Every call has a timeout. Failures become one of a few exceptions, each
 saying what to do next; the response JSON is returned as plain dicts.
 """
 
@@ -15,10 +15,16 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:9000"
 #: Seconds per HTTP call; the controller itself answers within its command timeout.
 DEFAULT_TIMEOUT_S = 30.0
+#: What FastAPI answers for a route it does not have: the controller's own 404s say more.
+_GENERIC_DETAILS = ("Not Found", "Method Not Allowed")
 
 
 class ControllerUnreachableError(ConnectionError):
     """No answer from the controller: check --url, and that lmc-controller is running."""
+
+
+class NotAControllerError(ControllerUnreachableError):
+    """Something answered at the URL, but not an lmc-controller: check --url."""
 
 
 class ControllerRejectedError(RuntimeError):
@@ -29,6 +35,12 @@ class ControllerRejectedError(RuntimeError):
         self.status = status
         self.detail = detail
         self.event_id = event_id
+
+
+def _first_line(text: object, limit: int = 200) -> str:
+    """A non-JSON error body (a proxy's page) shortened to one line."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    return line if len(line) <= limit else f"{line[:limit]}..."
 
 
 class ControllerClient:
@@ -63,25 +75,51 @@ class ControllerClient:
             raise ControllerUnreachableError(
                 f"cannot reach the controller at {self.url}: {e}"
             ) from e
-        is_json = response.headers.get("content-type", "").startswith("application/json")
-        data: Any = response.json() if is_json and response.content else response.text
+        media = response.headers.get("content-type", "").split(";")[0].strip()
+        expected = "text/plain" if path == "/metrics" else "application/json"
+        try:
+            data: Any = response.json() if media == "application/json" else response.text
+        except ValueError:
+            data = None
+        generic = isinstance(data, dict) and data.get("detail") in _GENERIC_DETAILS
+        if (media != expected and response.status_code < 500 and response.status_code != 401) or (
+            response.status_code in (404, 405) and generic
+        ):
+            raise NotAControllerError(
+                f"{self.url} does not look like an lmc-controller: {method} {path} answered "
+                f"{response.status_code} {media or 'without a content type'}; check --url"
+            )
         if response.status_code >= 400:
-            detail = data.get("detail", data) if isinstance(data, dict) else data
+            detail = data.get("detail", data) if isinstance(data, dict) else _first_line(data)
             event_id = data.get("event_id") if isinstance(data, dict) else None
             raise ControllerRejectedError(response.status_code, str(detail), event_id)
         return data
 
     # -- one method per route -----------------------------------------------------------------
 
-    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]) -> Any:
-        body = {"instance_id": instance_id, "method": method, "location": location}
-        return self.call("POST", "/compress", {**body, "tokens": list(tokens)})
+    def transform(
+        self,
+        kind: str,
+        instance_id: str,
+        method: str,
+        location: str,
+        tokens: Sequence[int] | None,
+    ) -> Any:
+        """`kind` "compress" or "decompress"; `tokens` None means every chunk in `location`."""
+        body: dict[str, Any] = {"instance_id": instance_id, "method": method, "location": location}
+        if tokens is not None:
+            body["tokens"] = list(tokens)
+        return self.call("POST", f"/{kind}", body)
+
+    def compress(
+        self, instance_id: str, method: str, location: str, tokens: Sequence[int] | None
+    ) -> Any:
+        return self.transform("compress", instance_id, method, location, tokens)
 
     def decompress(
-        self, instance_id: str, method: str, location: str, tokens: Sequence[int]
+        self, instance_id: str, method: str, location: str, tokens: Sequence[int] | None
     ) -> Any:
-        body = {"instance_id": instance_id, "method": method, "location": location}
-        return self.call("POST", "/decompress", {**body, "tokens": list(tokens)})
+        return self.transform("decompress", instance_id, method, location, tokens)
 
     def lookup(self, tokens: Sequence[int]) -> Any:
         return self.call("POST", "/lookup", {"tokens": list(tokens)})
@@ -108,6 +146,16 @@ class ControllerClient:
         return self.call(
             "POST", "/query_worker_info", {"instance_id": instance_id, "worker_ids": ids}
         )
+
+    def workers(self, instance_id: str | None = None, worker_id: int | None = None) -> Any:
+        params = {"instance_id": instance_id, "worker_id": worker_id}
+        query = "&".join(
+            f"{k}={quote(str(v), safe='')}" for k, v in params.items() if v is not None
+        )
+        return self.call("GET", f"/controller/workers{'?' + query if query else ''}")
+
+    def query_instance(self, ip: str) -> Any:
+        return self.call("POST", "/query_instance", {"ip": ip})
 
     def instances(self) -> Any:
         return self.call("GET", "/instances")

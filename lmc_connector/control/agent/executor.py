@@ -79,7 +79,8 @@ class OpExecutor:
                     return cmd.Failed(
                         "unknown_method", f"unknown method '{op.method}'; valid: {valid}"
                     )
-                job = engine.schedule(op.kind, op.tokens, op.method, op.location)
+                which = None if op.every_chunk else op.tokens
+                job = engine.schedule(op.kind, which, op.method, op.location)
             elif isinstance(op, cmd.PinOp | cmd.ClearOp) and op.location is not None:
                 engine.tier(op.location)
             elif isinstance(op, cmd.MoveOp):
@@ -112,8 +113,12 @@ class OpExecutor:
             if isinstance(op, cmd.UnpinOp):
                 return cmd.Ok(JobOutcome(num_tokens=engine.unpin(op.tokens)))
             if isinstance(op, cmd.ClearOp):
-                removed, kept = engine.clear(op.location)
-                return cmd.Ok(JobOutcome(removed=removed, kept=kept))
+                cleared = engine.clear(op.location)
+                return cmd.Ok(
+                    JobOutcome(
+                        num_tokens=cleared.num_tokens, removed=cleared.removed, kept=cleared.kept
+                    )
+                )
             assert isinstance(op, cmd.MoveOp)
             moved = engine.move(op.tokens, op.source, op.destination)
             return cmd.Ok(JobOutcome(num_tokens=moved))

@@ -56,16 +56,30 @@ class WorkerRejectedError(ControlError):
     """A worker refused the request (e.g. an unknown location); the message says why."""
 
 
-class UnknownInstanceError(ControlError):
-    """No registered instance has this id; use one of those listed."""
+class NotRegisteredError(ControlError):
+    """Nothing registered goes by this name; use one of those listed."""
 
     status = 404
 
-    def __init__(self, instance_id: str, valid: list[str]) -> None:
+    def __init__(self, unknown: str, value: str, known: str, valid: list[str]) -> None:
         super().__init__(
-            f"unknown instance_id '{echo(instance_id)}'{did_you_mean(instance_id, valid)}; "
-            f"instances: {listing(valid) if valid else 'none registered'}"
+            f"{unknown} '{echo(value)}'{did_you_mean(value, valid)}; "
+            f"{known}: {listing(valid) if valid else 'none registered'}"
         )
+
+
+class UnknownInstanceError(NotRegisteredError):
+    """No registered instance has this id; use one of those listed."""
+
+    def __init__(self, instance_id: str, valid: list[str]) -> None:
+        super().__init__("unknown instance_id", instance_id, "instances", valid)
+
+
+class UnknownAddressError(NotRegisteredError):
+    """No registered worker advertises this address; use one of those listed."""
+
+    def __init__(self, ip: str, valid: list[str]) -> None:
+        super().__init__("no instance has a worker at", ip, "worker addresses", valid)
 
 
 class UnknownOperationError(ControlError):

@@ -8,16 +8,48 @@ Never imports torch, vllm or the cache.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import sys
 import time
 from collections.abc import Sequence
 
 from lmc_connector.control.controller.service import ControllerService
-from lmc_connector.control.controller.settings import SettingsError, build_settings
+from lmc_connector.control.controller.settings import Settings, SettingsError, build_settings
 from lmc_connector.control.wire.sockets import resolve_host
 
 logger = logging.getLogger("lmc_connector.control")
+
+
+def _port_problem(settings: Settings, flag: str, port: int, error: int | None, text: str) -> str:
+    """One line for a port that cannot be listened on, the same for every port."""
+    where = f"{settings.host}:{port} ({flag})"
+    if error == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the port is already in use (another lmc-controller "
+            f"still running?); stop that process or choose another {flag}"
+        )
+    if error == errno.EACCES:
+        return f"cannot listen on {where}: permission denied; choose a port above 1023"
+    if error == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: this machine has no such address; check --host"
+    return f"cannot listen on {where}: {text}"
+
+
+def _http_socket(settings: Settings) -> socket.socket:
+    """The HTTP API's listening socket, bound here so that a taken port is reported as
+    plainly as a taken monitor port (uvicorn would log its raw errno)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((resolve_host(settings.host), settings.port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,25 +70,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmc_connector.control.controller.http.app import create_app
 
     try:
+        http_socket = _http_socket(settings)
+    except OSError as e:
+        print(
+            "lmc-controller: " + _port_problem(settings, "--port", settings.port, e.errno, str(e)),
+            file=sys.stderr,
+        )
+        return 1
+    try:
         service = ControllerService(settings)
     except ValueError as e:  # the host stopped resolving since the settings were checked
+        http_socket.close()
         print(f"lmc-controller: --host: {e}", file=sys.stderr)
         return 2
     try:
         service.start()
     except zmq.ZMQError as e:
-        print(
-            f"lmc-controller: cannot listen for workers on {settings.host}:"
-            f"{settings.monitor_port} (--monitor-port): {e}",
-            file=sys.stderr,
-        )
+        problem = _port_problem(settings, "--monitor-port", settings.monitor_port, e.errno, str(e))
+        print(f"lmc-controller: {problem}", file=sys.stderr)
         service.close()
+        http_socket.close()
         return 1
     try:
         config = uvicorn.Config(
             create_app(service),
-            host=resolve_host(settings.host),
-            port=settings.port,
             log_level=settings.log_level,
             access_log=False,
         )
@@ -70,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "on" if settings.api_key else "off",
             (time.perf_counter() - started) * 1000,
         )
-        server.run()
+        server.run(sockets=[http_socket])
         return 0 if server.started else 1
     finally:
+        http_socket.close()
         service.close()

@@ -250,7 +250,14 @@ class ControllerService:
         started: float,
     ) -> NoReturn:
         """Fail the operation after the prepare phase (nothing was changed) and raise why."""
-        errors = "; ".join(f"worker {w.rank}: {why}" for w, why, _ in problems if why)
+        by_reason: dict[str, list[int]] = {}
+        for worker, why, _ in problems:
+            if why:
+                by_reason.setdefault(why, []).append(worker.rank)
+        errors = "; ".join(
+            f"worker{'s' if len(ranks) > 1 else ''} {_ranks(ranks)}: {why}"
+            for why, ranks in by_reason.items()
+        )
         unavailable = any(
             not isinstance(r, cmd.Ok | cmd.Failed)
             or (isinstance(r, cmd.Failed) and r.code in UNAVAILABLE_CODES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +68,39 @@ def _parser() -> argparse.ArgumentParser:
         "--command-timeout", type=float, help="seconds a worker has to answer a command (5)"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    lmcache = p.add_argument_group(
+        "LMCache's flags", "accepted so that LMCache's controller command lines run unchanged"
+    )
+    lmcache.add_argument(
+        "--monitor-ports",
+        metavar="JSON",
+        help='\'{"pull": 9001, "reply": 9002}\': "pull" is --monitor-port; workers here need no '
+        "reply port, so it is ignored",
+    )
+    lmcache.add_argument(
+        "--lmcache-worker-timeout", type=float, dest="worker_timeout_alias", help="--worker-timeout"
+    )
+    lmcache.add_argument(
+        "--health-check-interval",
+        type=float,
+        help="ignored: workers are checked on every heartbeat (LMCache's -1 turns its check off)",
+    )
     return p
+
+
+def _monitor_ports(text: str) -> int:
+    """The pull port of LMCache's `--monitor-ports '{"pull": P, "reply": R}'`."""
+    try:
+        ports = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(
+            f"--monitor-ports: not valid JSON ({e}); e.g. '{{\"pull\": 9001}}'"
+        ) from e
+    if not isinstance(ports, dict) or not isinstance(ports.get("pull"), int):
+        raise SettingsError(
+            f'--monitor-ports {text!r}: expected a JSON object with an integer "pull" port'
+        )
+    return int(ports["pull"])
 
 
 def _file_settings(path: Path) -> dict[str, Any]:
@@ -104,6 +137,10 @@ def build_settings(
         merged.update(_file_settings(args.config))
     if env.get(API_KEY_ENV):
         merged["api_key"] = env[API_KEY_ENV]
+    if args.monitor_ports is not None:
+        merged["monitor_port"] = _monitor_ports(args.monitor_ports)
+    if args.worker_timeout_alias is not None:
+        merged["worker_timeout"] = args.worker_timeout_alias
     for name in ("host", "port", "monitor_port", "api_key", "worker_timeout", "command_timeout"):
         value = getattr(args, name)
         if value is not None:

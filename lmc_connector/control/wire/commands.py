@@ -23,10 +23,14 @@ MAX_PREPARE_TTL_S = 300.0
 
 
 class TransformOp(msgspec.Struct, tag="transform"):
+    """Code the cached prefix of `tokens` in `location`, or with `every_chunk` every chunk
+    there (`tokens` is then empty)."""
+
     kind: TransformKind
     method: Name
     location: Name
     tokens: list[TokenId]
+    every_chunk: bool = False
 
 
 class PinOp(msgspec.Struct, tag="pin"):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -11,13 +16,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lmc_connector.control.admin.cli import main
+from lmc_connector.control.admin.cli import main, parser
 from lmc_connector.launch import free_port
 from tests.control.conftest import InstanceFactory
 from tests.control.harness import CPU, Controller, wait_until
 
 PROMPT = list(range(700, 710))
+SCRIPT = Path(sys.executable).with_name("lmc-admin")
 
 
 def admin(controller: Controller, *args: str) -> int:
@@ -124,12 +131,197 @@ def test_wrong_api_key_exits_4(tmp_path: Path) -> None:
 
 
 def test_console_script_prints_one_line_errors(controller: Controller) -> None:
-    script = Path(sys.executable).with_name("lmc-admin")
     result = subprocess.run(
-        [str(script), "--url", controller.url, "worker-info", "--instance", "missing"],
+        [str(SCRIPT), "--url", controller.url, "worker-info", "--instance", "missing"],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "unknown instance_id" in result.stderr
+
+
+# -- output, flags and help -------------------------------------------------------------------
+
+
+def test_instances_prints_a_table(
+    controller: Controller, make_instance: InstanceFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_instance("cli-table")
+    assert admin(controller, "instances") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "INSTANCE",
+        "MODEL",
+        "WORKERS",
+        "CHUNK",
+        "SIZE",
+        "CHUNKS",
+        "LOCATIONS",
+    ]
+    row = next(line for line in lines if line.startswith("cli-table"))
+    assert row.split()[:4] == ["cli-table", "tiny", "2/2", "4"]
+    assert "{" not in "".join(lines) and "None" not in "".join(lines)
+
+
+def test_wide_worker_table_shows_dates_not_epoch_floats(
+    controller: Controller, make_instance: InstanceFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_instance("cli-wide")
+    assert admin(controller, "worker-info", "--instance", "cli-wide", "-o", "wide") == 0
+    out = capsys.readouterr().out
+    assert "REGISTERED" in out and "PEER" in out
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", out)
+    assert not re.search(r"\d{10}\.\d", out)
+
+
+def test_global_flags_work_after_the_subcommand(
+    controller: Controller, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["health", "--json", "--url", controller.url]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    assert main(["health", "--url", controller.url, "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["status"] == "ok"
+
+
+def test_help_shows_defaults_and_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    top = parser().format_help()
+    assert "(default: http://127.0.0.1:9000)" in top and "(default: table)" in top
+    with pytest.raises(SystemExit) as done:
+        main(["compress", "--help"])
+    assert done.value.code == 0
+    sub = capsys.readouterr().out
+    assert "(default: cachegen)" in sub and "(default: LocalCPUBackend)" in sub
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert re.match(r"lmc-admin \d+\.\d+", capsys.readouterr().out)
+
+
+def test_health_strict_exits_6_when_degraded(controller: Controller) -> None:
+    from lmc_connector.launch import free_port
+    from tests.control.harness import engine_config, registered, start_worker
+
+    config = engine_config(controller.monitor_port, "cli-half", [free_port(), free_port()])
+    worker = start_worker(config, rank=0, world_size=2)  # rank 1 never comes
+    try:
+        wait_until(lambda: registered(controller.url, "cli-half", 1), what="rank 0")
+        assert admin(controller, "health", "--instance", "cli-half") == 0
+        assert admin(controller, "health", "--instance", "cli-half", "--strict") == 6
+        assert admin(controller, "health", "--strict") == 0
+    finally:
+        worker.agent.close()
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        (200, "text/html", b"<html><body>hello</body></html>"),
+        (404, "application/json", b'{"detail":"Not Found"}'),
+    ],
+)
+def test_a_url_that_is_not_a_controller_gets_one_line(page: tuple[int, str, bytes]) -> None:
+    status, media, payload = page
+
+    class Other(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", media)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = subprocess.run(
+            [str(SCRIPT), "--url", f"http://127.0.0.1:{server.server_address[1]}", "instances"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert (
+        result.stderr.count("\n") == 1 and "does not look like an lmc-controller" in result.stderr
+    )
+
+
+# -- waiting: progress, timeouts, Ctrl-C -------------------------------------------------------
+
+
+@pytest.fixture
+def stuck_instance(make_instance: InstanceFactory) -> Iterator[str]:
+    """An instance whose compress jobs never end until the test does.
+
+    A fake: a job that outlasts the wait cannot be caused reliably on a tiny cache.
+    """
+    release = threading.Event()
+    workers = make_instance("cli-stuck")
+    for w in workers:
+        w.fill(PROMPT)
+
+        def blocked(job: object) -> object:
+            release.wait(60)
+            return job
+
+        w.engine.run = blocked  # type: ignore[method-assign]
+    yield "cli-stuck"
+    release.set()
+
+
+def test_wait_timeout_exits_5_and_json_still_prints_the_last_state(
+    controller: Controller, stuck_instance: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = ",".join(map(str, PROMPT))
+    args = ["compress", "--instance", stuck_instance, "--tokens", tokens, "--wait"]
+    assert admin(controller, *args, "--wait-timeout", "0.5", "-o", "json") == 5
+    captured = capsys.readouterr()
+    event = json.loads(captured.out)
+    assert event["status"] == "running"
+    (line,) = captured.err.splitlines()
+    assert f"event {event['event_id']} --wait" in line and "\r" not in captured.err
+
+
+def test_ctrl_c_prints_how_to_resume_and_exits_130(
+    controller: Controller, stuck_instance: str
+) -> None:
+    tokens = ",".join(map(str, PROMPT))
+    args = ["--url", controller.url, "compress", "--instance", stuck_instance, "--tokens", tokens]
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [str(SCRIPT), *args, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "200"},
+    )
+    os.close(secondary)
+    seen = b""
+
+    def progress_shown() -> bool:
+        nonlocal seen
+        while select.select([primary], [], [], 0.05)[0]:
+            seen += os.read(primary, 4096)
+        return b"chunks done" in seen
+
+    try:
+        wait_until(progress_shown, what="the progress line on the terminal")
+        assert re.search(rb"\d:\d\d:\d\d", seen), seen  # elapsed time
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        while select.select([primary], [], [], 0.2)[0]:
+            try:
+                seen += os.read(primary, 4096)
+            except OSError:
+                break
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(primary)
+    text = seen.decode(errors="replace")
+    assert "interrupted" in text and re.search(r"event [0-9a-f]{32} --wait", text), text
+    assert "Traceback" not in text

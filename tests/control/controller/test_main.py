@@ -103,19 +103,32 @@ def run_controller(*args: str, timeout: float = 10.0) -> subprocess.CompletedPro
     )
 
 
-def test_a_taken_monitor_port_exits_at_once_naming_the_port() -> None:
+@pytest.mark.parametrize("flag", ["--port", "--monitor-port"])
+def test_a_taken_port_exits_at_once_with_the_same_one_line_message(flag: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {"--port": str(free_port()), "--monitor-port": str(free_port()), flag: str(port)}
         started = time.monotonic()
-        done = run_controller(
-            "--host", "127.0.0.1", "--port", str(free_port()), "--monitor-port", str(port)
-        )
+        done = run_controller("--host", "127.0.0.1", *[x for kv in ports.items() for x in kv])
     assert time.monotonic() - started < 5
     assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"127.0.0.1:{port} ({flag})" in line and "already in use" in line
+    assert f"choose another {flag}" in line
+
+
+def test_lmcache_controller_flags_are_accepted() -> None:
+    settings = build_settings(
+        ["--monitor-ports", '{"pull": 8300, "reply": 8400}', "--lmcache-worker-timeout", "30"],
+        env={},
+    )
+    assert (settings.monitor_port, settings.worker_timeout) == (8300, 30.0)
+    assert build_settings(["--health-check-interval", "-1"], env={}) == build_settings([], env={})
+    with pytest.raises(SettingsError, match='integer "pull" port'):
+        build_settings(["--monitor-ports", '{"reply": 8400}'], env={})
 
 
 def test_an_unknown_host_is_a_one_line_settings_error() -> None:

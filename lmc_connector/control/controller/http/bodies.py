@@ -18,10 +18,12 @@ Tokens = Annotated[list[TokenId], msgspec.Meta(description="token ids of the pro
 
 
 class TransformRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Without `tokens` (absent or null), every chunk of the instance in `location`."""
+
     instance_id: InstanceId
     method: str
     location: str
-    tokens: Tokens
+    tokens: Tokens | None = None
 
 
 class ScheduledResponse(msgspec.Struct):
@@ -64,10 +66,12 @@ class ClearRequest(msgspec.Struct, forbid_unknown_fields=True):
     location: str | None = None
 
 
-class ClearResponse(msgspec.Struct):
-    """Chunk entries summed over the instance's workers; pinned chunks are kept."""
+class ClearResponse(msgspec.Struct, kw_only=True):
+    """`num_tokens`: tokens whose chunks were removed (the minimum over the instance's
+    workers); `removed`, `kept_pinned`: chunk entries summed over the workers."""
 
     event_id: str
+    num_tokens: int
     removed: int
     kept_pinned: int
 
@@ -96,13 +100,24 @@ class TierUsage(msgspec.Struct):
 
 
 class WorkerInfo(WorkerSpec, kw_only=True):
-    """A worker as it registered (`WorkerSpec`), with liveness and usage."""
+    """A worker as it registered (`WorkerSpec`), with liveness and usage.
+
+    `worker_id`, `ip`, `port`, `peer_init_url`, `registration_time` and
+    `last_heartbeat_time` (seconds since the epoch) and `key_count` (chunks
+    indexed, every location) are LMCache's names.
+    """
 
     worker_id: int
     address: str
     last_heartbeat_age_s: float
     registered_age_s: float
     usage: dict[str, TierUsage]
+    ip: str
+    #: host:port other instances fetch this worker's chunks from (None: no peer server).
+    peer_init_url: str | None = None
+    registration_time: float
+    last_heartbeat_time: float
+    key_count: int
 
 
 class HealthResponse(msgspec.Struct):
@@ -128,6 +143,29 @@ class WorkerInfoRequest(msgspec.Struct, forbid_unknown_fields=True):
 class WorkerInfoResponse(msgspec.Struct):
     event_id: str
     worker_infos: list[WorkerInfo]
+
+
+class WorkerListResponse(msgspec.Struct):
+    """`GET /controller/workers` (LMCache's shape)."""
+
+    workers: list[WorkerInfo]
+    total_count: int
+
+
+class QueryInstanceRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Which instance has a worker at `ip`; `event_id` is LMCache's (echoed when given)."""
+
+    ip: Annotated[str, msgspec.Meta(max_length=255)]
+    event_id: str | None = None
+
+
+class QueryInstanceResponse(msgspec.Struct):
+    """`res`: the instance with a worker at that address (LMCache's name); `instance_ids`:
+    every such instance, when several share a host."""
+
+    event_id: str
+    res: str
+    instance_ids: list[str]
 
 
 class InstanceInfo(msgspec.Struct):
@@ -165,6 +203,8 @@ __all__ = [
     "Operation",
     "OperationPart",
     "PinRequest",
+    "QueryInstanceRequest",
+    "QueryInstanceResponse",
     "ScheduledResponse",
     "TierUsage",
     "TransformRequest",
@@ -172,4 +212,5 @@ __all__ = [
     "WorkerInfo",
     "WorkerInfoRequest",
     "WorkerInfoResponse",
+    "WorkerListResponse",
 ]

@@ -26,7 +26,8 @@ async def _transform(
         inst.check_method(req.method)
         inst.check_location(req.location)
 
-    op = cmd.TransformOp(kind, req.method, req.location, req.tokens)
+    every_chunk = req.tokens is None
+    op = cmd.TransformOp(kind, req.method, req.location, req.tokens or [], every_chunk)
     operation = await service.run(kind, req.instance_id, op, check)
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 
@@ -100,9 +101,10 @@ async def clear(
     operation = await service.run("clear", req.instance_id, op, _location(req.location))
     return json_response(
         bodies.ClearResponse(
-            operation.event_id,
-            sum(p.removed for p in operation.workers),
-            sum(p.kept for p in operation.workers),
+            event_id=operation.event_id,
+            num_tokens=operation.num_tokens,
+            removed=sum(p.removed for p in operation.workers),
+            kept_pinned=sum(p.kept for p in operation.workers),
         )
     )
 

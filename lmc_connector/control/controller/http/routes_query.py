@@ -12,7 +12,11 @@ import time
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from lmc_connector.control.controller.errors import InvalidChoiceError
+from lmc_connector.control.controller.errors import (
+    BodyError,
+    InvalidChoiceError,
+    UnknownAddressError,
+)
 from lmc_connector.control.controller.http import bodies
 from lmc_connector.control.controller.http.endpoint import body, doc, json_response, service_of
 from lmc_connector.control.controller.instances import Instance, Worker
@@ -25,8 +29,11 @@ router = APIRouter()
 Service = Depends(service_of)
 
 
-def worker_info(state: ControllerState, worker: Worker, now: float) -> bodies.WorkerInfo:
-    """The API's view of one worker (call with the state's lock held)."""
+def worker_info(
+    state: ControllerState, worker: Worker, now: float, wall: float
+) -> bodies.WorkerInfo:
+    """The API's view of one worker (call with the state's lock held); `now` is
+    `time.monotonic()` and `wall` is `time.time()`, read together."""
     spec = worker.spec
     usage = {
         loc: bodies.TierUsage(
@@ -44,10 +51,16 @@ def worker_info(state: ControllerState, worker: Worker, now: float) -> bodies.Wo
         last_heartbeat_age_s=round(now - worker.last_seen, 3),
         registered_age_s=round(now - worker.registered_at, 3),
         usage=usage,
+        ip=spec.host,
+        registration_time=round(worker.registered_wall, 3),
+        last_heartbeat_time=round(wall - (now - worker.last_seen), 3),
+        key_count=sum(u.chunks for u in usage.values()),
     )
 
 
-def instance_info(state: ControllerState, inst: Instance, now: float) -> bodies.InstanceInfo:
+def instance_info(
+    state: ControllerState, inst: Instance, now: float, wall: float
+) -> bodies.InstanceInfo:
     return bodies.InstanceInfo(
         instance_id=inst.instance_id,
         model=inst.model,
@@ -56,7 +69,7 @@ def instance_info(state: ControllerState, inst: Instance, now: float) -> bodies.
         locations=inst.locations,
         methods=inst.methods,
         indexed_chunks=state.index.size(inst.instance_id),
-        workers=[worker_info(state, w, now) for _, w in sorted(inst.workers.items())],
+        workers=[worker_info(state, w, now, wall) for _, w in sorted(inst.workers.items())],
     )
 
 
@@ -136,7 +149,7 @@ async def health_get(service: ControllerService = Service) -> Response:
 
 
 def _worker_infos(state: ControllerState, req: bodies.WorkerInfoRequest) -> Response:
-    now = time.monotonic()
+    now, wall = time.monotonic(), time.time()
     with state.lock:
         inst = state.instance(req.instance_id)
         ids = sorted(inst.workers) if req.worker_ids is None else req.worker_ids
@@ -144,7 +157,7 @@ def _worker_infos(state: ControllerState, req: bodies.WorkerInfoRequest) -> Resp
         if unknown is not None:
             valid = [str(r) for r in sorted(inst.workers)]
             raise InvalidChoiceError("worker_id", str(unknown), valid)
-        infos = [worker_info(state, inst.workers[i], now) for i in ids]
+        infos = [worker_info(state, inst.workers[i], now, wall) for i in ids]
     return json_response(bodies.WorkerInfoResponse(new_event_id(), infos))
 
 
@@ -161,12 +174,75 @@ async def query_worker_info(
 
 
 def _instances(state: ControllerState) -> Response:
-    now = time.monotonic()
+    now, wall = time.monotonic(), time.time()
     with state.lock:
-        items = [instance_info(state, i, now) for i in state.instances.values()]
+        items = [instance_info(state, i, now, wall) for i in state.instances.values()]
     return json_response(bodies.InstancesResponse(items))
 
 
 @router.get("/instances", summary="Registered instances", **doc(None, bodies.InstancesResponse))
 async def instances(service: ControllerService = Service) -> Response:
     return await asyncio.to_thread(_instances, service.state)
+
+
+def _workers(state: ControllerState, instance_id: str | None, worker_id: int | None) -> Response:
+    now, wall = time.monotonic(), time.time()
+    with state.lock:
+        if instance_id is None:
+            if worker_id is not None:
+                raise BodyError("worker_id needs instance_id (worker ids repeat per instance)")
+            found = [(i, w) for i in state.instances.values() for w in i.workers.values()]
+        else:
+            inst = state.instance(instance_id)
+            found = [(inst, w) for w in inst.workers.values()]
+            if worker_id is not None:
+                if worker_id not in inst.workers:
+                    valid = [str(r) for r in sorted(inst.workers)]
+                    raise InvalidChoiceError("worker_id", str(worker_id), valid)
+                return json_response(worker_info(state, inst.workers[worker_id], now, wall))
+        found.sort(key=lambda pair: (pair[0].instance_id, pair[1].rank))
+        infos = [worker_info(state, w, now, wall) for _, w in found]
+    return json_response(bodies.WorkerListResponse(infos, len(infos)))
+
+
+@router.get(
+    "/controller/workers",
+    summary="Workers of every instance, of one, or one worker (LMCache's route)",
+    **doc(None, bodies.WorkerListResponse),
+)
+async def workers(
+    instance_id: str | None = None,
+    worker_id: int | None = None,
+    service: ControllerService = Service,
+) -> Response:
+    """Without parameters every worker; with `instance_id` that instance's; with both, the
+    one worker itself (not a list), as LMCache answers."""
+    return await asyncio.to_thread(_workers, service.state, instance_id, worker_id)
+
+
+def _query_instance(state: ControllerState, req: bodies.QueryInstanceRequest) -> Response:
+    with state.lock:
+        matches = sorted(
+            i.instance_id
+            for i in state.instances.values()
+            if any(w.spec.host == req.ip for w in i.workers.values())
+        )
+        if not matches:
+            known = sorted(
+                {w.spec.host for i in state.instances.values() for w in i.workers.values()}
+            )
+            raise UnknownAddressError(req.ip, known)
+    event_id = req.event_id or new_event_id()
+    return json_response(bodies.QueryInstanceResponse(event_id, matches[0], matches))
+
+
+@router.post(
+    "/query_instance",
+    summary="The instance with a worker at an IP address (LMCache's route)",
+    **doc(bodies.QueryInstanceRequest, bodies.QueryInstanceResponse),
+)
+async def query_instance(
+    req: bodies.QueryInstanceRequest = Depends(body(bodies.QueryInstanceRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    return await asyncio.to_thread(_query_instance, service.state, req)
