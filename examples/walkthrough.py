@@ -1,11 +1,19 @@
 """The seed walk-through (compress and decompress the KV cache), end to end, as one command.
 
-Builds a tiny local model if needed, starts `lmc-controller` and vLLM's
-OpenAI server with our connector, sends the seed's completion, tokenizes the
-prompt, compresses its KV with CacheGen, serves the prompt again from the
-compressed cache, decompresses, serves it again, and prints a report. Every
-step prints the equivalent command to repeat it by hand. Every process it
-starts is stopped on exit, Ctrl-C or failure.
+Trains the small local model if needed (once, about two minutes; see
+`examples/tiny_model.py`), starts `lmc-controller` and vLLM's OpenAI server
+with our connector, sends the seed's completion, tokenizes the prompt,
+compresses its KV with CacheGen, serves the prompt again from the compressed
+cache, decompresses, serves it again, and prints a report with the three
+answers side by side: from exact KV, from the compressed cache and from the
+decompressed one. Every step prints the equivalent command to repeat it by
+hand. Every process it starts is stopped on exit, Ctrl-C or failure.
+
+A random-weight model (`examples.tiny_model.build_tiny_model`) may pick the
+end-of-sequence token at once; for such a model only, the completions ask for
+all 10 tokens (`ignore_eos`) so that the answers compare. The trained model
+never learned to end a text (its training text has no end-of-sequence token),
+so it needs no such help.
 
     python -m examples.walkthrough [--model DIR] [--method cachegen] [--keep-logs]
 """
@@ -14,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import re
 import sys
 import tempfile
 import time
@@ -29,7 +39,7 @@ from lmc_connector import launch as services
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PROMPT = "Explain the significance of KV cache in language models."
-DEFAULT_MODEL_DIR = ROOT / ".models" / "tiny-llama"
+DEFAULT_MODEL_DIR = ROOT / ".models" / "trained-llama"
 TERMINAL = {"finished", "failed"}
 INSTANCE_ID = "lmcache_default_instance"
 
@@ -46,9 +56,14 @@ class Ports:
         return cls(*(services.free_port() for _ in range(4)))
 
 
+#: The KV each completion of `run_steps` is served from, in order.
+SOURCES = ("exact (computed)", "compressed", "decompressed")
+
+
 @dataclass
 class Report:
     num_tokens: int = 0
+    expect_words: bool = False
     outputs: list[str] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -85,14 +100,15 @@ class Walkthrough:
         model: str,
         instance_id: str,
         ignore_eos: bool = False,
+        expect_words: bool = False,
     ) -> None:
         self.ignore_eos = ignore_eos
+        self.report = Report(expect_words=expect_words)
         self.vllm_url = vllm_url
         self.controller_url = controller_url
         self.model = model
         self.instance_id = instance_id
         self.http = httpx.Client(timeout=120)
-        self.report = Report()
 
     def complete(self, label: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "prompt": SEED_PROMPT, "max_tokens": 10}
@@ -188,14 +204,36 @@ def print_report(report: Report, method: str) -> None:
     say(f"    compress scheduled tokens     {report.scheduled.get('compress')}")
     say(f"    decompress scheduled tokens   {report.scheduled.get('decompress')}")
     say(f"    KV bytes before -> after      {before} -> {after} ({method}, ratio {ratio})")
-    say(f"    cached tokens per request     {report.cached_tokens}")
-    say(f"    outputs                       {report.outputs}")
+    say("    answers side by side (greedy, 10 tokens):")
+    say(f"      {'KV served from':<24} {'cached':>6}  {'same as exact':<13}  text")
+    rows = zip(SOURCES, report.cached_tokens, report.outputs, strict=False)
+    for i, (source, cached, text) in enumerate(rows):
+        label = f"{source} ({method})" if i else source
+        same = "-" if i == 0 else "yes" if text == report.outputs[0] else "no"
+        say(f"      {label:<24} {cached:>6}  {same:<13}  {text!r}")
     say(
-        "    (the first output comes from exact KV, the next two from the decoded approximation:\n"
-        "     they match each other; a lossy method may change the text of a random-weight model)"
+        "    (the compressed and the decompressed cache hold the same approximation and give\n"
+        "     the same answer; a lossy method may differ from exact KV: benchmarks/fidelity.py\n"
+        "     measures how often, over many long prompts)"
     )
     for name, seconds in report.seconds.items():
         say(f"    time: {name:<55} {seconds * 1e3:8.1f} ms")
+
+
+def is_words(text: str, min_words: int = 3) -> bool:
+    """Whether `text` reads as English: enough words, nearly all of them known to Python's docs."""
+    words = re.findall(r"[A-Za-z]+", text)
+    if len(words) < min_words:
+        return False
+    known = sum(w.lower() in _doc_words() for w in words)
+    return known >= 0.8 * len(words)
+
+
+@functools.cache
+def _doc_words() -> frozenset[str]:
+    from examples.stdlib_text import held_out_text
+
+    return frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", held_out_text()))
 
 
 def check(report: Report) -> list[str]:
@@ -213,15 +251,17 @@ def check(report: Report) -> list[str]:
         problems.append(
             f"compressed and decompressed caches answered differently: {report.outputs}"
         )
+    if report.expect_words and not all(is_words(text) for text in report.outputs):
+        problems.append(f"a trained model should answer in words: {report.outputs}")
     return problems
 
 
 def build_model_if_missing(model_dir: Path) -> Path:
-    from examples.tiny_model import build_tiny_model
+    from examples.tiny_model import build_trained_model
 
     if model_dir == DEFAULT_MODEL_DIR:
-        say(f"== tiny model in {model_dir} (built if missing)")
-        build_tiny_model(model_dir)
+        say(f"== trained model in {model_dir} (trained once if missing, about two minutes)")
+        build_trained_model(model_dir)
     elif not (model_dir / "config.json").exists():
         raise WalkthroughError(f"--model {model_dir} has no config.json: give a model directory")
     return model_dir
@@ -233,11 +273,27 @@ def _cpu_args() -> tuple[str, ...]:
     return () if torch.cuda.is_available() else ("--enforce-eager", "--block-size", "32")
 
 
+def max_model_len(model_dir: Path, cap: int = 4096) -> int:
+    """The model's own context length (its `max_position_embeddings`), at most `cap`."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return min(cap, int(config.get("max_position_embeddings", cap)))
+
+
 @contextlib.contextmanager
 def started(
-    model_dir: Path, config_file: Path, ports: Ports, log_dir: Path, served_name: str
+    model_dir: Path,
+    config_file: Path,
+    ports: Ports,
+    log_dir: Path,
+    served_name: str,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[tuple[Walkthrough, list[services.Service]]]:
-    """The controller and vLLM running; yields the walk-through and both services."""
+    """The controller and vLLM running; yields the walk-through and both services.
+
+    `extra_args` go to vLLM's server after the walk-through's own flags.
+    """
+    from examples.tiny_model import model_kind
+
     controller_url = f"http://localhost:{ports.controller}"
     vllm_url = f"http://localhost:{ports.vllm}"
     say("\n== start the controller")
@@ -248,13 +304,25 @@ def started(
     )
     with controller as controller_service:
         say("\n== start vLLM with the connector (20-60 s on a CPU)")
-        vcmd = services.vllm_command(model_dir, ports.vllm, served_name, extra_args=_cpu_args())
+        vcmd = services.vllm_command(
+            model_dir,
+            ports.vllm,
+            served_name,
+            max_model_len=max_model_len(model_dir),
+            extra_args=_cpu_args() + extra_args,
+        )
         show(f"LMCACHE_CONFIG_FILE={config_file} " + " ".join(vcmd[2:]))
         env = services.cpu_vllm_env(config_file)
         with services.running("vLLM", vcmd, vllm_url, log_dir / "vllm.log", env=env) as vllm:
-            # A random-weight model may end at once; ask for all 10 tokens so outputs compare.
-            tiny = model_dir == DEFAULT_MODEL_DIR.resolve() or "tiny" in model_dir.name
-            flow = Walkthrough(vllm_url, controller_url, served_name, INSTANCE_ID, tiny)
+            kind = model_kind(model_dir)
+            flow = Walkthrough(
+                vllm_url,
+                controller_url,
+                served_name,
+                INSTANCE_ID,
+                ignore_eos=kind == "weights",
+                expect_words=kind == "trained",
+            )
             yield flow, [controller_service, vllm]
 
 
@@ -271,7 +339,7 @@ def config_for_ports(template: Path, ports: Ports, folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="local model dir")
-    parser.add_argument("--served-model-name", default="tiny-llama")
+    parser.add_argument("--served-model-name", default=None, help="default: the model dir's name")
     parser.add_argument("--config", type=Path, default=ROOT / "examples" / "example.yaml")
     parser.add_argument("--method", default="cachegen")
     parser.add_argument("--location", default="LocalCPUBackend")
@@ -289,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     config_file = config_for_ports(args.config, ports, log_dir) if args.free_ports else args.config
     try:
         model_dir = build_model_if_missing(args.model.resolve())
-        with started(model_dir, config_file, ports, log_dir, args.served_model_name) as (flow, _):
+        name = args.served_model_name or model_dir.name
+        with started(model_dir, config_file, ports, log_dir, name) as (flow, _):
             report = run_steps(flow, args.method, args.location)
         print_report(report, args.method)
         problems = check(report)

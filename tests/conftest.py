@@ -22,3 +22,11 @@ def tiny_model_dir() -> Path:
     from examples.tiny_model import build_tiny_model
 
     return build_tiny_model(MODEL_CACHE / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir() -> Path:
+    """The walk-through's small trained Llama (trained once, about two minutes, then reused)."""
+    from examples.tiny_model import build_trained_model
+
+    return build_trained_model(MODEL_CACHE / "trained-llama")

@@ -1,0 +1,288 @@
+"""Fidelity of compressed KV through real vLLM: greedy agreement and KL divergence per codec.
+
+The walk-through's trained model (`examples/tiny_model.py`) served by vLLM with
+our connector and the controller (`--no-enable-prefix-caching`, so every
+hit is this cache's). For each prompt (1-2K tokens of Python's language
+reference, `pydoc_data.topics`: text the model was not trained on):
+
+1. send it: computed from scratch and cached; this answer is the reference;
+2. send it again: served from the exact cached KV;
+3. for each method: `POST /compress` the prompt's tokens, wait for the event,
+   send the prompt again (served from the compressed cache) and compare with
+   the reference; then clear the cache and send it once more, which caches
+   exact KV again for the next method (and checks that recomputing gives the
+   reference again), so that two codecs' errors never stack.
+
+Every answer is 64 greedy tokens with vLLM's top-20 logprobs; the metrics are
+defined in `benchmarks/_fidelity_metrics.py`. A method that needs a
+calibration is calibrated first (`POST /calibrate`) on chunks of other
+held-out prompts. Prints a table; asserts nothing.
+
+    python benchmarks/fidelity.py                       # 32 prompts, fp8 and cachegen
+    python benchmarks/fidelity.py --prompts 8 --methods fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._fidelity_metrics import Generation, Summary, compare  # noqa: E402
+from examples import walkthrough  # noqa: E402
+from lmc_connector.launch import ServiceError  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Method:
+    """A codec as this benchmark drives it: its name, its target, whether it is calibrated first."""
+
+    name: str
+    target: float
+    calibrate: bool = False
+
+
+#: Every codec the benchmark knows; `--methods` picks among them.
+METHODS = {
+    m.name: m
+    for m in (
+        Method("fp8", target=0.99),
+        Method("cachegen", target=0.95),
+        Method("kvtc", target=0.95, calibrate=True),
+    )
+}
+EXACT_CACHED = "exact, cached"
+EXACT_RECOMPUTED = "exact, recomputed"
+CALIBRATION_PROMPTS = 4
+
+
+def held_out_prompts(
+    model_dir: Path, count: int, min_len: int, max_len: int, seed: int = 0
+) -> Iterator[list[int]]:
+    """Consecutive, disjoint windows of the language reference, BOS first, `min_len`..`max_len`
+    tokens each (the lengths drawn from `seed`); `count` of them, then more for calibration."""
+    from transformers import AutoTokenizer
+
+    from examples.stdlib_text import held_out_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer(held_out_text(), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    start = 0
+    for _ in range(count + CALIBRATION_PROMPTS):
+        length = rng.randint(min_len, max_len) - 1
+        if start + length > len(ids):
+            raise ValueError(f"the held-out text has {len(ids)} tokens: ask for fewer prompts")
+        yield [tokenizer.bos_token_id, *ids[start : start + length]]
+        start += length
+
+
+class Client:
+    """Requests to vLLM and to the controller, for one instance and one location."""
+
+    def __init__(self, flow: walkthrough.Walkthrough, location: str, max_tokens: int) -> None:
+        self.http = flow.http
+        self.flow = flow
+        self.location = location
+        self.max_tokens = max_tokens
+
+    def generate(self, prompt: list[int]) -> Generation:
+        body = {
+            "model": self.flow.model,
+            "prompt": prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "logprobs": 20,
+            "return_tokens_as_token_ids": True,
+            "ignore_eos": True,
+        }
+        return Generation.from_completion(self._post(f"{self.flow.vllm_url}/v1/completions", body))
+
+    def compress(self, method: str, prompt: list[int]) -> tuple[int, int]:
+        """Compress the prompt's cached chunks; KV bytes before and after."""
+        body = {"method": method, "location": self.location, "tokens": prompt}
+        answer = self._controller("compress", body)
+        if answer["num_tokens"] != len(prompt):
+            raise RuntimeError(f"compress scheduled {answer['num_tokens']} of {len(prompt)} tokens")
+        event = self._wait(answer["event_id"])
+        workers = event.get("workers", [])
+        return (
+            sum(int(w.get("bytes_before", 0)) for w in workers),
+            sum(int(w.get("bytes_after", 0)) for w in workers),
+        )
+
+    def calibrate(self, method: str) -> None:
+        self._wait(self._controller("calibrate", {"method": method})["event_id"])
+
+    def clear(self) -> None:
+        self._controller("clear", {"location": self.location})
+
+    def _controller(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        body = {"instance_id": self.flow.instance_id, **body}
+        return self._post(f"{self.flow.controller_url}/{route}", body)
+
+    def _wait(self, event_id: str, timeout: float = 600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        url = f"{self.flow.controller_url}/check_finish"
+        while True:
+            status = self._post(url, {"event_id": event_id})
+            if status["status"] in walkthrough.TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"event {event_id} still {status['status']} after {timeout} s")
+            time.sleep(0.1)
+        if status["status"] != "finished":
+            raise RuntimeError(f"event {event_id} failed: {status}")
+        return status
+
+    def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(url, json=body)
+        if response.status_code >= 400:
+            raise RuntimeError(f"POST {url} -> {response.status_code}: {response.text}")
+        return dict(response.json())
+
+
+def calibrate(client: Client, methods: list[Method], prompts: list[list[int]]) -> None:
+    """Cache the calibration prompts, calibrate each method that needs it, clear the cache."""
+    needing = [m for m in methods if m.calibrate]
+    if not needing:
+        return
+    for prompt in prompts:
+        client.generate(prompt)
+    for method in needing:
+        print(f"calibrating {method.name} on {len(prompts)} held-out prompts", flush=True)
+        client.calibrate(method.name)
+    client.clear()
+
+
+def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> dict[str, Summary]:
+    """The steps of the module docstring for every prompt; one summary per way of serving KV."""
+    rows = {EXACT_CACHED: Summary(), **{m.name: Summary() for m in methods}}
+    recomputed = Summary()
+    for prompt in _progress(prompts):
+        client.clear()
+        reference = client.generate(prompt)
+        rows[EXACT_CACHED].add([compare(reference, client.generate(prompt))])
+        for i, method in enumerate(methods):
+            if i:
+                client.clear()
+                recomputed.add([compare(reference, client.generate(prompt))])
+            before, after = client.compress(method.name, prompt)
+            rows[method.name].bytes_before += before
+            rows[method.name].bytes_after += after
+            rows[method.name].add([compare(reference, client.generate(prompt))])
+        _log(prompt, rows)
+    client.clear()
+    if recomputed.comparisons:
+        rows[EXACT_RECOMPUTED] = recomputed
+    return rows
+
+
+def _progress(prompts: list[list[int]]) -> Any:
+    if not sys.stderr.isatty():
+        return prompts
+    from tqdm import tqdm
+
+    return tqdm(prompts, desc="prompts", unit="prompt")
+
+
+def _log(prompt: list[int], rows: dict[str, Summary]) -> None:
+    if sys.stderr.isatty():
+        return
+    done = len(rows[EXACT_CACHED].comparisons)
+    last = ", ".join(
+        f"{name} {s.comparisons[-1].agreed}/{s.comparisons[-1].length}" for name, s in rows.items()
+    )
+    print(f"prompt {done}: {len(prompt)} tokens; tokens agreeing with exact: {last}", flush=True)
+
+
+def print_table(rows: dict[str, Summary], methods: dict[str, Method], generated: int) -> None:
+    print(
+        f"\n{'KV served from':<18} {'greedy agreement':>16} {'before 1st diff':>15} "
+        f"{'identical':>9} {'mean KL':>9} {'KL positions':>12} {'margin':>7} "
+        f"{'cache hits':>10} {'KV ratio':>8}  target"
+    )
+    for name, s in rows.items():
+        method = methods.get(name)
+        target = ""
+        if method is not None:
+            met = "met" if s.agreement >= method.target else "NOT met"
+            target = f">= {method.target:.0%}: {met}"
+        ratio = f"{s.ratio:.2f}x" if method is not None else "1.00x"
+        n = len(s.comparisons)
+        print(
+            f"{name:<18} {s.agreement:>16.2%} {s.before_first_difference:>15.2%} "
+            f"{s.identical:>5}/{n:<3} {s.mean_kl:>9.2e} {s.kl_positions:>12} "
+            f"{s.mean_margin:>7.3f} {s.cache_hits:>6}/{n:<3} {ratio:>8}  {target}"
+        )
+    print(
+        f"greedy agreement: share of the {generated} greedy tokens equal to the reference's at the "
+        "same position;\nbefore 1st diff: share before the first that differs; identical: answers "
+        "equal to the reference;\nmean KL: KL(exact || served) over the top-20 logprobs, at every "
+        "position whose prefix agrees;\nmargin: mean gap (nats) between the exact model's first "
+        "two choices where the answers part;\ncache hits: answers whose prompt was served from "
+        "the cache; KV ratio: bytes before / after compress."
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", type=Path, default=walkthrough.DEFAULT_MODEL_DIR)
+    parser.add_argument("--methods", default="fp8,cachegen", help=f"of {', '.join(METHODS)}")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--min-len", type=int, default=1024, help="shortest prompt, tokens")
+    parser.add_argument("--max-len", type=int, default=None, help="default: model length - 64")
+    parser.add_argument("--generate", type=int, default=64, help="greedy tokens per answer")
+    parser.add_argument("--location", default="LocalCPUBackend")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep service logs here")
+    args = parser.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}: choose among {', '.join(METHODS)}")
+    methods = [METHODS[m] for m in args.methods.split(",")]
+
+    model_dir = walkthrough.build_model_if_missing(args.model.resolve())
+    model_len = walkthrough.max_model_len(model_dir)
+    max_len = args.max_len or model_len - args.generate
+    if max_len + args.generate > model_len or args.min_len > max_len:
+        parser.error(f"prompts of {args.min_len}..{max_len} tokens + {args.generate} generated "
+                     f"do not fit the model's {model_len}")  # fmt: skip
+    everything = list(held_out_prompts(model_dir, args.prompts, args.min_len, max_len))
+    prompts, calibration = everything[: args.prompts], everything[args.prompts :]
+    print(
+        f"model {model_dir.name}; {len(prompts)} prompts of {min(map(len, prompts))}.."
+        f"{max(map(len, prompts))} tokens; {args.generate} greedy tokens each; "
+        f"methods {', '.join(m.name for m in methods)}",
+        flush=True,
+    )
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="lmc-fidelity-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ports = walkthrough.Ports.free()
+    config = walkthrough.config_for_ports(ROOT / "examples" / "example.yaml", ports, log_dir)
+    start = time.perf_counter()
+    try:
+        with walkthrough.started(model_dir, config, ports, log_dir, "trained") as (flow, _):
+            client = Client(flow, args.location, args.generate)
+            calibrate(client, methods, calibration)
+            rows = measure(client, methods, prompts)
+    except (RuntimeError, ServiceError, httpx.HTTPError) as e:
+        print(f"\nFAILED: {e}\nlogs: {log_dir}")
+        return 1
+    print_table(rows, METHODS, args.generate)
+    print(f"({time.perf_counter() - start:.0f} s; logs: {log_dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
