@@ -14,7 +14,11 @@ reference, `pydoc_data.topics`: text the model was not trained on):
    reference again), so that two codecs' errors never stack.
 
 Every answer is 64 greedy tokens with vLLM's top-20 logprobs; the metrics are
-defined in `benchmarks/_fidelity_metrics.py`. A method that needs a
+defined in `benchmarks/_fidelity_metrics.py`. vLLM computes in float32 by
+default here (`--dtype`): in bfloat16 the logits of this small, undecided
+model often tie exactly (one bfloat16 step is 0.06 nats at their size), and a
+tie flips under any change of the KV at all, which would measure the ties, not
+the codec. The KV cache is then float32 too: the KV ratio is against float32. A method that needs a
 calibration is calibrated first (`POST /calibrate`) on chunks of other
 held-out prompts. Prints a table; asserts nothing.
 
@@ -245,6 +249,7 @@ def main() -> int:
     parser.add_argument("--max-len", type=int, default=None, help="default: model length - 64")
     parser.add_argument("--generate", type=int, default=64, help="greedy tokens per answer")
     parser.add_argument("--location", default="LocalCPUBackend")
+    parser.add_argument("--dtype", default="float32", help="vLLM's --dtype; auto: the model's")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep service logs here")
     args = parser.parse_args()
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -261,8 +266,9 @@ def main() -> int:
     everything = list(held_out_prompts(model_dir, args.prompts, args.min_len, max_len))
     prompts, calibration = everything[: args.prompts], everything[args.prompts :]
     print(
-        f"model {model_dir.name}; {len(prompts)} prompts of {min(map(len, prompts))}.."
-        f"{max(map(len, prompts))} tokens; {args.generate} greedy tokens each; "
+        f"model {model_dir.name} (dtype {args.dtype}); {len(prompts)} prompts of "
+        f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens; "
+        f"{args.generate} greedy tokens each; "
         f"methods {', '.join(m.name for m in methods)}",
         flush=True,
     )
@@ -272,7 +278,8 @@ def main() -> int:
     config = walkthrough.config_for_ports(ROOT / "examples" / "example.yaml", ports, log_dir)
     start = time.perf_counter()
     try:
-        with walkthrough.started(model_dir, config, ports, log_dir, "trained") as (flow, _):
+        extra = ("--dtype", args.dtype)
+        with walkthrough.started(model_dir, config, ports, log_dir, "trained", extra) as (flow, _):
             client = Client(flow, args.location, args.generate)
             calibrate(client, methods, calibration)
             rows = measure(client, methods, prompts)
