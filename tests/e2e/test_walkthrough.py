@@ -124,7 +124,7 @@ def test_unknown_location_is_rejected_naming_the_valid_ones(
     assert LOCATION in answer.text
 
 
-@pytest.mark.parametrize("bad_tokens", ["12 13", [1, "x"], [-5], None])
+@pytest.mark.parametrize("bad_tokens", ["12 13", [1, "x"], [-5]])
 def test_malformed_tokens_are_rejected(flow: Walkthrough, bad_tokens: object) -> None:
     answer = post(flow, "compress", instance_id=walkthrough.INSTANCE_ID, method=METHOD,
                   location=LOCATION, tokens=bad_tokens)  # fmt: skip
