@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument(
+        "--recipe", type=Path, default=None, help="with --trained: a JSON file of Recipe fields"
+    )
     args = parser.parse_args(argv)
     given = {
         k: v
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.trained:
         if given:
             parser.error("the trained model's shape is its recipe (examples/training.py)")
-        out = build_trained_model(args.path)
+        recipe = Recipe(**json.loads(args.recipe.read_text())) if args.recipe else None
+        out = build_trained_model(args.path, recipe)
     elif args.config_only:
         out = write_config_only_model(args.path, **given)
     else:

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
-import re
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from examples.walkthrough_report import MISTAKE_FIX, Report, check, print_report, say
 from lmc_connector import launch as services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,27 +55,8 @@ class Ports:
         return cls(*(services.free_port() for _ in range(4)))
 
 
-#: The KV each completion of `run_steps` is served from, in order.
-SOURCES = ("exact (computed)", "compressed", "decompressed")
-
-
-@dataclass
-class Report:
-    num_tokens: int = 0
-    expect_words: bool = False
-    outputs: list[str] = field(default_factory=list)
-    cached_tokens: list[int] = field(default_factory=list)
-    events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    scheduled: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
 class WalkthroughError(RuntimeError):
     """A step did not do what the seed page says it does."""
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def show(command: str) -> None:
@@ -173,6 +153,24 @@ class Walkthrough:
             raise WalkthroughError(f"event {event_id} ended {status['status']}: {status}")
         return dict(status)
 
+    def mistakes(self, method: str, location: str, tokens: list[int]) -> None:
+        """Send what a user gets wrong most often; each answer must say how to fix it."""
+        say("\n== mistakes a user makes, and what the controller answers")
+        good = {"instance_id": self.instance_id, "method": method, "location": location}
+        wrong = {
+            "unknown instance": {**good, "instance_id": "my-instance"},
+            "misspelled method": {**good, "method": "cachegn"},
+            "unknown location": {**good, "location": "LocalGPUBackend"},
+        }
+        assert set(wrong) == set(MISTAKE_FIX)
+        for name, body in wrong.items():
+            body = {**body, "tokens": tokens}
+            show(curl_json(f"{self.controller_url}/compress", body))
+            answer = self.http.post(f"{self.controller_url}/compress", json=body)
+            detail = str(answer.json().get("detail", answer.text))
+            self.report.mistakes[name] = (answer.status_code, detail)
+            say(f"    -> {answer.status_code} {detail}")
+
     def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self.http.post(url, json=body)
         if response.status_code >= 400:
@@ -188,72 +186,8 @@ def run_steps(flow: Walkthrough, method: str, location: str) -> Report:
     flow.complete("served from the compressed cache")
     flow.transform("decompress", method, location, tokens)
     flow.complete("served from the decompressed cache")
+    flow.mistakes(method, location, tokens)
     return flow.report
-
-
-def _bytes(event: dict[str, Any], key: str) -> int:
-    return sum(int(worker.get(key, 0)) for worker in event.get("workers", []))
-
-
-def print_report(report: Report, method: str) -> None:
-    compress = report.events.get("compress", {})
-    before, after = _bytes(compress, "bytes_before"), _bytes(compress, "bytes_after")
-    ratio = f"{before / after:.2f}x" if after else "n/a"
-    say("\n== report")
-    say(f"    prompt tokens                 {report.num_tokens}")
-    say(f"    compress scheduled tokens     {report.scheduled.get('compress')}")
-    say(f"    decompress scheduled tokens   {report.scheduled.get('decompress')}")
-    say(f"    KV bytes before -> after      {before} -> {after} ({method}, ratio {ratio})")
-    say("    answers side by side (greedy, 10 tokens):")
-    say(f"      {'KV served from':<24} {'cached':>6}  {'same as exact':<13}  text")
-    rows = zip(SOURCES, report.cached_tokens, report.outputs, strict=False)
-    for i, (source, cached, text) in enumerate(rows):
-        label = f"{source} ({method})" if i else source
-        same = "-" if i == 0 else "yes" if text == report.outputs[0] else "no"
-        say(f"      {label:<24} {cached:>6}  {same:<13}  {text!r}")
-    say(
-        "    (the compressed and the decompressed cache hold the same approximation and give\n"
-        "     the same answer; a lossy method may differ from exact KV: benchmarks/fidelity.py\n"
-        "     measures how often, over many long prompts)"
-    )
-    for name, seconds in report.seconds.items():
-        say(f"    time: {name:<55} {seconds * 1e3:8.1f} ms")
-
-
-def is_words(text: str, min_words: int = 3) -> bool:
-    """Whether `text` reads as English: enough words, nearly all of them known to Python's docs."""
-    words = re.findall(r"[A-Za-z]+", text)
-    if len(words) < min_words:
-        return False
-    known = sum(w.lower() in _doc_words() for w in words)
-    return known >= 0.8 * len(words)
-
-
-@functools.cache
-def _doc_words() -> frozenset[str]:
-    from examples.stdlib_text import held_out_text
-
-    return frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", held_out_text()))
-
-
-def check(report: Report) -> list[str]:
-    """What the seed page promises, as a list of broken promises (empty when all hold)."""
-    problems = []
-    for kind in ("compress", "decompress"):
-        if report.scheduled.get(kind) != report.num_tokens:
-            problems.append(
-                f"{kind} scheduled {report.scheduled.get(kind)} tokens, prompt has "
-                f"{report.num_tokens}"
-            )
-    if len(report.cached_tokens) == 3 and not all(c > 0 for c in report.cached_tokens[1:]):
-        problems.append(f"requests after compress/decompress not cached: {report.cached_tokens}")
-    if len(set(report.outputs[1:])) > 1:
-        problems.append(
-            f"compressed and decompressed caches answered differently: {report.outputs}"
-        )
-    if report.expect_words and not all(is_words(text) for text in report.outputs):
-        problems.append(f"a trained model should answer in words: {report.outputs}")
-    return problems
 
 
 def build_model_if_missing(model_dir: Path) -> Path:
@@ -345,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--location", default="LocalCPUBackend")
     parser.add_argument("--free-ports", action="store_true", help="pick free ports, not the seed's")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep service logs here")
+    parser.add_argument("--report-json", type=Path, default=None, help="also write the report")
     args = parser.parse_args(argv)
 
     ports = Ports.free() if args.free_ports else Ports()
@@ -362,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             report = run_steps(flow, args.method, args.location)
         print_report(report, args.method)
         problems = check(report)
+        if args.report_json is not None:
+            report.save(args.report_json, problems)
     except (WalkthroughError, services.ServiceError) as e:
         say(f"\nFAILED: {e}\nlogs: {log_dir}")
         return 1

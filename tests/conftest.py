@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.models.builder import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Built models are reused across runs (the builder is idempotent); ignored by git.
 MODEL_CACHE = ROOT / ".models"
@@ -19,14 +21,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """A tiny random-weight Llama (hidden 128, 2 layers, 4 heads, 2 KV heads, head size 32)."""
-    from examples.tiny_model import build_tiny_model
-
-    return build_tiny_model(MODEL_CACHE / "tiny-llama")
+    return build_model(MODEL_CACHE / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def trained_model_dir() -> Path:
     """The walk-through's small trained Llama (trained once, about two minutes, then reused)."""
-    from examples.tiny_model import build_trained_model
-
-    return build_trained_model(MODEL_CACHE / "trained-llama")
+    return build_model(MODEL_CACHE / "trained-llama", "--trained")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.tiny_model import sample_text
+from tests.text import sample_text
 from tests.vllm_server import vllm_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
