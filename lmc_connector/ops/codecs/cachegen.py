@@ -1,18 +1,21 @@
 """`cachegen`: CacheGen-style quantization + vectorised rANS with a compact per-chunk model.
 
 Sections: scales (int16 base + uint8 code per (K/V, layer, token)), channel side info
-(bit-packed), rANS final states (u32 per stream), rANS words (u16). Streams: the chunk's
-(K/V, layer) blocks are split into `groups` runs; stream = (run, channel), so a stream holds
-`blocks / groups * tokens` symbols and the coder loop runs that many steps. min_steps=512
-trades the per-step op overhead (fewer, wider steps are faster) against the 4-byte final state
-per stream (32 / steps bits per element: ~0.06 at 512 steps). Chunks with few streams (at most
-_SMALL_STREAMS) go down to min_steps / 2: there the per-step overhead dominates (MiniLM
-[2, 6, 256, 384]: ~1.6x faster for +0.05 bits/element), while wide chunks get slower with
-twice the streams (their per-step buffers fall out of cache), so they keep min_steps.
+(bit-packed), rANS final states (u32 per stream), then the rANS words (u16) of each lane.
 
-Speed on CPU: the (de)quantization runs in cache-sized slices with same-dtype in-place ops
-(fresh full-chunk temporaries cost more in page faults than the arithmetic), and the coder is
-int32 throughout (rans.py).
+Streams: the chunk's (K/V, layer) blocks are split into `groups` equal parts; a stream is
+(part, channel), so it holds `blocks / groups * tokens` symbols and the coder runs that many
+steps; its 4-byte final state costs 32 / steps bits per element (~0.06 at 512 steps). The
+native coder (CPU) runs at the same speed whatever the steps: min_steps = 512. The torch coder
+pays ~16 tensor ops per step, so where it runs, chunks with few streams (at most
+_SMALL_STREAMS) go down to min_steps / 2 (MiniLM [2, 6, 256, 384]: ~1.6x faster for +0.05
+bits/element) while wide chunks keep min_steps (twice the streams would push its per-step
+buffers out of cache). The streams are split into `lanes` equal runs, coded independently so
+that a CPU codes them on parallel threads (rans.py).
+
+Speed on CPU: the (de)quantization runs in slices of a few MB (bounded temporaries) with
+same-dtype in-place ops, and the coder is int32 throughout, in C where it could be built, its
+lanes on parallel threads (rans.py).
 """
 
 from __future__ import annotations
@@ -31,20 +34,24 @@ from lmc_connector.ops.codecs.registry import codec_id
 
 CODEC_ID = codec_id("cachegen")
 MAX_HALF_LEVELS = 15
-_PARAMS = struct.Struct("<BH")  # model revision, stream groups; then C per layer (u8 each)
-_REVISION = 2  # 2: int32 rANS state (L = 2**15), new bitstream
-_SLICE_ELEMS = 1 << 18  # bulk work slices on CPU: ~1 MB of float32
+# model revision, stream groups, lanes; then C per layer (u8 each)
+_PARAMS = struct.Struct("<BHB")
+_REVISION = 3  # 2: int32 rANS state (L = 2**15); 3: lanes
+MAX_LANES = 4
+_LANE_STREAMS = 256  # fewest streams per lane
+_SLICE_ELEMS = 1 << 21  # bulk work slices on CPU: ~8 MB of float32
 _SMALL_STREAMS = 8192  # see the module docstring
 
 
-def _groups(blocks: int, tokens: int, channels: int, min_steps: int) -> int:
-    """The most runs (a divisor of blocks) that still leave >= min_steps symbols per stream,
-    or >= min_steps / 2 while the streams stay at most _SMALL_STREAMS."""
+def _groups(blocks: int, tokens: int, channels: int, min_steps: int, native: bool) -> int:
+    """The most parts (a divisor of blocks) that still leave >= min_steps symbols per stream,
+    or, for the torch coder, >= min_steps / 2 while the streams stay at most _SMALL_STREAMS."""
     best = 1
+    small = _SMALL_STREAMS if not native else 0
     for g in range(1, blocks + 1):
         steps = (blocks // g) * tokens
         if blocks % g == 0 and (
-            steps >= min_steps or (2 * steps >= min_steps and g * channels <= _SMALL_STREAMS)
+            steps >= min_steps or (2 * steps >= min_steps and g * channels <= small)
         ):
             best = g
     return best
@@ -91,7 +98,7 @@ class CacheGenCodec:
         dev = kvs[0].device
         half_list = model.default_layer_levels(layers, self.levels)
         cmax = max(half_list)
-        groups = _groups(blocks, tokens, channels, self.min_steps)
+        groups = _groups(blocks, tokens, channels, self.min_steps, rans.native_on(dev))
         per = blocks // groups
         x = (kvs[0].unsqueeze(0) if nb == 1 else torch.stack(kvs)).view(
             nb, blocks, tokens, channels
@@ -110,29 +117,29 @@ class CacheGenCodec:
         side = torch.empty((nb, groups, per, channels), dtype=torch.int64, device=dev)
         x5 = x.view(nb, groups, per, tokens, channels)
         half5 = half.view(groups, per, 1)
-        ones = torch.ones(tokens, dtype=torch.float32, device=dev)
         for p, g0, g1 in _slices(per, groups, nb * tokens * channels, dev):
-            # Only same-dtype elementwise ops, and sums as matmuls: mixed-dtype ops and
-            # reductions over the token dim are many times slower on CPU.
+            # Same-dtype elementwise ops only: mixed-dtype ones are many times slower on CPU.
             y = x5[:, g0:g1, p].to(torch.float32, copy=True)
             y.mul_(factor[:, g0:g1, p])
             y.round_()
-            s1 = torch.matmul(ones, y)
-            s2 = torch.matmul(ones, y * y)
+            s1 = y.sum(-2)
+            s2 = (y * y).sum(-2)
             m, dist, sd = model.fit_channels(s1, s2, tokens, half5[g0:g1, p], cmax)
             side[:, g0:g1, p] = sd
             y.add_((dist * tables.alphabet - m.long() + 2 * cmax).to(y.dtype).unsqueeze(-2))
             sym_codes[p, :, :, g0:g1].copy_(y.permute(2, 0, 1, 3))
-        words, states = rans.encode(sym_codes.view(per * tokens, nb, groups * channels), tables)
-        params = _PARAMS.pack(_REVISION, groups) + bytes(half_list)
+        streams = groups * channels
+        lanes = _lanes(streams)
+        coded = rans.encode(sym_codes.view(per * tokens, nb * lanes, streams // lanes), tables)
+        params = _PARAMS.pack(_REVISION, groups, lanes) + bytes(half_list)
         width = model.side_width(cmax)
         blobs = []
         for b in range(nb):
             sections = [
                 struct.pack("<h", int(base[b])) + to_bytes(codes[b]),
                 to_bytes(bitpack.pack(side[b].reshape(-1), width)),
-                to_bytes(states[b]),
-                to_bytes(words[b].to(torch.int16)),
+                b"".join(states for _, states in coded[b * lanes : (b + 1) * lanes]),
+                *(words for words, _ in coded[b * lanes : (b + 1) * lanes]),
             ]
             blobs.append(fmt.pack(CODEC_ID, kvs[b].dtype, kvs[b].shape, params, sections))
         return blobs
@@ -162,29 +169,45 @@ def _group_by(items: Sequence, key) -> list[list[int]]:  # type: ignore[no-untyp
     return list(groups.values())
 
 
-def _layout(header: fmt.BlobHeader) -> tuple[int, list[int]]:
+def _lanes(streams: int) -> int:
+    """The most lanes (up to MAX_LANES) that divide the streams into runs of at least
+    _LANE_STREAMS."""
+    return max(
+        n
+        for n in range(1, MAX_LANES + 1)
+        if n == 1 or (streams % n == 0 and streams // n >= _LANE_STREAMS)
+    )
+
+
+def _layout(header: fmt.BlobHeader) -> tuple[int, int, list[int]]:
     e, layers, _tokens, _channels = header.shape
     params = header.params
     if len(params) != _PARAMS.size + layers:
         raise CodecError(f"cachegen params of {len(params)} bytes do not fit {layers} layers")
-    revision, groups = _PARAMS.unpack_from(params)
+    revision, groups, lanes = _PARAMS.unpack_from(params)
     half = list(params[_PARAMS.size :])
     if revision != _REVISION:
         raise CodecError(f"unsupported cachegen model revision {revision}")
     if groups < 1 or (e * layers) % groups or any(not 1 <= c <= MAX_HALF_LEVELS for c in half):
         raise CodecError(f"invalid cachegen params: groups={groups}, half-levels={half}")
-    return groups, half
+    if not 1 <= lanes <= MAX_LANES or (groups * header.shape[3]) % lanes:
+        raise CodecError(f"invalid cachegen params: {lanes} lanes for {groups} groups")
+    return groups, lanes, half
 
 
 def _absmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over the last dim, as float32 (amax and amin: abs() would copy the chunk)."""
-    return torch.maximum(x.amax(-1), x.amin(-1).neg_()).float()
+    """max |x| over the last dim, as float32. On the bits: clearing the sign bit leaves
+    integers ordered like the magnitudes (NaN above inf), and integer reductions are several
+    times faster than float16 ones on CPU."""
+    bits = torch.int16 if x.dtype in (torch.float16, torch.bfloat16) else torch.int32
+    mask = 0x7FFF if bits == torch.int16 else 0x7FFFFFFF
+    return (x.view(bits) & mask).amax(-1).view(x.dtype).float()
 
 
 def _slices(per: int, groups: int, group_elems: int, dev: torch.device):  # type: ignore[no-untyped-def]
-    """(p, g0, g1) slices of the [groups, per] blocks of ~_SLICE_ELEMS elements each: the bulk
-    (de)quantization runs slice by slice so its temporaries stay in cache and are reused
-    instead of being page-faulted in at full chunk size (most of its cost on CPU)."""
+    """(p, g0, g1) slices of the [groups, per] blocks of ~_SLICE_ELEMS elements each: on CPU
+    the bulk (de)quantization runs slice by slice so that its float32 temporaries stay a few
+    MB whatever the chunk (a Llama-3.1-8B chunk is 16M elements)."""
     target = _SLICE_ELEMS if dev.type == "cpu" else 1 << 62
     step = max(1, min(groups, target // max(1, group_elems)))
     for p in range(per):
@@ -197,22 +220,22 @@ def _decode_same(
 ) -> list[torch.Tensor]:
     header = parts[0][0]
     e, layers, tokens, channels = header.shape
-    groups, half_list = _layout(header)
+    groups, lanes, half_list = _layout(header)
     cmax = max(half_list)
     blocks, nb = e * layers, len(parts)
     streams, per = groups * channels, blocks // groups
     width = model.side_width(cmax)
-    fixed = [2 + blocks * tokens, bitpack.packed_size(blocks * channels, width), 4 * streams, None]
-    words, bases, codes, sides, states = [], [], [], [], []
+    fixed = [2 + blocks * tokens, bitpack.packed_size(blocks * channels, width), 4 * streams]
+    words: list[memoryview] = []
+    bases, codes, sides, states = [], [], [], []
     for h, blob in parts:
-        fmt.expect_sections(h, fixed)
-        sc, sd, st, wd = h.sections(blob)
-        if len(wd) % 2:
-            raise CodecError(f"cachegen word section has odd length {len(wd)}")
-        if h.numel > rans.SYMBOLS_PER_WORD_BOUND * (len(wd) // 2 + streams):
-            raise CodecError(
-                f"header claims {h.numel} elements, more than {len(wd)} bytes can encode"
-            )
+        fmt.expect_sections(h, [*fixed, *[None] * lanes])
+        sc, sd, st, *wd = h.sections(blob)
+        size = sum(len(w) for w in wd)
+        if any(len(w) % 2 for w in wd):
+            raise CodecError(f"cachegen word sections of odd length {[len(w) for w in wd]}")
+        if h.numel > rans.SYMBOLS_PER_WORD_BOUND * (size // 2 + streams):
+            raise CodecError(f"header claims {h.numel} elements, more than {size} bytes can encode")
         (base,) = struct.unpack_from("<h", sc)
         if not -8 * 160 <= base <= 8 * 127 - 255:
             raise CodecError(f"cachegen scale base {base} out of range")
@@ -220,17 +243,17 @@ def _decode_same(
         codes.append(from_bytes(sc[2:], torch.uint8, blocks * tokens, dev))
         sides.append(from_bytes(sd, torch.uint8, len(sd), dev))
         states.append(from_bytes(st, torch.int32, streams, dev))
-        words.append(wd)
-    st_all = torch.stack(states)
+        words.extend(wd)
+    st_all = torch.stack(states).view(nb * lanes, streams // lanes)
     if not bool((st_all >= rans.L).all()):
         raise CodecError("cachegen rANS state out of range")
     side = torch.stack([bitpack.unpack(s, blocks * channels, width) for s in sides])
     m, dist, valid = model.unfit_channels(side, cmax)
     if not valid:
         raise CodecError("cachegen channel side information out of range")
-    dists = dist.view(nb, groups, per, channels).permute(2, 0, 1, 3).reshape(per, nb, streams)
-    flat, sizes = rans.word_buffer(words, streams, dev)
-    syms, ok = rans.decode(flat, sizes, st_all, dists, tokens, model.TABLES.get(cmax, dev))
+    dists = dist.view(nb, groups, per, channels).permute(2, 0, 1, 3)
+    dists = dists.reshape(per, nb * lanes, streams // lanes)
+    syms, ok = rans.decode(words, st_all, dists, tokens, model.TABLES.get(cmax, dev))
     if not ok:
         raise CodecError("cachegen entropy-coded data is corrupt (rANS state check failed)")
     base_t = torch.tensor(bases, dtype=torch.int64, device=dev)

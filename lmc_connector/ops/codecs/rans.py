@@ -1,190 +1,118 @@
-"""Vectorised interleaved rANS over many streams stepped in lockstep with torch ops.
+"""Interleaved rANS over many streams: one bitstream, two coders.
 
-State x is an int32 in [L, 2**31) (L = 2**15); output words are 16 bits; probabilities are
-quantized to PREC bits. Each stream emits at most one word per symbol, so the words of step t
-(in stream order) form one contiguous run of the output: the decoder finds each stream's word
-with a cumulative sum of its "needs a word" flags, and no per-stream lengths are stored. The
-Python loop runs over steps (symbols per stream) only; everything inside is a whole-tensor op,
-so the same code runs on CPU and CUDA, and a batch of same-shaped chunks steps together.
-
-Speed: every step is ~16 int32 ops on preallocated buffers, with no `torch.where` and no bool
-tensors (both are several times slower than int32 arithmetic on CPU); renormalisation is a
-shift by `flag << 4`, and the encoder compacts its words in the loop (cumsum + scatter_)
-instead of a masked select over all steps afterwards.
+`encode` and `decode` take the symbols of a batch of independent runs laid out as
+[steps, runs, streams] (a run is a chunk, or one lane of a chunk: a codec splits a chunk's
+streams into lanes so that its runs can be coded in parallel) and pick the coder: the native
+C coder (rans_native.py) for CPU tensors where it could be built, its runs spread over
+`torch.get_num_threads()` threads, else the vectorised torch coder (rans_torch.py), which
+runs on any device. Both write and read the same bytes, so a chunk encoded on a GPU decodes
+on a CPU and the other way round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-PREC = 12
-M = 1 << PREC
-L = 1 << 15
-MAX_SYMBOLS = 64
-SYM_BITS = 7  # decode table: sym | bias << SYM_BITS | freq << (SYM_BITS + PREC)
-# No symbol gets more than M - MIN_ESCAPE of the range, so every symbol costs at least
-# log2(M / (M - 64)) bits: a blob of W words cannot describe more than ~700 * W symbols.
-MIN_ESCAPE = 64
-SYMBOLS_PER_WORD_BOUND = 1500
-_ENC_C = 13  # encode table: freq | cum << _ENC_C (bit 12 stays 0, see `encode`)
+from lmc_connector.ops.codecs import rans_native, rans_torch
+from lmc_connector.ops.codecs.rans_tables import (
+    MAX_SYMBOLS,
+    PREC,
+    SYMBOLS_PER_WORD_BOUND,
+    L,
+    M,
+    RansTables,
+    build_tables,
+)
+
+__all__ = [
+    "MAX_SYMBOLS",
+    "PREC",
+    "SYMBOLS_PER_WORD_BOUND",
+    "L",
+    "M",
+    "RansTables",
+    "build_tables",
+    "decode",
+    "encode",
+    "native_on",
+]
+
+_POOL_SIZE = 8
+_pool: list[ThreadPoolExecutor] = []
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RansTables:
-    """Quantized frequencies for K distributions over an alphabet of A symbols (int32)."""
-
-    alphabet: int
-    enc: torch.Tensor  # [K * A]: freq | cum << 13
-    dec: torch.Tensor  # [K * M]: sym | (slot - cum) << 7 | freq << 19
-
-    def to(self, device: torch.device) -> RansTables:
-        if self.enc.device == device:
-            return self
-        return RansTables(self.alphabet, self.enc.to(device), self.dec.to(device))
+def native_on(device: torch.device) -> bool:
+    """Whether `encode` and `decode` use the native coder for tensors on `device`."""
+    return device.type == "cpu" and rans_native.library() is not None
 
 
-def quantize_probs(probs: torch.Tensor) -> torch.Tensor:
-    """Integer frequencies [K, A] summing to M, each >= 1, none above M - MIN_ESCAPE."""
-    _k, a = probs.shape
-    if not 2 <= a <= MAX_SYMBOLS:
-        raise ValueError(f"alphabet of {a} symbols is outside what the coder supports")
-    p = probs.double().clamp_min(0)
-    p = p / p.sum(1, keepdim=True)
-    cap = 1.0 - 2.0 * MIN_ESCAPE / M
-    top = p.max(1, keepdim=True)
-    over = top.values > cap
-    rest = (1 - top.values).clamp_min(1e-12)
-    scaled = torch.where(torch.arange(a)[None] == top.indices, cap, p * (1 - cap) / rest)
-    p = torch.where(over, scaled, p)
-    freq = 1 + torch.floor(p * (M - a)).long()
-    deficit = M - freq.sum(1)
-    freq.scatter_add_(1, freq.argmax(1, keepdim=True), deficit[:, None])
-    return freq
+def encode(codes: torch.Tensor, tables: RansTables) -> list[tuple[bytes, bytes]]:
+    """Encode codes [steps, runs, streams] (int16: distribution * alphabet + symbol).
+    Returns each run's (words as u16 LE, final states as u32 LE)."""
+    lib = rans_native.library() if codes.device.type == "cpu" else None
+    if lib is not None:
+        codes = codes.to(torch.int16).contiguous()
 
+        def run(r: int) -> tuple[bytes, bytes]:
+            return rans_native.encode_run(lib, codes, r, tables)
 
-def build_tables(probs: torch.Tensor) -> RansTables:
-    freq = quantize_probs(probs)
-    k, a = freq.shape
-    cum = torch.cumsum(freq, 1) - freq
-    enc = (freq | (cum << _ENC_C)).reshape(-1)
-    slots = torch.arange(M).expand(k, M)
-    sym = torch.searchsorted(torch.cumsum(freq, 1), slots.contiguous(), right=True)
-    f = freq.gather(1, sym)
-    bias = slots - cum.gather(1, sym)
-    dec = (sym | (bias << SYM_BITS) | (f << (SYM_BITS + PREC))).reshape(-1)
-    return RansTables(a, enc.to(torch.int32), dec.to(torch.int32))
-
-
-def encode(codes: torch.Tensor, tables: RansTables) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Encode codes [steps, chunks, streams] (int16/int32: distribution * alphabet + symbol).
-    Returns each chunk's words (int32 whose low 16 bits are the word, in decoder order) and
-    the final states [chunks, streams] (int32)."""
-    steps, nb, s = codes.shape
-    dev = codes.device
-    x = torch.full((nb, s), L, dtype=torch.int32, device=dev)
-    # Chunk b's words fill region b of `buf` from its end backwards (steps run backwards);
-    # index 0 is a dump slot for streams that emit nothing this step. Pages never written
-    # (most of the worst-case size) are never touched.
-    region = steps * s
-    buf = torch.empty(1 + nb * region, dtype=torch.int32, device=dev)
-    ptr = (torch.arange(1, nb + 1, dtype=torch.int32, device=dev) * region + 1)[:, None]
-    idx, e, t1, flag, cs = (torch.empty((nb, s), dtype=torch.int32, device=dev) for _ in range(5))
-    pos = torch.empty((nb, s), dtype=torch.int64, device=dev)  # scatter_ wants int64
-    # x // freq in float64 (exact: x < 2**31, freq < 2**12) is ~4x faster than int division.
-    xd, fd = (torch.empty((nb, s), dtype=torch.float64, device=dev) for _ in range(2))
-    for t in range(steps - 1, -1, -1):
-        idx.copy_(codes[t])
-        torch.index_select(tables.enc, 0, idx.view(-1), out=e.view(-1))
-        # freq << 19 straight from the packed entry: cum's bits wrap out, bit 12 is 0.
-        torch.bitwise_left_shift(e, 19, out=t1)
-        torch.ge(x, t1, out=flag)
-        torch.cumsum(flag, 1, out=cs)
-        ptr = ptr - cs[:, -1:]
-        cs.add_(ptr - 1)
-        cs.mul_(flag)
-        pos.copy_(cs)
-        buf.scatter_(0, pos.view(-1), x.view(-1))
-        flag.bitwise_left_shift_(4)
-        x.bitwise_right_shift_(flag)
-        torch.bitwise_and(e, (1 << PREC) - 1, out=t1)
-        xd.copy_(x)
-        fd.copy_(t1)
-        xd.div_(fd, rounding_mode="trunc")
-        cs.copy_(xd)
-        x.addcmul_(cs, t1, value=-1)
-        x.add_(cs, alpha=M)
-        e.bitwise_right_shift_(_ENC_C)
-        x.add_(e)
-    ends = torch.arange(1, nb + 1) * region + 1
-    starts = ptr.view(-1).tolist()
-    out = [buf[int(a) : int(b)] for a, b in zip(starts, ends, strict=True)]
-    return out, x
-
-
-def word_buffer(
-    sections: Sequence[bytes | memoryview], streams: int, device: torch.device
-) -> tuple[torch.Tensor, list[int]]:
-    """The chunks' little-endian u16 word sections as one int32 tensor laid out for `decode`
-    ([0] + words... + streams + 1 zeros), and each chunk's word count."""
-    sizes = [len(w) // 2 for w in sections]
-    flat = np.zeros(1 + sum(sizes) + streams + 1, dtype=np.int32)
-    at = 1
-    for w, n in zip(sections, sizes, strict=True):
-        flat[at : at + n] = np.frombuffer(w, dtype="<u2", count=n)
-        at += n
-    return torch.from_numpy(flat).to(device), sizes
+        return _parallel(run, codes.shape[1])
+    words, states = rans_torch.encode(codes, tables)
+    return [
+        (_bytes(w.to(torch.int16)), _bytes(s)) for w, s in zip(words, states.unbind(0), strict=True)
+    ]
 
 
 def decode(
-    flat: torch.Tensor,
-    sizes: Sequence[int],
+    words: Sequence[bytes | memoryview],
     states: torch.Tensor,
     dists: torch.Tensor,
     tokens: int,
     tables: RansTables,
 ) -> tuple[torch.Tensor, bool]:
-    """Inverse of `encode` on a `word_buffer`: symbols [steps, chunks, streams] (uint8) and
-    whether every stream ended in the initial state having consumed exactly its words (False:
-    corrupt input). `states` must lie in [L, 2**31) and `dists` index the tables (the caller
-    checks both); the padding keeps every gather in range whatever the words say."""
-    nblk, nb, s = dists.shape
-    steps = nblk * tokens
-    dev = states.device
-    ends_list = np.cumsum(sizes).tolist()
-    ptr = torch.tensor(
-        [e - n for e, n in zip(ends_list, sizes, strict=True)], dtype=torch.int32, device=dev
-    )[:, None]
-    top = flat.numel() - s - 1
-    base = dists.to(torch.int32) << PREC
-    out = torch.empty((steps, nb, s), dtype=torch.uint8, device=dev)
-    x = states.to(torch.int32).clone()
-    idx, e, t1, t2, need = (torch.empty((nb, s), dtype=torch.int32, device=dev) for _ in range(5))
-    for t in range(steps):
-        torch.bitwise_and(x, M - 1, out=idx)
-        idx.bitwise_or_(base[t // tokens])
-        torch.index_select(tables.dec, 0, idx.view(-1), out=e.view(-1))
-        out[t].copy_(e)
-        # x = freq * (x >> PREC) + bias, with bias + (freq << PREC) = e >> SYM_BITS.
-        torch.bitwise_right_shift(x, PREC, out=t2)
-        t2.sub_(M)
-        torch.bitwise_right_shift(e, SYM_BITS + PREC, out=t1)
-        e.bitwise_right_shift_(SYM_BITS)
-        torch.addcmul(e, t2, t1, out=x)
-        torch.lt(x, L, out=need)
-        torch.cumsum(need, 1, out=t1)
-        pc = ptr.clamp(max=top)
-        t1.add_(pc)
-        ptr = ptr + (t1[:, -1:] - pc)
-        torch.index_select(flat, 0, t1.view(-1), out=t2.view(-1))
-        t2.mul_(need)
-        need.bitwise_left_shift_(4)
-        x.bitwise_left_shift_(need)
-        x.bitwise_or_(t2)
-    out.bitwise_and_((1 << SYM_BITS) - 1)
-    ends = torch.tensor(ends_list, dtype=torch.int32, device=dev)[:, None]
-    ok = bool((x == L).all()) and bool((ptr == ends).all())
-    return out, ok
+    """Inverse of `encode`: symbols [steps, runs, streams] (uint8) on the device of `states`
+    and whether every stream ended in the initial state having consumed exactly its words
+    (False: corrupt input). `states` [runs, streams] must lie in [L, 2**31) and `dists`
+    [blocks, runs, streams] index the tables (the caller checks both); a block holds
+    `tokens` steps."""
+    nblk, runs, s = dists.shape
+    lib = rans_native.library() if states.device.type == "cpu" else None
+    if lib is None:
+        flat, sizes = rans_torch.word_buffer(words, s, states.device)
+        return rans_torch.decode(flat, sizes, states, dists, tokens, tables)
+    out = torch.empty((nblk * tokens, runs, s), dtype=torch.uint8)
+
+    def run(r: int) -> bool:
+        return rans_native.decode_run(lib, words[r], states[r], dists[:, r], tokens, tables,
+                                      out[:, r])  # fmt: skip
+
+    return out, all(_parallel(run, runs))
+
+
+def _parallel(fn: Callable[[int], T], count: int) -> list[T]:
+    """fn(0..count-1), spread over up to torch.get_num_threads() threads (the native coder
+    releases the GIL)."""
+    workers = min(count, torch.get_num_threads(), _POOL_SIZE)
+    if workers <= 1:
+        return [fn(i) for i in range(count)]
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="lmc-rans"))
+
+    def share(w: int) -> list[T]:
+        return [fn(i) for i in range(w, count, workers)]
+
+    parts = list(_pool[0].map(share, range(workers)))
+    out: list[T] = [None] * count  # type: ignore[list-item]
+    for w, part in enumerate(parts):
+        out[w::workers] = part
+    return out
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return np.ascontiguousarray(t.detach().cpu().numpy()).tobytes()
