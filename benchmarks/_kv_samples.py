@@ -100,6 +100,17 @@ class MiniLM:
                 break
         return out
 
+    def split(
+        self, tokens: int, test: int, train: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(test, train) id sequences from disjoint windows of the same English text: the
+        first `test` windows, then `train` more (fewer if the text runs out)."""
+        text = english_text(1_200 * tokens * (test + train) // 256)
+        seqs = self.sequences(text, tokens, test + train)
+        if len(seqs) < test + 1:
+            raise RuntimeError(f"only {len(seqs)} windows of {tokens} tokens in the text")
+        return seqs[:test], seqs[test:]
+
     @contextmanager
     def _hooks(self, fn: Callable[[int, str, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
         handles = []

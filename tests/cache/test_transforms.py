@@ -1,13 +1,14 @@
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
 
 from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
 from lmc_connector.cache.errors import StoredMethodError
-from lmc_connector.ops.codecs import UnknownCodecError, get_codec
+from lmc_connector.ops.codecs import UnknownCodecError, get_codec, register, unregister
 from tests.cache.conftest import (
     CHUNK,
     CHUNK_BYTES,
@@ -95,19 +96,40 @@ def test_unknown_location_lists_the_valid_ones(make_engine: EngineFactory) -> No
         engine.compress(PROMPT, "cachegen", "LocalGPUBackend")
 
 
-def test_failed_encode_leaves_the_plain_chunks_in_place(
-    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A fake: a codec that fails mid-batch cannot be caused with the real codecs.
-    engine = make_engine()
-    keys = put_prompt(engine, PROMPT)
-    codec = get_codec("cachegen")
+class FailingCodec:
+    """A fake, registered like any codec: one that fails mid-batch cannot be caused with the
+    real codecs."""
 
-    def broken(kvs: list[torch.Tensor]) -> list[bytes]:
+    name = "failing"
+
+    def encode(self, kv: torch.Tensor) -> bytes:
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(type(codec), "encode_batch", lambda self, kvs: broken(kvs))
-    job = engine.run(engine.schedule("compress", PROMPT, "cachegen", CPU))
+    def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
+        raise RuntimeError("device lost")
+
+    def decode_batch(
+        self, blobs: Sequence[bytes], device: torch.device | str | None = None
+    ) -> list[torch.Tensor]:
+        raise RuntimeError("device lost")
+
+
+@pytest.fixture
+def failing_codec() -> Iterator[str]:
+    register("failing", 250, "tests.cache.test_transforms:FailingCodec")
+    yield "failing"
+    unregister("failing")
+
+
+def test_failed_encode_leaves_the_plain_chunks_in_place(
+    make_engine: EngineFactory, failing_codec: str
+) -> None:
+    engine = make_engine()
+    keys = put_prompt(engine, PROMPT)
+    job = engine.run(engine.schedule("compress", PROMPT, failing_codec, CPU))
     assert job.outcome.errors and "device lost" in job.outcome.errors[0]
     assert engine.usage()[CPU].used_bytes == 2 * CHUNK_BYTES + CHUNK_BYTES // 2
     assert torch.equal(engine.get(keys)[1], make_kv(CHUNK, 1))

@@ -56,7 +56,7 @@ def max_error_bound(name: str, kv: torch.Tensor) -> torch.Tensor:
 
 
 def test_codec_names_lists_every_registered_codec() -> None:
-    assert codec_names() == ["cachegen", "fp8"]
+    assert codec_names() == ["cachegen", "fp8", "kvtc"]
 
 
 def test_unknown_codec_name_error_lists_registered_names() -> None:

@@ -28,7 +28,7 @@ import torch
 from lmc_connector.ops.codecs import bitpack, rans
 from lmc_connector.ops.codecs import cachegen_model as model
 from lmc_connector.ops.codecs import format as fmt
-from lmc_connector.ops.codecs._tensors import from_bytes, resolve_device, to_bytes
+from lmc_connector.ops.codecs._tensors import from_bytes, group_by, resolve_device, to_bytes
 from lmc_connector.ops.codecs.errors import CodecError
 from lmc_connector.ops.codecs.registry import codec_id
 
@@ -77,7 +77,7 @@ class CacheGenCodec:
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(kvs)
-        for idx in _group_by(kvs, lambda kv: (tuple(kv.shape), kv.dtype, kv.device)):
+        for idx in group_by(kvs, lambda kv: (tuple(kv.shape), kv.dtype, kv.device)):
             for i, blob in zip(idx, self._encode_same([kvs[i] for i in idx]), strict=True):
                 out[i] = blob
         return [b for b in out if b is not None]
@@ -155,18 +155,11 @@ class CacheGenCodec:
                 raise CodecError(f"blob holds codec {h.codec!r}, not {self.name!r}")
         dev = resolve_device(device)
         out: list[torch.Tensor | None] = [None] * len(blobs)
-        for idx in _group_by(headers, lambda h: (h.shape, h.params, h.dtype)):
+        for idx in group_by(headers, lambda h: (h.shape, h.params, h.dtype)):
             parts = [(headers[i], blobs[i]) for i in idx]
             for i, t in zip(idx, _decode_same(parts, dev), strict=True):
                 out[i] = t
         return [t for t in out if t is not None]
-
-
-def _group_by(items: Sequence, key) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    groups: dict = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item), []).append(i)
-    return list(groups.values())
 
 
 def _lanes(streams: int) -> int:

@@ -48,6 +48,7 @@ class BlobHeader:
     section_sizes: tuple[int, ...]
     payload_offset: int
     total_size: int
+    calibration_id: str | None = None  # set by registry.peek_header for calibrated codecs
 
     @property
     def numel(self) -> int:
