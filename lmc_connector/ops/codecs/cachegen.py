@@ -137,7 +137,7 @@ class CacheGenCodec:
         for b in range(nb):
             sections = [
                 struct.pack("<h", int(base[b])) + to_bytes(codes[b]),
-                to_bytes(bitpack.pack(side[b].reshape(-1), width)),
+                bitpack.pack(side[b], width),
                 b"".join(states for _, states in coded[b * lanes : (b + 1) * lanes]),
                 *(words for words, _ in coded[b * lanes : (b + 1) * lanes]),
             ]
@@ -234,13 +234,13 @@ def _decode_same(
             raise CodecError(f"cachegen scale base {base} out of range")
         bases.append(base)
         codes.append(from_bytes(sc[2:], torch.uint8, blocks * tokens, dev))
-        sides.append(from_bytes(sd, torch.uint8, len(sd), dev))
+        sides.append(sd)
         states.append(from_bytes(st, torch.int32, streams, dev))
         words.extend(wd)
     st_all = torch.stack(states).view(nb * lanes, streams // lanes)
     if not bool((st_all >= rans.L).all()):
         raise CodecError("cachegen rANS state out of range")
-    side = torch.stack([bitpack.unpack(s, blocks * channels, width) for s in sides])
+    side = torch.stack([bitpack.unpack(s, blocks * channels, width, dev) for s in sides])
     m, dist, valid = model.unfit_channels(side, cmax)
     if not valid:
         raise CodecError("cachegen channel side information out of range")

@@ -115,43 +115,50 @@ class KvtcCodec:
                 f"not {list(shape)}: calibrate for this layout"
             )
 
-    def _encode_same(self, kvs: list[torch.Tensor]) -> list[bytes]:
+    def _encode_same(self, kvs: list[torch.Tensor], sanitized: bool = False) -> list[bytes]:
         nb, (planes, layers, tokens, channels) = len(kvs), kvs[0].shape
         dev = kvs[0].device
         x = torch.stack(kvs) if nb > 1 else kvs[0].unsqueeze(0)
-        if not all_finite(x):
+        if sanitized:
             big = torch.finfo(x.dtype).max
             x = torch.nan_to_num(x, nan=0.0, posinf=big, neginf=-big)
         w = transform.weights(self.calibration, dev, self.step)
         xj = torch.empty(layers, nb, tokens, planes, channels, dtype=torch.float32, device=dev)
         xj.copy_(x.permute(2, 0, 3, 1, 4))
+        sinks = sink.find(xj[:, :, :, -1])
         xj = xj.view(layers, nb * tokens, planes * channels)
         c = transform.project(xj, w)
-        sinks = sink.find(x)
         rows = torch.cat([s + b * tokens for b, s in enumerate(sinks)]).to(dev)
         z = (xj[:, rows] - w.mean) / w.scale
         c[:, rows] = 0
-        q = c.round_().clamp_(1 - model.QMAX, model.QMAX - 1).view(layers, nb, tokens, w.width)
-        k, side = model.fit_components(q)
-        unit = torch.exp2(k).unsqueeze(2)
-        hi = torch.floor(q / unit)
-        q -= hi * unit  # now the low bits
+        q = c.round_().view(layers, nb, tokens, w.width)
+        k, side, finite = model.fit_components(q)
+        if not sanitized and not (finite and all_finite(z)):
+            return self._encode_same(kvs, sanitized=True)  # NaN or infinity in the input
+        # The leading (widest) components alone can need a shift: split those only.
+        wide = torch.nonzero((k > 0).any(0).any(0))
+        shifted = int(wide.max()) + 1 if wide.numel() else 0
+        top = q[..., :shifted].clamp_(1 - model.QMAX, model.QMAX - 1)
+        unit = torch.exp2(k[..., :shifted]).unsqueeze(2)
+        hi = torch.floor(top / unit)
+        low = (top - hi * unit).view(layers, nb * tokens, shifted)
+        top.copy_(hi)
         _, dist = model.unpack_side(side)
-        hi += (model.HALF + model.ALPHABET * dist).unsqueeze(2)
-        flat = (layers, nb * tokens, w.width)
+        q += (model.HALF + model.ALPHABET * dist).unsqueeze(2)
         lanes, coded = streams.encode_codes(
-            streams.gather(hi.view(flat), w.active, nb, tokens, torch.int16)
+            streams.gather(q.view(layers, nb * tokens, w.width), w.active, nb, tokens, torch.int16)
         )
-        low = streams.gather(q.view(flat), w.active, nb, tokens, torch.int32)
+        narrow = [min(a, shifted) for a in w.active]
+        low = streams.gather(low, narrow, nb, tokens, torch.int32)
+        k_low = _by_component(k, narrow)
         side_c = _by_component(side, w.active)
-        k_c = _by_component(k, w.active)
         params = bytes.fromhex(self.calibration.id) + _PARAMS.pack(_REVISION, lanes, self.step)
         blobs, at = [], 0
         for b in range(nb):
             n = int(sinks[b].numel())
             sections = [
-                _bits(side_c[b], model.SIDE_BITS),
-                _raw_bits(low[b], k_c[b]),
+                bitpack.pack(side_c[b], model.SIDE_BITS),
+                _raw_bits(low[b], k_low[b]),
                 sinks[b].cpu().numpy().astype("<u2").tobytes(),
                 sink.pack(z[:, at : at + n], self.step),
                 *_lanes(coded[b * lanes : (b + 1) * lanes]),
@@ -183,11 +190,12 @@ class KvtcCodec:
             n = int(sinks[-1].numel())
             values.append(sink.unpack(sec[3], layers, n, planes * channels, step, dev))
         k, dist = model.unpack_side(torch.stack(sides))
-        low = torch.stack(
-            [_unraw(sec[1], kb, tokens, dev) for sec, kb in zip(sections, k, strict=True)]
-        )
-        syms = streams.decode_codes([s[4:] for s in sections], dist, tokens, lanes)
-        q = (syms - model.HALF).mul_((1 << k).unsqueeze(1)).add_(low).float()
+        lows = [_unraw(sec[1], kb, tokens, dev) for sec, kb in zip(sections, k, strict=True)]
+        q = streams.decode_codes([s[4:] for s in sections], dist, tokens, lanes).float()
+        q -= model.HALF
+        for b, (cols, low) in enumerate(lows):
+            if cols.numel():
+                q[b][:, cols] = q[b][:, cols] * torch.exp2(k[b, cols].float()) + low
         c = streams.scatter(q, w.active, w.width)
         xj = transform.reconstruct(c, w)
         rows = torch.cat([s + b * tokens for b, s in enumerate(sinks)])
@@ -196,50 +204,48 @@ class KvtcCodec:
         return list(out.to(header.dtype).contiguous().unbind(0))
 
 
-def _by_component(t: torch.Tensor, active: tuple[int, ...]) -> torch.Tensor:
+def _by_component(t: torch.Tensor, active: Sequence[int]) -> torch.Tensor:
     """[chunks, components] of the coded components of t [layers, chunks, width]."""
     return torch.cat([t[layer, :, :a] for layer, a in enumerate(active)], -1)
-
-
-def _bits(values: torch.Tensor, width: int) -> bytes:
-    return bitpack.pack(values.reshape(-1).long(), width).cpu().numpy().tobytes()
 
 
 def _unbits(buf: memoryview, count: int, width: int, dev: torch.device, what: str) -> torch.Tensor:
     if len(buf) != bitpack.packed_size(count, width):
         raise CodecError(f"kvtc {what} of {len(buf)} bytes, expected "
                          f"{bitpack.packed_size(count, width)}")  # fmt: skip
-    data = (
-        torch.frombuffer(bytearray(buf), dtype=torch.uint8)
-        if len(buf)
-        else torch.empty(0, dtype=torch.uint8)
-    )
-    return bitpack.unpack(data.to(dev), count, width).to(torch.int32)
+    return bitpack.unpack(buf, count, width, dev).to(torch.int32)
 
 
 def _raw_bits(low: torch.Tensor, k: torch.Tensor) -> bytes:
     """The low bits of low [tokens, components]: per width (ascending), token by token, the
-    components of that width k."""
-    widths = sorted(set(k.unique().int().tolist()) - {0})
-    return b"".join(_bits(low[:, k == width], width) for width in widths)
+    components of that width k (in component order). `low` may hold only the leading
+    components: the others have k = 0."""
+    counts = torch.bincount(k.to(torch.int64), minlength=model.MAX_K + 1).tolist()
+    return b"".join(
+        bitpack.pack(low[:, k == width], width) for width in range(1, len(counts)) if counts[width]
+    )
 
 
-def _unraw(buf: memoryview, k: torch.Tensor, tokens: int, dev: torch.device) -> torch.Tensor:
-    """Inverse of `_raw_bits`: [tokens, components] int32."""
-    low = torch.zeros(tokens, k.numel(), dtype=torch.int32, device=dev)
-    counts = [int((k == width).sum()) for width in range(model.MAX_K + 1)]
-    want = sum(bitpack.packed_size(counts[w] * tokens, w) for w in range(1, model.MAX_K + 1))
-    if len(buf) != want:
-        raise CodecError(f"kvtc raw bits section of {len(buf)} bytes, expected {want}")
+def _unraw(
+    buf: memoryview, k: torch.Tensor, tokens: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_raw_bits`: the components with k > 0 (ascending) and their low bits
+    [tokens, those components] (float32)."""
+    cols = torch.nonzero(k > 0).flatten()
+    widths = k[cols]
+    counts = torch.bincount(widths.to(torch.int64), minlength=model.MAX_K + 1).tolist()
+    sizes = [bitpack.packed_size(counts[w] * tokens, w) for w in range(len(counts))]
+    if len(buf) != sum(sizes):
+        raise CodecError(f"kvtc raw bits section of {len(buf)} bytes, expected {sum(sizes)}")
+    low = torch.zeros(tokens, cols.numel(), dtype=torch.float32, device=dev)
     at = 0
-    for width in range(1, model.MAX_K + 1):
-        if not counts[width]:
-            continue
-        size = bitpack.packed_size(counts[width] * tokens, width)
-        vals = _unbits(buf[at : at + size], counts[width] * tokens, width, dev, "raw bits")
-        low[:, k == width] = vals.view(tokens, -1)
-        at += size
-    return low
+    for width in range(1, len(counts)):
+        if counts[width]:
+            count = counts[width] * tokens
+            vals = _unbits(buf[at : at + sizes[width]], count, width, dev, "raw bits")
+            low[:, widths == width] = vals.view(tokens, -1).float()
+            at += sizes[width]
+    return cols, low
 
 
 def _sink_rows(buf: memoryview, tokens: int, dev: torch.device) -> torch.Tensor:

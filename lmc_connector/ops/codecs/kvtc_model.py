@@ -64,19 +64,20 @@ def _family() -> torch.Tensor:
     return p.reshape(N_SIGMA * 2, ALPHABET)
 
 
-def fit_components(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_components(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """For integer-valued q [layers, chunks, tokens, width] (float32): per (layer, chunk,
-    component) the shift k (float32) and the side code (int32: sigma code | k << SIGMA_BITS).
+    component) the shift k (float32) and the side code (int32: sigma code | k << SIGMA_BITS),
+    and whether q was all finite (NaN passes round and clamp).
     The scale is that of hi = floor(q / 2**k): E[hi**2] when k = 0, about
     E[q**2] / 4**k + 1/12 around -0.5 otherwise (the encoder's model choice; the decoder only
     reads the code)."""
     top = torch.maximum(q.amax(2) + 1, q.amin(2).neg_())
     k = (top.unsqueeze(-1) > _THRESHOLDS.to(q.device)).sum(-1).float()
-    mean_square = torch.linalg.vector_norm(q, dim=2).square_().div_(q.shape[2])
+    mean_square = (q * q).sum(2).div_(q.shape[2])  # vector_norm over dim 2: ~8x slower on CPU
     var = mean_square * torch.exp2(-2 * k) + (k > 0).float() / 12
     sigma = var.sqrt_().clamp_min_(SIGMA0)
     code = torch.round(4 * torch.log2(sigma / SIGMA0)).clamp_(0, N_SIGMA - 1).to(torch.int32)
-    return k, code | (k.to(torch.int32) << SIGMA_BITS)
+    return k, code | (k.to(torch.int32) << SIGMA_BITS), bool(torch.isfinite(top).all())
 
 
 def unpack_side(side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

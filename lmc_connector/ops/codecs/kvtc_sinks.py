@@ -27,12 +27,13 @@ FINE = 8
 MAX_WIDTH = 24  # |value| < 2**23 steps / FINE
 
 
-def find(x: torch.Tensor) -> list[torch.Tensor]:
-    """Per chunk of x [chunks, planes, layers, tokens, channels]: the sorted token indices
-    (int64) of its sinks, at most MAX_SINKS (the most extreme)."""
-    norm = torch.linalg.vector_norm(x[:, -1], dim=-1, dtype=torch.float32).square_()
+def find(v: torch.Tensor) -> list[torch.Tensor]:
+    """Per chunk of v [layers, chunks, tokens, channels] (the last plane: V, or the MLA
+    latent): the sorted token indices (int64) of its sinks, at most MAX_SINKS (the most
+    extreme)."""
+    norm = (v * v).sum(-1)
     median = norm.median(-1, keepdim=True).values
-    ratio = (norm / median.clamp_min(1e-30)).amin(1)  # [chunks, tokens], squared norms
+    ratio = (norm / median.clamp_min(1e-30)).amin(0)  # [chunks, tokens], squared norms
     out = []
     for r in ratio:
         idx = torch.nonzero(r < SINK_RATIO**2).flatten()
@@ -50,11 +51,7 @@ def pack(z: torch.Tensor, step: float) -> bytes:
     q = torch.round(z * (FINE / step)).clamp_(-limit, limit).to(torch.int64)
     zigzag = (q << 1) ^ (q >> 63)
     widths = [int(v).bit_length() for v in zigzag.amax((1, 2)).tolist()]
-    body = [
-        bitpack.pack(zz.reshape(-1), w).cpu().numpy().tobytes()
-        for zz, w in zip(zigzag, widths, strict=True)
-        if w
-    ]
+    body = [bitpack.pack(zz, w) for zz, w in zip(zigzag, widths, strict=True) if w]
     return bytes(widths) + b"".join(body)
 
 
@@ -78,8 +75,7 @@ def unpack(
     at = layers
     for layer, (w, size) in enumerate(zip(widths, sizes, strict=True)):
         if w:
-            data = torch.frombuffer(bytearray(buf[at : at + size]), dtype=torch.uint8)
-            out[layer] = bitpack.unpack(data.to(dev), sinks * dims, w)
+            out[layer] = bitpack.unpack(buf[at : at + size], sinks * dims, w, dev)
         at += size
     q = (out >> 1) ^ -(out & 1)
     return q.view(layers, sinks, dims).float() * (step / FINE)

@@ -78,7 +78,7 @@ def encode_codes(codes: torch.Tensor) -> tuple[int, list[tuple[bytes, bytes]]]:
 def decode_codes(
     sections: Sequence[Sequence[memoryview]], dist: torch.Tensor, tokens: int, lanes: int
 ) -> torch.Tensor:
-    """Inverse of `encode_codes`: symbols [chunks, tokens, components] (int32, 0..63) from
+    """Inverse of `encode_codes`: symbols [chunks, tokens, components] (uint8, 0..63) from
     each chunk's [states, lane words...] sections and the distributions dist [chunks,
     components]."""
     nb, comps = dist.shape
@@ -110,4 +110,4 @@ def decode_codes(
     if not ok:
         raise CodecError("kvtc entropy-coded data is corrupt (rANS state check failed)")
     syms = syms.view(per_stream, tokens, nb, streams).permute(2, 1, 0, 3)
-    return syms.reshape(nb, tokens, per_stream * streams)[:, :, :comps].to(torch.int32)
+    return syms.reshape(nb, tokens, per_stream * streams)[:, :, :comps]
