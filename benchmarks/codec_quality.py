@@ -4,8 +4,10 @@ For every registered codec plus fp16 and int8 references: bits per element all-i
 blob, header included), ratio to fp16, relative L2 error of K and V, attention-output cosine
 (the model's own queries against reconstructed K/V; mean and 0.1% quantile), and the
 sentence-embedding cosine when the model is re-run with every layer's K/V reconstructed.
+Calibrated codecs (kvtc) are fitted on chunks of other text (the windows after the test
+windows) and shown at several values of their quality knob.
 
-    python benchmarks/codec_quality.py [--quick] [--chunks N] [--tokens T]
+    python benchmarks/codec_quality.py [--quick] [--chunks N] [--tokens T] [--train N]
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _kv_samples import MiniLM, attention_cosines, english_text
+from _kv_samples import MiniLM, attention_cosines
 
-from lmc_connector.ops.codecs import codec_names, decode_blob, get_codec
+from lmc_connector.ops.codecs import (
+    codec_names,
+    decode_blob,
+    fit_calibration,
+    get_codec,
+    is_calibrated,
+)
+
+KVTC_QUALITIES = (0.5, 1.5, 2.5, 3.5, 4.5, 6.0)
 
 RoundTrip = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
@@ -39,12 +50,15 @@ def _int8(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
     return q * scale, kv.numel() + scale.numel() * 2
 
 
-def _codec(name: str) -> RoundTrip:
-    codec = get_codec(name)
+def _codec(name: str, **params: Any) -> RoundTrip:
+    codec = get_codec(name, **params)
+    calibrations = {}
+    if "calibration" in params:
+        calibrations[codec.calibration.id] = codec.calibration  # type: ignore[attr-defined]
 
     def run(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
         blob = codec.encode(kv.half())
-        return decode_blob(blob).float(), len(blob)
+        return decode_blob(blob, calibrations=calibrations).float(), len(blob)
 
     return run
 
@@ -58,21 +72,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 chunks instead of 8")
     parser.add_argument("--chunks", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--train", type=int, default=16, help="calibration chunks")
     args = parser.parse_args()
     chunks = args.chunks or (2 if args.quick else 8)
 
     start = time.perf_counter()
     lm = MiniLM()
-    seqs = lm.sequences(english_text(40_000 * chunks // 4), args.tokens, chunks)
-    samples = [lm.capture(s) for s in seqs]
+    test_ids, train_ids = lm.split(args.tokens, test=chunks, train=args.train)
+    samples = [lm.capture(s) for s in test_ids]
+    train = [lm.capture(s).kv.half() for s in train_ids]
     refs = [lm.embed(s.input_ids) for s in samples]
     print(
         f"all-MiniLM-L6-v2: {len(samples)} chunks of shape {list(samples[0].kv.shape)} "
-        f"(K/V, layers, tokens, channels), English text from the Python stdlib; "
-        f"setup {time.perf_counter() - start:.1f}s\n"
+        f"(K/V, layers, tokens, channels), English text from the Python stdlib; calibrations "
+        f"fitted on {len(train)} chunks of other text; setup {time.perf_counter() - start:.1f}s\n"
     )
     methods: dict[str, RoundTrip] = {"fp16 (ref)": _fp16, "int8 (ref)": _int8}
-    methods.update({name: _codec(name) for name in codec_names()})
+    for name in codec_names():
+        if not is_calibrated(name):
+            methods[name] = _codec(name)
+            continue
+        blob = fit_calibration(name, train)
+        for quality in KVTC_QUALITIES:
+            methods[f"{name} q={quality:g}"] = _codec(name, calibration=blob, quality=quality)
     head = (
         f"{'method':<12} {'bits/elem':>9} {'x fp16':>7} {'relL2 K':>8} {'relL2 V':>8} "
         f"{'attn cos':>9} {'attn q0.1%':>10} {'emb cos':>8}"

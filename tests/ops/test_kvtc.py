@@ -43,9 +43,18 @@ def coefficient_error(kv: torch.Tensor, out: torch.Tensor, cal: bytes, quality: 
 
 
 # Round to nearest: half a step, plus the float16-stored basis being orthonormal only to ~1e-3
-# (at most ~0.01 step at these magnitudes). In bfloat16 (where the device multiplies it fast)
-# coefficients below _SPLIT sigma also carry up to ~2**-9 * 64 of output rounding each way.
-@pytest.mark.parametrize(("precision", "slack"), [("float32", 0.02), ("bfloat16", 0.25)])
+# (at most ~0.01 step at these magnitudes). With bfloat16 products (where the device has them
+# fast) coefficients below _SPLIT sigma also carry up to ~2**-9 * 64 of output rounding each
+# way; int8 inverse products add weights rounded to 1/254 of each output channel's largest.
+PRECISIONS = [("float32", 0.02), ("bfloat16", 0.25), ("int8", 0.3)]
+
+
+def use_precision(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    monkeypatch.setattr(transform, "_fast_bfloat16", lambda _device: precision != "float32")
+    monkeypatch.setattr(transform, "_fast_int8", lambda _device: precision == "int8")
+
+
+@pytest.mark.parametrize(("precision", "slack"), PRECISIONS)
 @pytest.mark.parametrize("quality", [1.0, 3.5, 6.0])
 def test_coded_coefficients_are_within_half_a_step(
     calibration: bytes,
@@ -54,12 +63,26 @@ def test_coded_coefficients_are_within_half_a_step(
     slack: float,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(transform, "_fast_bfloat16", lambda _device: precision == "bfloat16")
+    use_precision(monkeypatch, precision)
     kv = attention_like(SHAPE, 1, seed=7, dtype=torch.float32)[0]
     codec = get_codec("kvtc", calibration=calibration, quality=quality)
     out = codec.decode(codec.encode(kv))
     assert out.shape == kv.shape and out.dtype == torch.float32
     assert coefficient_error(kv, out, calibration, quality) <= 0.5 + slack
+
+
+@pytest.mark.parametrize(("precision", "slack"), PRECISIONS)
+def test_an_outlier_token_keeps_the_bound(
+    calibration: bytes, precision: str, slack: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every component of token 5 becomes wide (shifted by k > 2): int8 products cannot hold
+    # it, so its rows take the float32 way.
+    use_precision(monkeypatch, precision)
+    kv = attention_like(SHAPE, 1, seed=12, dtype=torch.float32)[0]
+    kv[:, :, 5] += 60 * torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    codec = get_codec("kvtc", calibration=calibration, quality=3.5)
+    out = codec.decode(codec.encode(kv))
+    assert coefficient_error(kv, out, calibration, 3.5) <= 0.5 + slack
 
 
 def test_higher_quality_is_larger_and_closer(calibration: bytes) -> None:

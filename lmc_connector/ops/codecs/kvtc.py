@@ -197,11 +197,18 @@ class KvtcCodec:
             if cols.numel():
                 q[b][:, cols] = q[b][:, cols] * torch.exp2(k[b, cols].float()) + low
         c = streams.scatter(q, w.active, w.width)
-        xj = transform.reconstruct(c, w)
+        xj = transform.reconstruct(c, w, _wide_rows(k, w, tokens).to(dev))
         rows = torch.cat([s + b * tokens for b, s in enumerate(sinks)])
         xj[:, rows] = torch.cat(values, 1) * w.scale + w.mean
         out = xj.view(layers, nb, tokens, planes, channels).permute(1, 3, 0, 2, 4)
         return list(out.to(header.dtype).contiguous().unbind(0))
+
+
+def _wide_rows(k: torch.Tensor, w: transform.Weights, tokens: int) -> torch.Tensor:
+    """Rows of the chunks whose late components may leave int8: q = hi * 2**k + low fits
+    [-128, 127] while k <= 2."""
+    wide = torch.nonzero(((k.cpu() > 2) & w.late).any(1)).flatten()
+    return (wide[:, None] * tokens + torch.arange(tokens)).flatten()
 
 
 def _by_component(t: torch.Tensor, active: Sequence[int]) -> torch.Tensor:
