@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +96,40 @@ def test_corrupt_words_fail_the_end_state_check(cut: str) -> None:
         words = words + b"\x01\x00"
     _, ok = rans.decode([words], states_of([(words, states)]), dists, 40, tables)
     assert not ok
+
+
+PROBE = """
+import torch
+from lmc_connector.ops.codecs import get_codec, rans_native
+kv = torch.randn(2, 2, 16, 32).half()
+codec = get_codec("cachegen")
+out = codec.decode(codec.encode(kv))
+print("native" if rans_native.library() is not None else "torch", out.shape == kv.shape)
+"""
+
+
+def run_probe(**env: str) -> str:
+    """Run PROBE in a fresh interpreter (the coder is chosen once per process)."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**os.environ, "PYTHONPATH": str(root), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_codecs_work_with_the_native_coder_switched_off() -> None:
+    assert run_probe(LMC_CODEC_NATIVE="0") == "torch True"
+
+
+@needs_native
+def test_an_unwritable_cache_directory_still_builds_the_native_coder() -> None:
+    assert run_probe(LMC_CACHE_DIR="/proc/no-such-dir/lmc") == "native True"
+
+
+def test_no_compiler_falls_back_to_the_torch_coder() -> None:
+    assert run_probe(CC="/no/such/cc", PATH="/no/such/dir") == "torch True"

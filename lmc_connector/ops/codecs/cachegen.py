@@ -58,6 +58,9 @@ def _groups(blocks: int, tokens: int, channels: int, min_steps: int, native: boo
 
 
 class CacheGenCodec:
+    """A cachegen codec with its level settings; stateless beyond them: any thread may encode
+    and decode (the distribution tables are shared, built once per device)."""
+
     name = "cachegen"
 
     def __init__(self, levels: Sequence[int] = (21, 17, 13), min_steps: int = 512) -> None:

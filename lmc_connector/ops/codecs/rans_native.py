@@ -3,8 +3,9 @@
 The torch coder (rans_torch.py) pays ~16 tensor ops per step; on a CPU that is most of a
 chunk's coding time. The same loops in C are one pass over the symbols. The library is
 compiled with the system's C compiler the first time a process needs it, into
-`$LMC_CACHE_DIR` (default `~/.cache/lmc_connector`), named by a hash of the source and the
-compiler, and loaded with ctypes (calls release the GIL). Before it is used, a self-test
+`$LMC_CACHE_DIR` (default `~/.cache/lmc_connector`; a private temporary directory where that
+cannot be written), named by a hash of the source and the compiler, and loaded with ctypes
+(calls release the GIL). Before it is used, a self-test
 checks that it produces the torch coder's bytes. No compiler, a failed build, a failed
 self-test or `LMC_CODEC_NATIVE=0` means `library()` is None and the codecs use the torch
 coder: same bitstream, slower.
@@ -67,13 +68,20 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: list[str], flags: list[str]) -> Path:
+    """The library built from `_SOURCE` with `flags`: from the cache directory, else compiled
+    there, else (read-only home, ...) compiled into a private temporary directory."""
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join(cc + flags).encode() + sys.platform.encode())
-    target = _cache_dir() / f"rans-{tag.hexdigest()[:16]}.so"
+    name = f"rans-{tag.hexdigest()[:16]}.so"
+    target = _cache_dir() / name
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    except OSError:
+        target = Path(tempfile.mkdtemp(prefix="lmc-rans-")) / name
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
         subprocess.run(
