@@ -71,6 +71,11 @@ class RecordHeader:
     #: crc32 of the header fields: continue it over the payload with zlib.crc32(data, start).
     crc_start: int
 
+    @property
+    def method(self) -> str | None:
+        """The codec of an encoded chunk; None for a plain one."""
+        return self.name if self.encoded else None
+
     def verify(self, crc: int) -> None:
         """Raise unless `crc` (of the header fields and the payload) matches the header."""
         if crc != self.crc:

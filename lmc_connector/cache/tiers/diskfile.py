@@ -46,8 +46,7 @@ def read_record(path: Path) -> DiskRecord:
         header = parse_header(f.read(HEADER_SIZE), str(path))
     if path.stat().st_size != HEADER_SIZE + header.payload_len:
         raise DiskFormatError(f"{path}: size does not match its header")
-    method = header.name if header.encoded else None
-    return DiskRecord(HEADER_SIZE + header.payload_len, header.num_tokens, method)
+    return DiskRecord(HEADER_SIZE + header.payload_len, header.num_tokens, header.method)
 
 
 def read_chunk(path: Path) -> Chunk:

@@ -201,7 +201,7 @@ def test_clear_unlinks_only_this_layouts_chunks_and_keeps_pinned_ones(
     store.set("user:data", b"not ours")
     pinned = engine.hashes(TOKENS)[0]
     engine.pin_keys([pinned])
-    assert engine.clear(REMOTE) == (len(engine.hashes(TOKENS)) - 1, 1)
+    assert engine.clear(REMOTE)[:2] == (len(engine.hashes(TOKENS)) - 1, 1)
     assert engine.lookup(TOKENS, [REMOTE]) == CHUNK
     assert other.lookup(TOKENS, [REMOTE]) == len(TOKENS)
     assert store.get("user:data") == b"not ours"
@@ -305,7 +305,7 @@ def test_chunks_spread_over_a_redis_cluster(redis_cluster: list[Service], make: 
     assert reader.lookup(tokens) == len(tokens)
     loaded = reader.get(reader.hashes(tokens))
     assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
-    assert reader.clear(REMOTE) == (40, 0)
+    assert reader.clear(REMOTE)[:2] == (40, 0)  # chunks another engine wrote too
     assert sum(redis.Redis.from_url(n.url).dbsize() for n in redis_cluster) == 0
 
 

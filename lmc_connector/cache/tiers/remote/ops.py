@@ -10,14 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.tiers.remote.client import Client
 from lmc_connector.cache.tiers.remote.values import StoreValue
-from lmc_connector.tokens import ChunkKey
 
 #: Pieces asked for per round trip on the load path. Few: Redis serves 1 MiB values fastest
 #: one or two at a time (a deep pipeline of large replies piles them up in fresh memory on

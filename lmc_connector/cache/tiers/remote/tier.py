@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.chunk import Chunk, ChunkForm
 from lmc_connector.cache.layout import ChunkLayout
-from lmc_connector.cache.record import RecordFormatError
+from lmc_connector.cache.record import RecordFormatError, parse_header
 from lmc_connector.cache.tiers.base import Marker, Tier, TierContext, TierUsage
+from lmc_connector.cache.tiers.cpu import Compressor
 from lmc_connector.cache.tiers.remote import ops
 from lmc_connector.cache.tiers.remote.client import Client, StoreSession
 from lmc_connector.cache.tiers.remote.keys import StoreKeys
 from lmc_connector.cache.tiers.remote.ops import ChunkNames
-from lmc_connector.cache.tiers.cpu import Compressor
 from lmc_connector.cache.tiers.remote.values import (
     Allocator,
     Assembler,
@@ -60,11 +60,12 @@ class RemoteBackend(Tier):
 
     Owns the store session (clients and health: lookups wait at most
     `remote_timeout_ms`, loads and uploads longer), the background writer,
-    the assembly thread of loads, and the record of chunks this worker wrote
-    (for the controller's index; bounded, oldest forgotten first). Called from vLLM's model-runner thread
-    (`load_many`, `saved`), the lookup thread (`held`) and the control agent
-    (the rest), never with the cache lock held: every method may wait on the
-    network (`answers_from_memory` is False).
+    the assembly thread of loads, and the record of chunks this worker
+    wrote (for the controller's index; bounded, oldest forgotten first).
+    Called from vLLM's model-runner thread (`load_many`, `saved`), the
+    lookup thread (`held`) and the control agent (the rest), never with the
+    cache lock held: every method may wait on the network
+    (`answers_from_memory` is False).
     """
 
     name = "RemoteBackend"
@@ -136,6 +137,20 @@ class RemoteBackend(Tier):
             return [False] * len(keys)
         self._forget([k for k, hit in zip(keys, found, strict=True) if not hit])
         return [bool(hit) for hit in found]
+
+    @override
+    def forms(self, keys: Sequence[ChunkKey]) -> list[ChunkForm | None]:
+        """From the heads alone (one round trip); a head that does not parse reads None."""
+        names = [self.keys.head(k) for k in keys]
+        heads = self._call("read heads", False, lambda c: ops.read_heads(c, names))
+        out: list[ChunkForm | None] = []
+        for name, head in zip(names, heads or [None] * len(keys), strict=True):
+            try:
+                header = parse_header(head, name) if isinstance(head, bytes) else None
+            except RecordFormatError:
+                header = None
+            out.append(None if header is None else ChunkForm(header.num_tokens, header.method))
+        return out
 
     @override
     def touch(self, key: ChunkKey) -> bool:
