@@ -6,6 +6,8 @@ Functions raise the client's errors (`client.STORE_ERRORS`); the tier turns them
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +16,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lmc_connector.cache.tiers.remote.client import Client
+from lmc_connector.cache.tiers.remote.keys import StoreKeys
 from lmc_connector.cache.tiers.remote.values import StoreValue
+from lmc_connector.tokens import ChunkKey
 
 #: Pieces asked for per round trip on the load path. Few: Redis serves 1 MiB values fastest
 #: one or two at a time (a deep pipeline of large replies piles them up in fresh memory on
 #: both sides, measured 2-3x slower here), while uploads go fastest fully pipelined.
 PIECES_IN_FLIGHT = 2
+#: Names unlinked per round trip when a layout is cleared, and names between progress lines.
+CLEAR_BATCH = 512
+CLEAR_LOG_EVERY = 100_000
+
+logger = logging.getLogger(__name__)
 
 # KEYS: head, staged head, n staged pieces, n pieces, then old pieces beyond n to drop.
 # ARGV: the head the caller read, n. Staged names are dropped when the head changed.
@@ -130,6 +139,36 @@ def unlink_names(client: Client, names: Sequence[str]) -> int:
     for name in names:
         pipe.unlink(name)
     return sum(int(n) for n in pipe.execute())
+
+
+def unlink_layout(
+    client: Client, keys: StoreKeys, keep: Callable[[ChunkKey], bool]
+) -> tuple[list[ChunkKey], int]:
+    """Unlink every name of `keys`' layout (SCAN, then UNLINK in batches) but the names of
+    chunks `keep` says to keep: (chunks whose head went, chunks kept)."""
+    heads: list[ChunkKey] = []
+    kept: set[ChunkKey] = set()
+    batch: list[str] = []
+    seen, started = 0, time.monotonic()
+    for name in client.scan_iter(match=keys.pattern, count=1000):
+        parsed = keys.parse(name)
+        if parsed is None:
+            continue
+        key, kind = parsed
+        if keep(key):
+            kept.add(key)
+            continue
+        batch.append(name.decode() if isinstance(name, bytes) else name)
+        heads += [key] if kind == "head" else []
+        if len(batch) >= CLEAR_BATCH:
+            unlink_names(client, batch)
+            seen, batch = seen + len(batch), []
+            if seen % CLEAR_LOG_EVERY < CLEAR_BATCH:
+                rate = seen / max(time.monotonic() - started, 1e-9)
+                logger.info("clearing %s*: %d names unlinked (%.0f/s)", keys.namespace, seen, rate)
+    if batch:
+        unlink_names(client, batch)
+    return heads, len(kept)
 
 
 def unlink_if(client: Client, names: ChunkNames, marker: bytes) -> bool:

@@ -51,8 +51,6 @@ FLUSH_TIMEOUT_S = 10.0
 MAX_WRITTEN = 1 << 18
 #: Room for an encoded value beyond the plain chunk's bytes (codec headers of tiny chunks).
 ENCODED_SLACK_BYTES = 64 << 10
-#: Names unlinked per command when the tier is cleared.
-CLEAR_BATCH = 512
 
 
 class RemoteBackend(Tier):
@@ -370,29 +368,10 @@ class RemoteBackend(Tier):
         return (0, 0) if result is None else result
 
     def _clear(self, client: Client) -> tuple[int, int]:
-        removed, pinned = 0, set()
-        batch: list[str] = []
-        heads: list[ChunkKey] = []
-        for name in client.scan_iter(match=self.keys.pattern, count=1000):
-            parsed = self.keys.parse(name)
-            if parsed is None:
-                continue
-            key, kind = parsed
-            if self.ctx.is_pinned(key):
-                pinned.add(key)
-                continue
-            batch.append(name.decode() if isinstance(name, bytes) else name)
-            if kind == "head":
-                heads.append(key)
-            if len(batch) >= CLEAR_BATCH:
-                ops.unlink_names(client, batch)
-                batch = []
-        if batch:
-            ops.unlink_names(client, batch)
+        heads, kept = ops.unlink_layout(client, self.keys, self.ctx.is_pinned)
         self._forget(heads)
-        removed = len(heads)
-        logger.info("%s: cleared %d chunks (%d pinned kept)", self.name, removed, len(pinned))
-        return removed, len(pinned)
+        logger.info("%s: cleared %d chunks (%d pinned kept)", self.name, len(heads), kept)
+        return len(heads), kept
 
     def _forget(self, keys: Sequence[ChunkKey]) -> None:
         """These chunks are no longer in the store: drop them from the written record."""
