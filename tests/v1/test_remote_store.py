@@ -135,6 +135,7 @@ def test_cachegen_values_serve_a_fresh_cache_within_tolerance(
     second_instance: Any, redis_server: Service
 ) -> None:
     ids = prompt_ids(23, PROMPT_LEN)
+    second_instance.collective_rpc("lmc_flush")  # earlier uploads are done
     before = stored_chunks(redis_server.url)
     generate(second_instance, ids)
     second_instance.collective_rpc("lmc_flush")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,12 +25,25 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _free_port_pair() -> int:
+    """A free port P whose neighbour P + 1 (rank 1's command port) is free too."""
+    for _ in range(100):
+        port = services.free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free neighbouring ports")
+
+
 @pytest.fixture(scope="module")
 def seen(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_server: Service
 ) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("tp2")
-    port, monitor, worker = services.free_port(), services.free_port(), services.free_port()
+    port, monitor, worker = services.free_port(), services.free_port(), _free_port_pair()
     url = f"http://127.0.0.1:{port}"
     command = services.controller_command("127.0.0.1", port, monitor)
     with services.running("lmc-controller", command, url, logs / "controller.log", timeout=30):
