@@ -195,6 +195,10 @@ def cpu_vllm_env(config_file: Path) -> dict[str, str]:
     }
 
 
+#: Free ports tried for a redis-server before giving up (another process may take one first).
+REDIS_PORT_ATTEMPTS = 3
+
+
 def redis_command(port: int, workdir: Path, *args: str) -> list[str]:
     """A throw-away redis-server on loopback: no persistence, its files in `workdir`."""
     return [
@@ -225,18 +229,32 @@ def running_redis(
     workdir: Path, port: int | None = None, args: Sequence[str] = ()
 ) -> Iterator[Service]:
     """A redis-server (`redis-server` on PATH: `scripts/system_deps.sh` installs it) until the
-    context exits; `service.url` is its redis:// address."""
-    port = port or free_port()
+    context exits; `service.url` is its redis:// address. Without `port`, a free one; if
+    another process takes it before the server binds it, start-up is retried on another."""
     workdir.mkdir(parents=True, exist_ok=True)
-    with running(
-        f"redis-server:{port}",
-        redis_command(port, workdir, *args),
-        f"redis://127.0.0.1:{port}",
-        workdir / "redis.log",
-        timeout=30,
-        ready=redis_ready,
-    ) as service:
-        yield service
+    attempts = 1 if port else REDIS_PORT_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        stack = contextlib.ExitStack()
+        try:
+            service = stack.enter_context(
+                running(
+                    f"redis-server:{chosen}",
+                    redis_command(chosen, workdir, *args),
+                    f"redis://127.0.0.1:{chosen}",
+                    workdir / f"redis-{chosen}.log",
+                    timeout=30,
+                    ready=redis_ready,
+                )
+            )
+        except ServiceError as e:
+            stack.close()
+            if "Address already in use" in str(e) and attempt < attempts:
+                continue
+            raise
+        with stack:
+            yield service
+        return
 
 
 @contextlib.contextmanager
