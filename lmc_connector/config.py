@@ -23,6 +23,7 @@ import msgspec
 import yaml
 
 from lmc_connector.config_lmcache import LMCACHE_ALIASES, LMCACHE_KEYS, is_lmcache_variable
+from lmc_connector.remote_url import RemoteUrlError, parse_remote_url
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: When the CPU tier is full, compress its least recently used plain chunks with this codec
     #: before evicting anything (None: plain LRU eviction).
     compress_before_evict: str | None = None
+    #: The shared store (RemoteBackend): redis://, rediss://, valkey://, redis-cluster://; or off.
+    remote_url: str | None = None
+    #: How chunks are stored there: "naive" (lossless tensor bytes) or a codec (cachegen, fp8).
+    remote_serde: str = "naive"
+    #: Milliseconds a store lookup (and a connection attempt) may take; slower is a miss.
+    remote_timeout_ms: int = 200
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -314,10 +321,36 @@ def _check_requirements(config: CacheConfig) -> None:
             f"controller_heartbeat_interval={config.controller_heartbeat_interval} must be "
             "> 0 seconds (2 is a good value)"
         )
+    _check_remote(config)
     for key in _LIST_KEYS:
         bad = [p for p in getattr(config, key) if not 0 < p < 65536]
         if bad:
             raise ConfigError(f"{key}: {bad} are not TCP ports; use numbers in 1..65535")
+
+
+def _check_remote(config: CacheConfig) -> None:
+    if config.remote_url is not None:
+        try:
+            parse_remote_url(config.remote_url)
+        except RemoteUrlError as e:
+            raise ConfigError(str(e)) from e
+    if config.remote_timeout_ms <= 0:
+        raise ConfigError(
+            f"remote_timeout_ms={config.remote_timeout_ms} must be > 0 (200 suits a store on "
+            "the same network)"
+        )
+    if config.remote_serde != "naive":
+        # Codec names live with the codecs (torch); only vLLM processes set this key.
+        from lmc_connector.ops.codecs import codec_names
+
+        valid = ["naive", *codec_names()]
+        if config.remote_serde not in valid:
+            close = difflib.get_close_matches(config.remote_serde, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"remote_serde={config.remote_serde!r} is not a serde{hint}; use one of "
+                f"{', '.join(valid)}"
+            )
 
 
 def load_config(

@@ -2,6 +2,7 @@
 # The whole test suite: lint, types, then pytest (real vLLM on the CPU included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/system_deps.sh
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check lmc_connector tests benchmarks examples

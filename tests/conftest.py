@@ -12,6 +12,8 @@ from tests.models.builder import build_model
 ROOT = Path(__file__).resolve().parents[1]
 #: Built models are reused across runs (the builder is idempotent); ignored by git.
 MODEL_CACHE = ROOT / ".models"
+#: Fixtures of real Redis servers (`redis_server`, `redis_cluster`) for every module.
+pytest_plugins = ["tests.redis_servers"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

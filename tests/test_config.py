@@ -243,3 +243,33 @@ def test_ports_out_of_range_are_rejected() -> None:
 def test_non_positive_heartbeat_interval_is_rejected() -> None:
     with pytest.raises(ConfigError, match="controller_heartbeat_interval=0"):
         load_config({"controller_heartbeat_interval": 0}, env={})
+
+
+def test_shared_store_keys_have_lmcache_defaults() -> None:
+    config = load_config(env={})
+    assert config.remote_url is None
+    assert (config.remote_serde, config.remote_timeout_ms) == ("naive", 200)
+
+
+def test_shared_store_keys_come_from_yaml_and_environment(tmp_path: Path) -> None:
+    env = write_yaml(tmp_path, 'remote_url: "redis://localhost:6379"\nremote_serde: cachegen\n')
+    env["LMCACHE_REMOTE_TIMEOUT_MS"] = "50"
+    config = load_config(env=env)
+    assert config.remote_url == "redis://localhost:6379"
+    assert config.remote_serde == "cachegen"
+    assert config.remote_timeout_ms == 50
+
+
+def test_a_bad_remote_url_fails_with_the_accepted_forms() -> None:
+    with pytest.raises(ConfigError, match=r"unknown scheme 'redi'.*accepted forms: redis://"):
+        load_config({"remote_url": "redi://localhost:6379"}, env={})
+
+
+def test_an_unknown_remote_serde_names_the_close_match_and_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean cachegen\?.*naive, cachegen, fp8"):
+        load_config({"remote_url": "redis://h", "remote_serde": "cachgen"}, env={})
+
+
+def test_remote_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="remote_timeout_ms=0 must be > 0"):
+        load_config({"remote_url": "redis://h", "remote_timeout_ms": 0}, env={})

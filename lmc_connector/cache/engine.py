@@ -25,6 +25,7 @@ from lmc_connector.cache.tiers import (
     TierUsage,
     build_tiers,
 )
+from lmc_connector.cache.tiers.base import leading
 from lmc_connector.cache.transforms import TransformJob, TransformRunner
 from lmc_connector.config import CacheConfig, ConfigError
 from lmc_connector.operations import TransformKind
@@ -39,10 +40,6 @@ class Cleared(NamedTuple):
     removed: int
     kept: int
     num_tokens: int
-
-
-def _leading(flags: Sequence[bool]) -> int:
-    return next((i for i, flag in enumerate(flags) if not flag), len(flags))
 
 
 class CacheEngine:
@@ -66,14 +63,20 @@ class CacheEngine:
         self.layout = layout
         self.ctx = TierContext()
         self.lock = self.ctx.lock
-        self._transforms = TransformRunner(self.ctx, _codec_device(config, device))
+        codec_device = _codec_device(config, device)
+        self._transforms = TransformRunner(self.ctx, codec_device)
         method = config.compress_before_evict
         if method is not None:
             _check_method("compress_before_evict", method)
         self.tiers = build_tiers(
-            config, layout, self.ctx, partial(self._transforms.encode, method or "")
+            config,
+            layout,
+            self.ctx,
+            partial(self._transforms.encode, method or ""),
+            partial(self._transforms.encode, config.remote_serde),
         )
         self._near = [t for t in self.tiers if t.answers_from_memory]
+        self._far = [t for t in self.tiers if not t.answers_from_memory]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -133,10 +136,31 @@ class CacheEngine:
     ) -> int:
         """Tokens of the cached prefix of a `num_tokens`-long prompt whose chunk keys are `keys`.
 
-        Tiers answering from memory are asked under the lock, and with `pin`
-        what they hold is pinned in the same critical section; farther tiers
-        (a shared store) extend the prefix afterwards, unpinned.
+        With `pin`, what the local tiers hold is pinned (see `lookup_and_pin`).
         """
+        if pin:
+            return self.lookup_and_pin(keys, num_tokens, locations)[0]
+        return self._lookup(keys, num_tokens, locations, False)[0]
+
+    def lookup_and_pin(
+        self,
+        keys: Sequence[ChunkKey],
+        num_tokens: int,
+        locations: Iterable[str] | None = None,
+    ) -> tuple[int, list[ChunkKey]]:
+        """(cached prefix tokens, the keys pinned): the local tiers' hits are pinned in the
+        same critical section that found them; farther tiers (a shared store, a peer) then
+        extend the prefix outside the lock, unpinned (their chunks may vanish before the
+        load: that load fails and vLLM recomputes those tokens)."""
+        return self._lookup(keys, num_tokens, locations, True)
+
+    def _lookup(
+        self,
+        keys: Sequence[ChunkKey],
+        num_tokens: int,
+        locations: Iterable[str] | None,
+        pin: bool,
+    ) -> tuple[int, list[ChunkKey]]:
         tiers = self.select(locations)
         near = [t for t in tiers if t.answers_from_memory]
         far = [t for t in tiers if not t.answers_from_memory]
@@ -144,15 +168,16 @@ class CacheEngine:
             flags = [False] * len(keys)
             for tier in near:
                 flags = [a or b for a, b in zip(flags, tier.held(keys), strict=True)]
-            hits = _leading(flags)
-            if pin:
-                self.ctx.pin(keys[:hits])
-        if far and hits < len(keys):
-            for tier in far:
-                rest = tier.held(keys[hits:])
-                flags[hits:] = [a or b for a, b in zip(flags[hits:], rest, strict=True)]
-            hits = _leading(flags)
-        return self._tokens(hits, num_tokens)
+            hits = leading(flags)
+            pinned = list(keys[:hits]) if pin else []
+            self.ctx.pin(pinned)
+        for tier in far:
+            if hits == len(keys):
+                break
+            rest = tier.held(keys[hits:])
+            flags[hits:] = [a or b for a, b in zip(flags[hits:], rest, strict=True)]
+            hits = leading(flags)
+        return self._tokens(hits, num_tokens), pinned
 
     def lookup(
         self, tokens: Sequence[int], locations: Iterable[str] | None = None, pin: bool = False
@@ -178,7 +203,7 @@ class CacheEngine:
         """Drop one pin from each chunk of the pinned prefix; returns the tokens unpinned."""
         keys = self.hashes(tokens)
         with self.lock:
-            pinned = _leading([self.ctx.is_pinned(k) for k in keys])
+            pinned = leading([self.ctx.is_pinned(k) for k in keys])
             self.ctx.unpin(keys[:pinned])
         return self._tokens(pinned, len(tokens))
 
@@ -216,19 +241,30 @@ class CacheEngine:
     ) -> list[torch.Tensor]:
         """The plain chunks of the cached prefix of `keys`, stopping at the first miss.
 
-        Encoded chunks are decoded on the way; the tensors must not be
-        modified. A chunk found in a farther tier is promoted to the nearest.
+        Encoded chunks are decoded on `device` on the way; the tensors must not
+        be modified. Local tiers are read one chunk at a time; the rest is
+        asked of the farther tiers in turn, many chunks per request. A chunk
+        found beyond the nearest tier is promoted into it.
         """
         chunks: list[Chunk] = []
         for key in keys:
-            chunk = self._read(key)
+            chunk = self._read_near(key)
             if chunk is None:
                 break
             chunks.append(chunk)
+        for tier in self._far:
+            rest = keys[len(chunks) :]
+            if not rest:
+                break
+            for key, chunk in zip(rest, tier.load_many(rest), strict=True):
+                if chunk is None:
+                    break
+                self.tiers[0].store(key, chunk)
+                chunks.append(chunk)
         return to_tensors(chunks, device)
 
-    def _read(self, key: ChunkKey) -> Chunk | None:
-        for depth, tier in enumerate(self.tiers):
+    def _read_near(self, key: ChunkKey) -> Chunk | None:
+        for depth, tier in enumerate(self._near):
             _, chunk = tier.load(key)
             if chunk is not None:
                 tier.touch(key)

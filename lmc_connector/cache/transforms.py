@@ -36,6 +36,8 @@ class TransformJob:
     method: str
     tier: Tier
     keys: list[ChunkKey]
+    #: Whether scheduling pinned `keys` (not in a shared store: nothing to pin there).
+    pinned: bool = True
     outcome: JobOutcome = field(default_factory=JobOutcome)
 
 
@@ -87,20 +89,25 @@ class TransformRunner:
             stored = Counter(f.method for _, f in covered if f is not None and f.method)
             if stored and method not in stored:
                 raise StoredMethodError(method, tier.name, dict(stored))
-        with self._ctx.lock:
-            still = tier.held([k for k, _ in covered])
-            if prefix:
-                still = still[: still.index(False)] if False in still else still
-            kept = [(k, f) for (k, f), held in zip(covered, still, strict=False) if held]
-            self._ctx.pin([k for k, _ in kept])
-        job = TransformJob(kind, method, tier, [k for k, _ in kept])
+        if tier.answers_from_memory:
+            with self._ctx.lock:
+                still = tier.held([k for k, _ in covered])
+                if prefix:
+                    still = still[: still.index(False)] if False in still else still
+                kept = [(k, f) for (k, f), held in zip(covered, still, strict=False) if held]
+                self._ctx.pin([k for k, _ in kept])
+            job = TransformJob(kind, method, tier, [k for k, _ in kept])
+        else:  # a shared store: its forms were just read from it, and pins do not reach it
+            kept = covered
+            job = TransformJob(kind, method, tier, [k for k, _ in kept], pinned=False)
         if not prefix:
             job.outcome.num_tokens = sum(f.num_tokens for _, f in kept if f is not None)
         return job
 
     def release(self, job: TransformJob) -> None:
         """Drop the pins of a job that will not run."""
-        self._ctx.unpin(job.keys)
+        if job.pinned:
+            self._ctx.unpin(job.keys)
 
     def run(self, job: TransformJob) -> TransformJob:
         start = time.perf_counter()

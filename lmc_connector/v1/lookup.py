@@ -46,15 +46,14 @@ class PinRegistry:
 
     def lookup(self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool) -> int:
         """Cached prefix tokens; with `pin` the hit chunks replace the request's earlier pins."""
-        chunk = self._engine.layout.chunk_size
-        with self._lock, self._engine.lock:
-            tokens = self._engine.lookup_keys(keys, num_tokens)
-            if pin:
-                self._release(req_id)
-                hit = list(keys[: (tokens + chunk - 1) // chunk])
-                if hit:
-                    self._engine.pin_keys(hit)
-                    self._held[req_id] = hit
+        if not pin:
+            return self._engine.lookup_keys(keys, num_tokens)
+        # Outside our lock: a shared store may be asked (the engine bounds that wait).
+        tokens, pinned = self._engine.lookup_and_pin(keys, num_tokens)
+        with self._lock:
+            self._release(req_id)
+            if pinned:
+                self._held[req_id] = pinned
         return tokens
 
     def release(self, req_id: str) -> None:

@@ -139,6 +139,8 @@ class LMCWorker:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self.engine is not None:
+            self.engine.close()  # a shared store's writer finishes its queued uploads
 
     # -- per step --------------------------------------------------------------------------
 

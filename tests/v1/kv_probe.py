@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from vllm.distributed.kv_transfer import get_kv_transfer_group
 
+from lmc_connector.cache import CacheEngine
 from lmc_connector.ops import paged
 from lmc_connector.v1 import LMCConnectorV1
 from lmc_connector.v1.metadata import LMCConnectorMetadata
@@ -38,6 +39,12 @@ def _record(connector: LMCConnectorV1) -> None:
         _RECORDS.append((kind, req_id, paged.gather(worker._layers, blocks, offsets)))
 
 
+def _engine() -> CacheEngine:
+    worker = _connector().worker
+    assert worker is not None and worker.engine is not None
+    return worker.engine
+
+
 class KVProbe:
     def lmc_install_recorder(self) -> bool:
         connector = _connector()
@@ -59,10 +66,15 @@ class KVProbe:
         _RECORDS.clear()
         return records
 
-    def lmc_clear(self) -> list[int]:
-        engine = _connector().worker.engine  # type: ignore[union-attr]
-        assert engine is not None
-        return list(engine.clear())
+    def lmc_clear(self, location: str | None = None) -> list[int]:
+        """Clear every location (or one): (removed, kept pinned)."""
+        return list(_engine().clear(location))
+
+    def lmc_flush(self) -> bool:
+        """Wait until every tier finished its background work (uploads to a shared store)."""
+        for tier in _engine().tiers:
+            tier.flush()
+        return True
 
     def lmc_state(self) -> dict[str, Any]:
         worker = _connector().worker
@@ -75,4 +87,5 @@ class KVProbe:
                 worker.engine.layout.layers,
                 worker.engine.layout.channels,
             ],
+            "fingerprint": worker.engine.layout.fingerprint(),
         }

@@ -1,13 +1,15 @@
 """Tensor parallelism: each rank caches its own KV shard and runs its own control agent.
 
 One child process runs vLLM with `tensor_parallel_size=2` on the CPU (one core
-per rank) against a real controller; the tests read what it saw.
+per rank) against a real controller and a real Redis (each rank's shard under
+its own layout in the store); the tests read what it saw.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,17 +19,31 @@ from typing import Any
 import pytest
 
 from lmc_connector import launch as services
+from lmc_connector.launch import Service
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _free_port_pair() -> int:
+    """A free port P whose neighbour P + 1 (rank 1's command port) is free too."""
+    for _ in range(100):
+        port = services.free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free neighbouring ports")
+
+
 @pytest.fixture(scope="module")
 def seen(
-    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_server: Service
 ) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("tp2")
-    port, monitor, worker = services.free_port(), services.free_port(), services.free_port()
+    port, monitor, worker = services.free_port(), services.free_port(), _free_port_pair()
     url = f"http://127.0.0.1:{port}"
     command = services.controller_command("127.0.0.1", port, monitor)
     with services.running("lmc-controller", command, url, logs / "controller.log", timeout=30):
@@ -38,7 +54,7 @@ def seen(
             "HF_HUB_OFFLINE": "1",
         }
         child = [sys.executable, "-m", "tests.v1.tp_child", str(tiny_model_dir), url,
-                 str(monitor), str(worker)]  # fmt: skip
+                 str(monitor), str(worker), redis_server.url]  # fmt: skip
         proc = subprocess.run(child, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -47,7 +63,7 @@ def seen(
 
 
 def test_repeat_is_served_from_both_ranks_caches(seen: dict[str, Any]) -> None:
-    first, second, _ = seen["cached"]
+    first, second = seen["cached"][:2]
     assert first == 0
     assert second >= 192  # three full 64-token chunks on every rank
 
@@ -66,3 +82,15 @@ def test_compress_reaches_every_rank_of_the_instance(seen: dict[str, Any]) -> No
 
 def test_compressed_shards_still_serve_the_prompt(seen: dict[str, Any]) -> None:
     assert seen["cached"][2] >= 192
+
+
+def test_each_rank_stores_its_own_shard_under_its_own_layout(seen: dict[str, Any]) -> None:
+    heads = seen["store_names"]  # one per chunk
+    namespaces = {name.split(":")[1] for name in heads}
+    assert len(heads) == 8 and len(namespaces) == 2  # 4 chunks per rank, one layout per rank
+
+
+def test_each_rank_reads_its_own_shard_back_from_the_store(seen: dict[str, Any]) -> None:
+    assert seen["cleared"]["removed"] == 8  # both ranks' local chunks are gone
+    assert seen["cached"][3] >= 192
+    assert seen["outputs"][3] == seen["outputs"][0]

@@ -1,7 +1,8 @@
 """Child process of `test_tensor_parallel.py`: TP=2 vLLM with the control agent on each rank.
 
 Runs a prompt, repeats it, compresses its KV through the controller, runs it
-again, and prints one `RESULT {json}` line. Its own process, because vLLM
+again, clears the local tiers and runs it once more from the shared store
+(`remote_url`, argv[5]), and prints one `RESULT {json}` line. Its own process, because vLLM
 tensor parallelism needs a fresh process and spawns one worker per rank.
 """
 
@@ -15,7 +16,7 @@ import httpx
 
 
 def main() -> None:
-    model, controller_url, monitor_port, worker_port = sys.argv[1:5]
+    model, controller_url, monitor_port, worker_port, store_url = sys.argv[1:6]
     from vllm import LLM, SamplingParams
 
     from tests.v1.test_llm import prompt_ids
@@ -38,6 +39,7 @@ def main() -> None:
                 "controller_pull_url": f"127.0.0.1:{monitor_port}",
                 "lmcache_worker_ports": int(worker_port),
                 "controller_heartbeat_interval": 0.5,
+                "remote_url": store_url,
             },
         },
     )
@@ -54,13 +56,32 @@ def main() -> None:
             break
         time.sleep(0.2)
     runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    names = _wait_for_uploads(store_url, 8)  # the heads of 4 chunks per rank
+    clear = {"instance_id": "tp2", "location": "LocalCPUBackend"}
+    cleared = httpx.post(f"{controller_url}/clear", json=clear, timeout=30).json()
+    runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
     result = {
         "cached": [r.num_cached_tokens for r in runs],
         "outputs": [list(r.outputs[0].token_ids) for r in runs],
         "scheduled": scheduled,
         "event": event,
+        "cleared": cleared,
+        "store_names": names,
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _wait_for_uploads(url: str, count: int) -> list[str]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline, names = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        names = sorted(k.decode() for k in client.scan_iter("lmc:*") if k.endswith(b"}"))
+        if len(names) >= count:
+            break
+        time.sleep(0.2)
+    return names
 
 
 if __name__ == "__main__":

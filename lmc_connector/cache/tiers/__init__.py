@@ -21,10 +21,16 @@ DISK = LocalDiskBackend.name
 
 
 def build_tiers(
-    config: CacheConfig, layout: ChunkLayout, ctx: TierContext, compressor: Compressor
+    config: CacheConfig,
+    layout: ChunkLayout,
+    ctx: TierContext,
+    compressor: Compressor,
+    store_encoder: Compressor,
 ) -> list[Tier]:
     """The tiers `config` asks for, nearest first; the CPU tier spills into the disk tier and,
-    with `compress_before_evict`, compresses with `compressor` before it evicts."""
+    with `compress_before_evict`, compresses with `compressor` before it evicts. The shared
+    store (`remote_url`) comes after the local tiers: it uploads saved chunks encoded with
+    `store_encoder` (a codec `remote_serde`) and reads chunks back into the CPU tier's memory."""
     tiers: list[Tier] = []
     cpu = LocalCPUBackend(ctx, config.max_local_cpu_bytes) if config.local_cpu else None
     if cpu is not None:
@@ -37,6 +43,21 @@ def build_tiers(
         tiers.append(disk)
         if cpu is not None:
             cpu.spill_to = disk
+    if config.remote_url is not None:
+        from lmc_connector.cache.tiers.remote import RemoteBackend
+        from lmc_connector.remote_url import parse_remote_url
+
+        remote = RemoteBackend(
+            ctx,
+            parse_remote_url(config.remote_url),
+            layout,
+            config.remote_serde,
+            config.remote_timeout_ms / 1000,
+            store_encoder,
+        )
+        if cpu is not None:
+            remote.allocate = cpu.buffer
+        tiers.append(remote)
     return tiers
 
 

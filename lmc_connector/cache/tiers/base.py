@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 Marker = object
 
 
+def leading(flags: Sequence[bool]) -> int:
+    """How many of `flags` are true before the first false one (the hit prefix)."""
+    return next((i for i, flag in enumerate(flags) if not flag), len(flags))
+
+
 class CacheEventSink(Protocol):
     """Told of every chunk entering or leaving a location, under the cache lock.
 
@@ -178,6 +183,22 @@ class Tier(ABC):
 
         A copy found damaged is dropped (and reported evicted), never returned.
         """
+
+    def load_many(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
+        """The chunks of `keys` (None for each miss), for the load of a prompt's chunks.
+
+        A tier that pays a round trip per request (a shared store, a peer)
+        overrides this to fetch them together; it may stop fetching after the
+        first miss, since only the leading chunks are used. Default: `load`
+        one key at a time, stopping at the first miss.
+        """
+        out: list[Chunk | None] = []
+        for key in keys:
+            _, chunk = self.load(key)
+            if chunk is None:
+                break
+            out.append(chunk)
+        return out + [None] * (len(keys) - len(out))
 
     @abstractmethod
     def store(

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing_extensions import override
 
 from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.record import RecordFormatError
 from lmc_connector.cache.tiers.base import Marker, TierContext
 from lmc_connector.cache.tiers.diskfile import (
     HEADER_SIZE,
-    DiskFormatError,
     DiskRecord,
     read_chunk,
     read_record,
@@ -99,7 +99,7 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
             return record, read_chunk(self.path(key))
         except FileNotFoundError:
             reason = None
-        except (DiskFormatError, OSError) as e:
+        except (RecordFormatError, OSError) as e:
             reason = str(e)
         with self.ctx.lock:
             if self._index.peek(key) is record:

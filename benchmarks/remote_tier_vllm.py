@@ -1,0 +1,185 @@
+"""vLLM figures of `remote_tier.py --vllm`: TTFT served from the store, and the upload cost.
+
+Three vLLM children, one after the other, on a config-only Llama (`--load-format
+dummy`, like `benchmarks/ttft.py`), all on the same redis-server:
+
+* writer: computes one 4K prompt per serde and uploads it (naive), then runs the no-reuse
+  workload with uploads on; the values of the fp8 and cachegen prompts are then
+  re-encoded in the store (`compress` in place, location RemoteBackend);
+* reader (empty local tiers): TTFT of each serde's prompt served from the store, of a
+  prompt never seen (recompute), and of a repeat (warm, from its own CPU tier);
+* baseline: the same no-reuse workload with the connector but no store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+SERDES = ("naive", "fp8", "cachegen")
+CHUNK = 256
+
+
+#: Tokens of the warm-up prompt stored with each serde (the reader's first decode of a codec
+#: pays for its set-up; the measured prompts must not).
+WARM_UP_TOKENS = 512
+
+
+def _prompt(serde: str, length: int, warm_up: bool = False) -> list[int]:
+    from ttft import _ids
+
+    return _ids((600 if warm_up else 500) + SERDES.index(serde), length)
+
+
+def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int]) -> None:
+    from ttft import _ids
+    from vllm import LLM, SamplingParams
+
+    extra: dict[str, Any] = {"chunk_size": CHUNK, "max_local_cpu_size": 4}
+    if kind != "baseline":
+        extra["remote_url"] = url
+    llm = LLM(
+        model=model, load_format="dummy", dtype="bfloat16", enforce_eager=True, block_size=32,
+        max_model_len=prompt_len + 64, enable_prefix_caching=False,
+        max_num_batched_tokens=prompt_len + 64,
+        kv_transfer_config={"kv_connector": "LMCConnectorV1", "kv_role": "kv_both",
+                            "kv_connector_module_path": "lmc_connector.v1",
+                            "kv_connector_extra_config": extra},
+    )  # fmt: skip
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+
+    def ttft(ids: list[int]) -> tuple[float, int]:
+        start = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)[0]
+        return time.perf_counter() - start, out.num_cached_tokens or 0
+
+    ttft(_ids(99, 256))  # warm-up
+    result: dict[str, Any] = {}
+    if kind == "reader":
+        for serde in SERDES:
+            ttft(_prompt(serde, WARM_UP_TOKENS, warm_up=True))
+        for serde in SERDES:
+            result[serde] = ttft(_prompt(serde, prompt_len))
+        result["recompute"] = ttft(_ids(777, prompt_len))
+        result["warm"] = ttft(_prompt("naive", prompt_len))
+    else:
+        if kind == "writer":
+            for serde in SERDES:
+                ttft(_prompt(serde, WARM_UP_TOKENS, warm_up=True))
+                ttft(_prompt(serde, prompt_len))
+        gen = SamplingParams(max_tokens=work["out"], temperature=0.0, ignore_eos=True)
+        rates = []
+        for round_ in range(2):
+            seeds = range(3000 + 100 * round_, 3000 + 100 * round_ + work["reqs"])
+            batch = [{"prompt_token_ids": _ids(s, work["len"])} for s in seeds]
+            start = time.perf_counter()
+            outs = llm.generate(batch, gen, use_tqdm=False)
+            tokens = sum(len(o.prompt_token_ids or []) + len(o.outputs[0].token_ids) for o in outs)
+            rates.append(tokens / (time.perf_counter() - start))
+        result["throughput"] = max(rates)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int]) -> Any:
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/benchmarks']\n"
+        "from remote_tier_vllm import _child\n"
+        "import json; _child(*json.loads(sys.argv[2]))\n"
+    )
+    args = json.dumps([kind, model, url, prompt_len, work])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), args], capture_output=True,
+                          text=True, env=env, timeout=3600)  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> None:
+    """Turn the fp8 and cachegen prompts' values into those codecs, in the store."""
+    from lmc_connector.cache import CacheEngine, ChunkLayout
+    from lmc_connector.config import load_config
+
+    head = shape["hidden"] // shape["heads"]
+    layout = ChunkLayout(model, 1, 0, "bfloat16", 2, shape["layers"],
+                         shape["kv_heads"] * head, CHUNK)  # fmt: skip
+    config = load_config({"chunk_size": CHUNK, "remote_url": url}, env={})
+    engine = CacheEngine(config, layout)
+    engine.open()
+    for serde in SERDES[1:]:
+        engine.compress(_prompt(serde, WARM_UP_TOKENS, warm_up=True), serde, "RemoteBackend")
+        done = engine.compress(_prompt(serde, prompt_len), serde, "RemoteBackend")
+        if done < prompt_len:
+            print(f"  (re-encoding the {serde} prompt covered {done} of {prompt_len} tokens)")
+    engine.close()
+
+
+def _stored_bytes(client: redis.Redis, url: str, model: str, shape: dict[str, int],
+                  prompt_len: int) -> dict[str, int]:  # fmt: skip
+    from lmc_connector.cache import ChunkLayout
+    from lmc_connector.cache.tiers.remote.keys import StoreKeys
+    from lmc_connector.tokens import chunk_hashes
+
+    head = shape["hidden"] // shape["heads"]
+    layout = ChunkLayout(model, 1, 0, "bfloat16", 2, shape["layers"],
+                         shape["kv_heads"] * head, CHUNK)  # fmt: skip
+    keys = StoreKeys(layout.fingerprint())
+    out = {}
+    for serde in SERDES:
+        total = 0
+        for key in chunk_hashes(_prompt(serde, prompt_len), CHUNK):
+            total += sum(client.strlen(n) for n in client.scan_iter(keys.head(key) + "*"))
+        out[serde] = total
+    return out
+
+
+def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: float) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ttft import FULL, QUICK
+
+    from examples.tiny_model import write_config_only_model
+
+    shape = QUICK if quick else FULL
+    prompt_len = 2048 if quick else 4096
+    work = {"reqs": 4 if quick else 8, "len": 512, "out": 16}
+    name = "bench-llama-" + "-".join(str(v) for v in shape.values())
+    base = ROOT / ".models" if (ROOT / ".models").exists() else Path(tempfile.gettempdir())
+    model = str(write_config_only_model(base / name, max_positions=8192, **shape))
+    print(f"\n4. vLLM: Llama {shape} (config only), bf16, a {prompt_len}-token prompt; "
+          f"no-reuse workload {work['reqs']} x {work['len']} + {work['out']} tokens")  # fmt: skip
+    client.flushall()
+    writer = _run("writer", model, url, prompt_len, work)
+    heads = 3 * (prompt_len + WARM_UP_TOKENS) // CHUNK
+    deadline = time.monotonic() + 120
+    while sum(1 for n in client.scan_iter("lmc:*") if n.endswith(b"}")) < heads:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the writer's uploads did not all reach the store")
+        time.sleep(0.5)
+    _reencode(url, model, shape, prompt_len)
+    stored = _stored_bytes(client, url, model, shape, prompt_len)
+    reader = _run("reader", model, url, prompt_len, work)
+    baseline = _run("baseline", model, url, prompt_len, work)
+    recompute, warm = reader["recompute"][0], reader["warm"][0]
+    print(f"  TTFT recompute (fresh prompt)      : {recompute * 1e3:8.1f} ms")
+    print(f"  TTFT warm local (own CPU tier)     : {warm * 1e3:8.1f} ms")
+    for serde in SERDES:
+        seconds, cached = reader[serde]
+        bound = warm + stored[serde] / (best_get_gbs * 1e9)
+        print(f"  TTFT from the store, {serde:<9}    : {seconds * 1e3:8.1f} ms  "
+              f"({stored[serde] / prompt_len:7.0f} B/token stored, {cached} cached tokens; "
+              f"{recompute / seconds:.1f}x faster than recompute; target <= 1.5 x "
+              f"{bound * 1e3:.1f} ms: {seconds / bound:.2f}x)")  # fmt: skip
+    cost = 1 - writer["throughput"] / baseline["throughput"]
+    print(f"  no-reuse throughput: {baseline['throughput']:.1f} tok/s without the store, "
+          f"{writer['throughput']:.1f} with uploads (cost {cost:.1%})")  # fmt: skip
