@@ -69,6 +69,9 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: When the CPU tier is full, compress its least recently used plain chunks with this codec
     #: before evicting anything (None: plain LRU eviction).
     compress_before_evict: str | None = None
+    #: vLLM's `/reset_prefix_cache?reset_external=true` also empties tiers shared with other
+    #: instances (a shared store); by default it clears only this instance's own tiers.
+    reset_shared_store: bool = False
 
     @property
     def max_local_cpu_bytes(self) -> int:

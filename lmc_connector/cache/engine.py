@@ -45,6 +45,13 @@ def _leading(flags: Sequence[bool]) -> int:
     return next((i for i, flag in enumerate(flags) if not flag), len(flags))
 
 
+def _fill(where: list[Tier | None], tier: Tier, held: Sequence[bool]) -> None:
+    """Name `tier` for every chunk it holds that no nearer tier holds."""
+    for i, here in enumerate(held):
+        if here and where[i] is None:
+            where[i] = tier
+
+
 class CacheEngine:
     """Lookup, put, get, pin, remove, clear, move, compress and decompress chunks.
 
@@ -137,22 +144,33 @@ class CacheEngine:
         what they hold is pinned in the same critical section; farther tiers
         (a shared store) extend the prefix afterwards, unpinned.
         """
+        return self.locate(keys, num_tokens, locations, pin)[0]
+
+    def locate(
+        self,
+        keys: Sequence[ChunkKey],
+        num_tokens: int,
+        locations: Iterable[str] | None = None,
+        pin: bool = False,
+    ) -> tuple[int, list[Tier]]:
+        """`lookup_keys`, plus the nearest tier holding each chunk of the cached prefix."""
         tiers = self.select(locations)
         near = [t for t in tiers if t.answers_from_memory]
         far = [t for t in tiers if not t.answers_from_memory]
+        where: list[Tier | None] = [None] * len(keys)
         with self.lock:
-            flags = [False] * len(keys)
             for tier in near:
-                flags = [a or b for a, b in zip(flags, tier.held(keys), strict=True)]
-            hits = _leading(flags)
+                _fill(where, tier, tier.held(keys))
+            hits = _leading([t is not None for t in where])
             if pin:
                 self.ctx.pin(keys[:hits])
-        if far and hits < len(keys):
-            for tier in far:
-                rest = tier.held(keys[hits:])
-                flags[hits:] = [a or b for a, b in zip(flags[hits:], rest, strict=True)]
-            hits = _leading(flags)
-        return self._tokens(hits, num_tokens)
+        for tier in far:
+            if hits == len(keys):
+                break
+            _fill(where, tier, [False] * hits + tier.held(keys[hits:]))
+            hits = _leading([t is not None for t in where])
+        found = [t for t in where[:hits] if t is not None]
+        return self._tokens(hits, num_tokens), found
 
     def lookup(
         self, tokens: Sequence[int], locations: Iterable[str] | None = None, pin: bool = False
@@ -207,6 +225,8 @@ class CacheEngine:
                 kv = kv.detach().to("cpu", copy=True).contiguous()
         chunk = Chunk(kv.shape[2], kv=kv)
         stored = home.store(key, chunk)
+        if stored:
+            self.ctx.stats.saved(home.name, chunk.num_tokens, chunk.nbytes)
         for tier in self.tiers:
             tier.saved(key, chunk)
         return stored
@@ -231,6 +251,7 @@ class CacheEngine:
         for depth, tier in enumerate(self.tiers):
             _, chunk = tier.load(key)
             if chunk is not None:
+                self.ctx.stats.loaded(tier.name, chunk.num_tokens, chunk.nbytes)
                 tier.touch(key)
                 if depth > 0:
                     self.tiers[0].store(key, chunk)
@@ -265,6 +286,27 @@ class CacheEngine:
                     remaining.add(key)
         num_tokens = sum(n for key, n in tokens.items() if key not in remaining)
         return Cleared(removed, kept, num_tokens)
+
+    def reset(self, shared: bool = False) -> int:
+        """Remove every chunk of the tiers this instance owns (and of shared ones with
+        `shared`), pinned ones included; returns the chunk entries removed.
+
+        What vLLM's `/reset_prefix_cache?reset_external=true` does: cached KV
+        may be stale (new weights), so nothing is kept. Pins stay with their
+        holders, who release them as usual; a load planned on a removed chunk
+        finds it missing and vLLM recomputes those tokens. Spills in flight
+        are withdrawn. A chunk stored while the reset runs may survive it.
+        """
+        self.ctx.cancel_spills()
+        removed = 0
+        for tier in self.tiers:
+            if tier.shared and not shared:
+                continue
+            if tier.answers_from_memory:
+                removed += tier.remove(tier.chunk_keys())
+            else:
+                removed += tier.clear()[0]
+        return removed
 
     def move(self, tokens: Sequence[int], source: str, destination: str) -> int:
         """Move the cached prefix of `tokens` from `source` to `destination`; returns tokens moved.
