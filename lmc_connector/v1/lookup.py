@@ -109,6 +109,7 @@ class LookupServer:
         self.address = address
         self._pins = pins
         self._reset = reset
+        self._closed = False
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._server = RpcServer(self._context, address, self._handle, "lookup")
         self._decoder = lk.lookup_request_decoder()
@@ -121,6 +122,9 @@ class LookupServer:
             raise RuntimeError(f"lookup server could not bind {self.address}: {e}") from e
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._server.close()
         self._context.term()
 

@@ -238,9 +238,9 @@ class LMCScheduler:
     def take_events(self) -> list[KVCacheEvent]:
         return [] if self._events is None else self._events.take()
 
-    def reset(self, shared: bool) -> bool:
+    def reset(self, shared: bool, timeout_s: float = RESET_TIMEOUT_S) -> bool:
         """Every worker empties its cache (`shared`: shared tiers too); True if all did."""
-        return self._client.reset(shared, RESET_TIMEOUT_S)
+        return self._client.reset(shared, timeout_s)
 
     def finished(self, req_id: str) -> None:
         """Forget the request; release pins a load did not consume (abort, no blocks)."""
