@@ -243,3 +243,11 @@ def test_ports_out_of_range_are_rejected() -> None:
 def test_non_positive_heartbeat_interval_is_rejected() -> None:
     with pytest.raises(ConfigError, match="controller_heartbeat_interval=0"):
         load_config({"controller_heartbeat_interval": 0}, env={})
+
+
+def test_reset_shared_store_is_off_by_default_and_takes_a_boolean() -> None:
+    assert load_config(env={}).reset_shared_store is False
+    assert load_config({"reset_shared_store": True}, env={}).reset_shared_store is True
+    assert load_config(env={"LMCACHE_RESET_SHARED_STORE": "true"}).reset_shared_store is True
+    with pytest.raises(ConfigError, match=r"reset_shared_store='sometimes'.*true or false"):
+        load_config({"reset_shared_store": "sometimes"}, env={})
