@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 PREFIX = "vllm:lmc_"
 #: Per-tier counters: stats key -> help text (the metric is `vllm:lmc_<key>`, label `tier`).
 TIER_COUNTERS = {
-    "load_tokens": "Prompt tokens loaded into vLLM from this tier (counted once per instance).",
+    "load_tokens": "Tokens of the chunks read from this tier for loads into vLLM (whole chunks, "
+    "counted once per instance; vllm:lmc_hit_tokens counts the tokens vLLM used).",
     "load_bytes": "Bytes read from this tier for loads into vLLM, as stored (encoded size of "
     "compressed chunks), summed over ranks.",
     "save_tokens": "Tokens saved into this tier (from vLLM, or spilled from a nearer tier).",

@@ -73,6 +73,7 @@ class Reporter:
         self._link: ControllerLink | None = None
         #: Chunks of a registration sent before the controller connected (logged when it does).
         self._unannounced: int | None = None
+        self._registered = False
         self._thread = threading.Thread(
             target=self._run, name=f"lmc-reporter-{spec.rank}", daemon=True
         )
@@ -227,10 +228,12 @@ class Reporter:
     def _announce(self) -> None:
         """Log the registration once the controller is connected (PUSH queues until then)."""
         if self._unannounced is None:
-            logger.info("control agent %s/%d: connected to the controller again", *self._who)
+            if self._registered:  # before the first registration, that one says it
+                logger.info("control agent %s/%d: connected to the controller again", *self._who)
             return
         logger.info("control agent %s/%d registered with %d chunks", *self._who, self._unannounced)
         self._unannounced = None
+        self._registered = True
 
     def _flush(self, push: zmq.Socket[bytes]) -> None:
         spec = self.spec

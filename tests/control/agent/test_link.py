@@ -56,8 +56,11 @@ def test_an_unreachable_controller_is_warned_about_then_registration_is_logged(
         assert "--monitor-port" in warning
         controller.start()
         wait_until(lambda: lines.said("control agent link-a/0 registered with 0 chunks"))
+        assert not lines.said("again")  # the first connection is the registration's line
         controller.stop()
         wait_until(lambda: lines.said("lost the controller"), what="the lost-controller warning")
+        controller.start()
+        wait_until(lambda: lines.said("connected to the controller again"), what="reconnection")
     finally:
         worker.agent.close()
         controller.stop()

@@ -12,6 +12,7 @@ storage and sends it as a Bearer token.
 from __future__ import annotations
 
 import asyncio
+import functools
 from importlib import resources
 from typing import Annotated
 
@@ -51,9 +52,13 @@ async def operations(
     return await asyncio.to_thread(_operations, service.state, limit)
 
 
+@functools.cache
+def _page() -> str:
+    return resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
 async def dashboard(request: Request) -> Response:
-    page = resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
-    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
 
 
 def install_pages(app: FastAPI) -> None:
