@@ -22,9 +22,9 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from vllm.distributed.kv_events import BlockStored, KVEventBatch
 
-from examples.tiny_model import sample_text
 from lmc_connector.launch import free_port
 from tests.control.harness import Controller, wait_until
+from tests.text import sample_text
 from tests.vllm_server import vllm_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
