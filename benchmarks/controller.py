@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,8 +55,11 @@ def wait_for(check, timeout: float = 120.0):  # type: ignore[no-untyped-def]
 
 def ingested(url: str) -> int:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    match = re.search(r"^lmc_controller_chunk_events_total (\d+)$", text, re.M)
-    return int(match.group(1)) if match else 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "lmc_controller_chunk_events_total":
+                return int(sample.value)
+    return 0
 
 
 def percentile(values: list[float], q: float) -> float:

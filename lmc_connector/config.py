@@ -76,6 +76,9 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     remote_serde: str = "naive"
     #: Milliseconds a store lookup (and a connection attempt) may take; slower is a miss.
     remote_timeout_ms: int = 200
+    #: vLLM's `/reset_prefix_cache?reset_external=true` also empties tiers shared with other
+    #: instances (a shared store); by default it clears only this instance's own tiers.
+    reset_shared_store: bool = False
 
     @property
     def max_local_cpu_bytes(self) -> int:

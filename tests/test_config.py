@@ -273,3 +273,11 @@ def test_an_unknown_remote_serde_names_the_close_match_and_the_choices() -> None
 def test_remote_timeout_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="remote_timeout_ms=0 must be > 0"):
         load_config({"remote_url": "redis://h", "remote_timeout_ms": 0}, env={})
+
+
+def test_reset_shared_store_is_off_by_default_and_takes_a_boolean() -> None:
+    assert load_config(env={}).reset_shared_store is False
+    assert load_config({"reset_shared_store": True}, env={}).reset_shared_store is True
+    assert load_config(env={"LMCACHE_RESET_SHARED_STORE": "true"}).reset_shared_store is True
+    with pytest.raises(ConfigError, match=r"reset_shared_store='sometimes'.*true or false"):
+        load_config({"reset_shared_store": "sometimes"}, env={})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import partial
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,23 @@ class Cleared(NamedTuple):
     removed: int
     kept: int
     num_tokens: int
+
+
+def _fill(where: list[Tier | None], tier: Tier, held: Sequence[bool]) -> None:
+    """Name `tier` for every chunk it holds that no nearer tier holds."""
+    for i, here in enumerate(held):
+        if here and where[i] is None:
+            where[i] = tier
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """What a lookup found: cached prefix tokens, the nearest tier holding each of its chunks,
+    and the keys it pinned."""
+
+    tokens: int
+    tiers: list[Tier]
+    pinned: list[ChunkKey]
 
 
 class CacheEngine:
@@ -136,48 +154,41 @@ class CacheEngine:
     ) -> int:
         """Tokens of the cached prefix of a `num_tokens`-long prompt whose chunk keys are `keys`.
 
-        With `pin`, what the local tiers hold is pinned (see `lookup_and_pin`).
+        With `pin`, what the local tiers hold is pinned (see `locate`).
         """
-        if pin:
-            return self.lookup_and_pin(keys, num_tokens, locations)[0]
-        return self._lookup(keys, num_tokens, locations, False)[0]
+        return self.locate(keys, num_tokens, locations, pin).tokens
 
-    def lookup_and_pin(
+    def locate(
         self,
         keys: Sequence[ChunkKey],
         num_tokens: int,
         locations: Iterable[str] | None = None,
-    ) -> tuple[int, list[ChunkKey]]:
-        """(cached prefix tokens, the keys pinned): the local tiers' hits are pinned in the
-        same critical section that found them; farther tiers (a shared store, a peer) then
-        extend the prefix outside the lock, unpinned (their chunks may vanish before the
-        load: that load fails and vLLM recomputes those tokens)."""
-        return self._lookup(keys, num_tokens, locations, True)
+        pin: bool = False,
+    ) -> Located:
+        """`lookup_keys`, with the nearest tier holding each chunk of the cached prefix.
 
-    def _lookup(
-        self,
-        keys: Sequence[ChunkKey],
-        num_tokens: int,
-        locations: Iterable[str] | None,
-        pin: bool,
-    ) -> tuple[int, list[ChunkKey]]:
+        The local tiers' hits are pinned (with `pin`) in the same critical
+        section that found them; farther tiers (a shared store, a peer) then
+        extend the prefix outside the lock, unpinned (their chunks may vanish
+        before the load: that load fails and vLLM recomputes those tokens).
+        """
         tiers = self.select(locations)
         near = [t for t in tiers if t.answers_from_memory]
         far = [t for t in tiers if not t.answers_from_memory]
+        where: list[Tier | None] = [None] * len(keys)
         with self.lock:
-            flags = [False] * len(keys)
             for tier in near:
-                flags = [a or b for a, b in zip(flags, tier.held(keys), strict=True)]
-            hits = leading(flags)
+                _fill(where, tier, tier.held(keys))
+            hits = leading([t is not None for t in where])
             pinned = list(keys[:hits]) if pin else []
             self.ctx.pin(pinned)
         for tier in far:
             if hits == len(keys):
                 break
-            rest = tier.held(keys[hits:])
-            flags[hits:] = [a or b for a, b in zip(flags[hits:], rest, strict=True)]
-            hits = leading(flags)
-        return self._tokens(hits, num_tokens), pinned
+            _fill(where, tier, [False] * hits + tier.held(keys[hits:]))
+            hits = leading([t is not None for t in where])
+        found = [t for t in where[:hits] if t is not None]
+        return Located(self._tokens(hits, num_tokens), found, pinned)
 
     def lookup(
         self, tokens: Sequence[int], locations: Iterable[str] | None = None, pin: bool = False
@@ -232,6 +243,8 @@ class CacheEngine:
                 kv = kv.detach().to("cpu", copy=True).contiguous()
         chunk = Chunk(kv.shape[2], kv=kv)
         stored = home.store(key, chunk)
+        if stored:
+            self.ctx.stats.saved(home.name, chunk.num_tokens, chunk.nbytes)
         for tier in self.tiers:
             tier.saved(key, chunk)
         return stored
@@ -267,6 +280,7 @@ class CacheEngine:
         for depth, tier in enumerate(self._near):
             _, chunk = tier.load(key)
             if chunk is not None:
+                self.ctx.stats.loaded(tier.name, chunk.num_tokens, chunk.nbytes)
                 tier.touch(key)
                 if depth > 0:
                     self.tiers[0].store(key, chunk)
@@ -301,6 +315,27 @@ class CacheEngine:
                     remaining.add(key)
         num_tokens = sum(n for key, n in tokens.items() if key not in remaining)
         return Cleared(removed, kept, num_tokens)
+
+    def reset(self, shared: bool = False) -> int:
+        """Remove every chunk of the tiers this instance owns (and of shared ones with
+        `shared`), pinned ones included; returns the chunk entries removed.
+
+        What vLLM's `/reset_prefix_cache?reset_external=true` does: cached KV
+        may be stale (new weights), so nothing is kept. Pins stay with their
+        holders, who release them as usual; a load planned on a removed chunk
+        finds it missing and vLLM recomputes those tokens. Spills in flight
+        are withdrawn. A chunk stored while the reset runs may survive it.
+        """
+        self.ctx.cancel_spills()
+        removed = 0
+        for tier in self.tiers:
+            if tier.shared and not shared:
+                continue
+            if tier.answers_from_memory:
+                removed += tier.remove(tier.chunk_keys())
+            else:
+                removed += tier.clear()[0]
+        return removed
 
     def move(self, tokens: Sequence[int], source: str, destination: str) -> int:
         """Move the cached prefix of `tokens` from `source` to `destination`; returns tokens moved.

@@ -11,6 +11,12 @@ vLLM 0.32 / 0.33 differences handled here:
   (a list of bools, older releases).
 * `SchedulerOutput.preempted_req_ids` may be absent or None.
 * `kv_cache_config` may be omitted by older callers (the constructor defaults it).
+
+What vLLM sees of the connector: statistics (`get_kv_connector_stats` from each
+half, `build_kv_connector_stats` and `build_prom_metrics` in vLLM's API
+server; `v1/stats.py`), where cached tokens came from
+(`get_external_cache_hit_sources`), KV events (`v1/events.py`), a real
+`reset_cache`, and the package's log lines in vLLM's log output (`v1/logs.py`).
 """
 
 from __future__ import annotations
@@ -27,19 +33,33 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmc_connector.config import load_config
 from lmc_connector.ops.paged import KVFormat
+from lmc_connector.v1.events import EventDescriber, LMCKVEvents
+from lmc_connector.v1.logs import follow_vllm_logging, log_startup
 from lmc_connector.v1.lookup import LookupClient, channel_path
 from lmc_connector.v1.metadata import LMCConnectorMetadata
 from lmc_connector.v1.scheduler import LMCScheduler
+from lmc_connector.v1.stats import LMCConnectorStats, LMCPromMetrics
 from lmc_connector.v1.vllm_version import note_untested_vllm
 from lmc_connector.v1.worker import LMCWorker, WorkerSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -71,6 +91,11 @@ def _worker_rank() -> int:
     return get_pp_group().rank_in_group * tp.world_size + tp.rank_in_group
 
 
+def _kv_events(vllm_config: VllmConfig) -> bool:
+    events = vllm_config.kv_events_config
+    return bool(events is not None and events.enable_kv_cache_events)
+
+
 def _layer_format(vllm_config: VllmConfig, layer_name: str) -> KVFormat:
     if vllm_config.model_config.use_mla:
         return KVFormat.MLA
@@ -94,6 +119,7 @@ class LMCConnectorV1(KVConnectorBase_V1):
         kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        follow_vllm_logging()
         transfer = self._kv_transfer_config
         scheduler = role == KVConnectorRole.SCHEDULER
         if scheduler:  # once per engine; the worker processes build the same config
@@ -102,13 +128,16 @@ class LMCConnectorV1(KVConnectorBase_V1):
         self.scheduler: LMCScheduler | None = None
         self.worker: LMCWorker | None = None
         block_size = vllm_config.cache_config.block_size
+        kv_events = _kv_events(vllm_config)
+        log_startup(self.config, role.name.lower(), kv_events)
         if scheduler:
             # A cache miss is never fatal: failed loads are recomputed (vLLM defaults to "fail").
             if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
                 logger.info("lmc_connector: setting kv_load_failure_policy=recompute")
                 transfer.kv_load_failure_policy = "recompute"
             client = LookupClient(_addresses(vllm_config), self.config.lookup_timeout_ms)
-            self.scheduler = LMCScheduler(self.config.chunk_size, block_size, client)
+            events = EventDescriber(self.config.chunk_size) if kv_events else None
+            self.scheduler = LMCScheduler(self.config.chunk_size, block_size, client, events)
             self.scheduler.start()
         else:
             rank = _worker_rank()
@@ -118,6 +147,7 @@ class LMCConnectorV1(KVConnectorBase_V1):
                 world_size=_world(vllm_config),
                 block_size=block_size,
                 lookup_address=_addresses(vllm_config)[rank],
+                kv_events=kv_events,
             )
             self.worker = LMCWorker(self.config, settings)
 
@@ -162,6 +192,31 @@ class LMCConnectorV1(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
         return self.worker.take_load_errors()
+
+    def get_kv_connector_kv_cache_events(self) -> LMCKVEvents | None:
+        assert self.worker is not None
+        return self.worker.take_events()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Each half's statistics since the last step (vLLM sums them)."""
+        if self.worker is not None:
+            return self.worker.take_stats()
+        assert self.scheduler is not None
+        return self.scheduler.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return LMCConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return LMCPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.worker is not None:
@@ -213,6 +268,27 @@ class LMCConnectorV1(KVConnectorBase_V1):
         return self.scheduler.build_meta(
             new, rows, scheduler_output.num_scheduled_tokens, preempted
         )
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        assert self.scheduler is not None
+        return self.scheduler.hit_sources(request.request_id, num_external_tokens)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self.scheduler is not None
+        events = connector_output.kv_cache_events
+        if isinstance(events, LMCKVEvents):
+            self.scheduler.add_events(events.get_all_events())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        assert self.scheduler is not None
+        return self.scheduler.take_events()
+
+    def reset_cache(self) -> bool:
+        """Empty every worker's cache (vLLM's `/reset_prefix_cache?reset_external=true`)."""
+        assert self.scheduler is not None
+        return self.scheduler.reset(self.config.reset_shared_store)
 
     def request_finished(
         self, request: Request, block_ids: list[int]

@@ -13,8 +13,9 @@ import hashlib
 import logging
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import zmq
 
@@ -33,6 +34,28 @@ def channel_path(engine_id: str, dp_rank: int, rank: int) -> str:
     return f"ipc://{Path(tempfile.gettempdir()) / f'lmc-{digest}-{dp_rank}-{rank}.sock'}"
 
 
+def source_runs(sources: Sequence[str]) -> list[tuple[str, int]]:
+    """`["host", "host", "disk"]` -> `[("host", 2), ("disk", 1)]`."""
+    runs: list[tuple[str, int]] = []
+    for source in sources:
+        if runs and runs[-1][0] == source:
+            runs[-1] = (source, runs[-1][1] + 1)
+        else:
+            runs.append((source, 1))
+    return runs
+
+
+class Hit(NamedTuple):
+    """What the scheduler learns from a lookup: tokens cached on every rank, and where
+    (runs of (vLLM cache-hit source, chunks) in prefix order, from the rank with the least)."""
+
+    tokens: int
+    sources: list[tuple[str, int]]
+
+
+MISS = Hit(0, [])
+
+
 class PinRegistry:
     """Owns the pins held per request, so repeated lookups of one request never stack pins.
 
@@ -44,17 +67,19 @@ class PinRegistry:
         self._lock = threading.Lock()
         self._held: dict[str, list[ChunkKey]] = {}
 
-    def lookup(self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool) -> int:
-        """Cached prefix tokens; with `pin` the hit chunks replace the request's earlier pins."""
-        if not pin:
-            return self._engine.lookup_keys(keys, num_tokens)
+    def lookup(
+        self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool
+    ) -> tuple[int, list[tuple[str, int]]]:
+        """Cached prefix tokens, and runs of (hit source, chunks) saying where they are; with
+        `pin` the local hits replace the request's earlier pins."""
         # Outside our lock: a shared store may be asked (the engine bounds that wait).
-        tokens, pinned = self._engine.lookup_and_pin(keys, num_tokens)
-        with self._lock:
-            self._release(req_id)
-            if pinned:
-                self._held[req_id] = pinned
-        return tokens
+        found = self._engine.locate(keys, num_tokens, pin=pin)
+        if pin:
+            with self._lock:
+                self._release(req_id)
+                if found.pinned:
+                    self._held[req_id] = found.pinned
+        return found.tokens, source_runs([t.hit_source for t in found.tiers])
 
     def release(self, req_id: str) -> None:
         with self._lock:
@@ -71,14 +96,18 @@ class PinRegistry:
 
 
 class LookupServer:
-    """Answers `Lookup` and `Unpin` for one worker's cache, on its request/reply server thread.
+    """Answers `Lookup`, `Unpin` and `Reset` for one worker's cache, on its request/reply
+    server thread.
 
-    Owns its ZMQ context and server. Construct, `start`, `close`.
+    Owns its ZMQ context and server; `reset` empties the cache (the worker half's
+    `reset`). Construct, `start`, `close`.
     """
 
-    def __init__(self, address: str, pins: PinRegistry) -> None:
+    def __init__(self, address: str, pins: PinRegistry, reset: Callable[[bool], int]) -> None:
         self.address = address
         self._pins = pins
+        self._reset = reset
+        self._closed = False
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._server = RpcServer(self._context, address, self._handle, "lookup")
         self._decoder = lk.lookup_request_decoder()
@@ -91,6 +120,9 @@ class LookupServer:
             raise RuntimeError(f"lookup server could not bind {self.address}: {e}") from e
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._server.close()
         self._context.term()
 
@@ -104,15 +136,28 @@ class LookupServer:
         if isinstance(msg, lk.Unpin):
             self._pins.release(msg.req_id)
             return
+        if isinstance(msg, lk.Reset):
+            self._handle_reset(call, msg)
+            return
         keys = [ChunkKey(k) for k in msg.keys]
         try:
-            tokens = self._pins.lookup(msg.req_id, keys, msg.num_tokens, msg.pin)
+            tokens, sources = self._pins.lookup(msg.req_id, keys, msg.num_tokens, msg.pin)
         except Exception as e:
             # Boundary of the server thread: keep serving; the scheduler counts it as a miss.
             logger.exception("lookup server: lookup of %s failed", msg.req_id)
             call.reply([encode(lk.LookupReply(tokens=0, error=f"{type(e).__name__}: {e}"))])
             return
-        call.reply([encode(lk.LookupReply(tokens=tokens))])
+        call.reply([encode(lk.LookupReply(tokens=tokens, sources=sources))])
+
+    def _handle_reset(self, call: Call, msg: lk.Reset) -> None:
+        try:
+            removed = self._reset(msg.shared)
+        except Exception as e:
+            # Boundary of the server thread: the scheduler reports the reset as failed to vLLM.
+            logger.exception("lookup server: cache reset failed")
+            call.reply([encode(lk.ResetReply(removed=0, error=f"{type(e).__name__}: {e}"))])
+            return
+        call.reply([encode(lk.ResetReply(removed=removed))])
 
 
 class LookupClient:
@@ -127,6 +172,7 @@ class LookupClient:
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._client = RpcClient(self._context, "lookup-client")
         self._decoder = lk.lookup_reply_decoder()
+        self._reset_decoder = lk.reset_reply_decoder()
 
     def start(self) -> None:
         self._client.start()
@@ -137,24 +183,45 @@ class LookupClient:
 
     def lookup(
         self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool = True
-    ) -> int:
-        """Tokens cached on every rank (the minimum over ranks); 0 on any failure or timeout."""
+    ) -> Hit:
+        """Tokens cached on every rank (the minimum over ranks) and where; a miss on any
+        failure or timeout."""
         if not keys or not self._addresses:
-            return 0
+            return MISS
         data = encode(lk.Lookup(req_id, list(keys), num_tokens, pin))
         futures = [self._client.request(a, [data], self._timeout_s) for a in self._addresses]
-        answers: list[int] = []
+        answers: list[Hit] = []
         for future in futures:
             try:
                 reply = self._decoder.decode(future.result(self._timeout_s + 1.0)[0].buffer)
             except (RpcError, MessageError, concurrent.futures.TimeoutError) as e:
                 logger.warning("lookup for %s: a rank did not answer (%s): a miss", req_id, e)
-                return 0
+                return MISS
             if reply.error is not None:
                 logger.warning("lookup failed on a worker: %s", reply.error)
-                return 0
-            answers.append(reply.tokens)
-        return min(answers)
+                return MISS
+            answers.append(Hit(reply.tokens, list(reply.sources)))
+        return min(answers, key=lambda hit: hit.tokens)
+
+    def reset(self, shared: bool, timeout_s: float) -> bool:
+        """Every rank empties its cache; True when all of them did within `timeout_s`."""
+        data = encode(lk.Reset(shared))
+        futures = [self._client.request(a, [data], timeout_s) for a in self._addresses]
+        removed = 0
+        for address, future in zip(self._addresses, futures, strict=True):
+            try:
+                reply = self._reset_decoder.decode(future.result(timeout_s + 1.0)[0].buffer)
+            except (RpcError, MessageError, concurrent.futures.TimeoutError) as e:
+                logger.error("cache reset: the worker at %s did not answer (%s)", address, e)
+                return False
+            if reply.error is not None:
+                logger.error("cache reset failed on the worker at %s: %s", address, reply.error)
+                return False
+            removed += reply.removed
+        logger.info(
+            "cache reset: %d chunk entries removed on %d ranks", removed, len(self._addresses)
+        )
+        return True
 
     def unpin(self, req_id: str) -> None:
         """Every rank drops the pins it holds for `req_id` (no answer awaited)."""

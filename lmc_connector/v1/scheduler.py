@@ -2,21 +2,40 @@
 
 Runs in vLLM's engine-core process on the scheduler thread; all methods are
 called from that thread. The cache itself lives in the worker processes and
-is asked through `LookupClient` (a timeout means no hit).
+is asked through `LookupClient` (a timeout means no hit); the same channel
+relays vLLM's cache reset. Also keeps the scheduler's share of the
+connector's statistics and turns the workers' chunk events into vLLM's KV
+events (`v1/events.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vllm.distributed.kv_events import KVCacheEvent
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
 from lmc_connector import tokens as tok
 from lmc_connector.tokens import ChunkKey
+from lmc_connector.v1.events import EventDescriber
 from lmc_connector.v1.lookup import LookupClient
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.stats import LMCConnectorStats
 
 logger = logging.getLogger(__name__)
+
+#: Seconds every worker has to empty its cache when vLLM resets it (a disk tier deletes files).
+RESET_TIMEOUT_S = 120.0
+
+
+def _hit_source(value: str) -> CacheHitSource:
+    try:
+        return CacheHitSource(value)
+    except ValueError:
+        return CacheHitSource.EXTERNAL_UNSPECIFIED
 
 
 @dataclass(slots=True)
@@ -36,6 +55,8 @@ class RequestTracker:
     #: Workers may hold lookup pins for this request (released by a load or an unpin).
     pinned: bool = False
     block_ids: list[int] = field(default_factory=list)
+    #: Where the last lookup's hit chunks are: runs of (vLLM cache-hit source, chunks).
+    sources: list[tuple[str, int]] = field(default_factory=list)
 
 
 class LMCScheduler:
@@ -45,11 +66,20 @@ class LMCScheduler:
     Construct, `start`, `close`.
     """
 
-    def __init__(self, chunk_size: int, block_size: int, client: LookupClient) -> None:
+    def __init__(
+        self,
+        chunk_size: int,
+        block_size: int,
+        client: LookupClient,
+        events: EventDescriber | None = None,
+    ) -> None:
         self.chunk_size = chunk_size
         self.block_size = block_size
         self._client = client
         self._requests: dict[str, RequestTracker] = {}
+        #: Describes the workers' chunk events for vLLM's KV events; None when they are off.
+        self._events = events
+        self._stats = LMCConnectorStats()
 
     def start(self) -> None:
         self._client.start()
@@ -76,7 +106,12 @@ class LMCScheduler:
             keys = tok.chunk_hashes(prompt, self.chunk_size)
             tracker = RequestTracker(req_id, len(prompt), keys)
             self._requests[req_id] = tracker
-        hit = self._client.lookup(req_id, tracker.keys, tracker.prompt_len)
+            if self._events is not None:
+                self._events.remember(keys, prompt)
+        started = time.perf_counter()
+        hit, tracker.sources = self._client.lookup(req_id, tracker.keys, tracker.prompt_len)
+        self._stats.observe("lookup_seconds", time.perf_counter() - started)
+        self._stats.count("lookups")
         tracker.saved_chunks = max(tracker.saved_chunks, -(-hit // self.chunk_size))
         tracker.lookup_base = num_computed_tokens
         extra = max(0, min(hit, tracker.prompt_len - 1) - num_computed_tokens)
@@ -93,6 +128,27 @@ class LMCScheduler:
             return
         start = tracker.lookup_base
         tracker.load = (start, start + num_external_tokens)
+        self._stats.count("lookup_hits")
+        self._stats.count("hit_tokens", num_external_tokens)
+
+    def hit_sources(self, req_id: str, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """The tokens of the planned load of `req_id` per cache-hit source (the tier that
+        holds them: host, disk, ...), summing to `num_external_tokens`."""
+        tracker = self._requests.get(req_id)
+        if tracker is None or tracker.load is None or num_external_tokens <= 0:
+            return {}
+        start = tracker.load[0]
+        end = start + num_external_tokens
+        out: dict[CacheHitSource, int] = {}
+        first = 0
+        for value, chunks in tracker.sources:
+            lo = max(start, first * self.chunk_size)
+            hi = min(end, (first + chunks) * self.chunk_size)
+            if hi > lo:
+                source = _hit_source(value)
+                out[source] = out.get(source, 0) + hi - lo
+            first += chunks
+        return out
 
     def build_meta(
         self,
@@ -166,6 +222,25 @@ class LMCScheduler:
                 )
             )
             tracker.saved_chunks = first + len(bounds)
+
+    def take_stats(self) -> LMCConnectorStats | None:
+        """The scheduler's statistics since the last call (lookups), or None."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, LMCConnectorStats()
+        return stats
+
+    def add_events(self, events: Sequence[KVCacheEvent]) -> None:
+        """Chunk events the workers handed to vLLM this step."""
+        if self._events is not None:
+            self._events.add(events)
+
+    def take_events(self) -> list[KVCacheEvent]:
+        return [] if self._events is None else self._events.take()
+
+    def reset(self, shared: bool, timeout_s: float = RESET_TIMEOUT_S) -> bool:
+        """Every worker empties its cache (`shared`: shared tiers too); True if all did."""
+        return self._client.reset(shared, timeout_s)
 
     def finished(self, req_id: str) -> None:
         """Forget the request; release pins a load did not consume (abort, no blocks)."""

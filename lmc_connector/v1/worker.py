@@ -4,11 +4,14 @@ Runs in each vLLM worker process, on vLLM's model-runner thread; the lookup
 server thread (`lookup.py`) and the control agent share the cache engine,
 which is thread-safe. Loads and saves are synchronous: `start_load` returns
 once the chunks are in the paged cache, `save` once they are in the cache.
+Once per step vLLM collects this worker's statistics (`take_stats`) and, with
+KV events on, its chunk events (`take_events`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,13 +23,18 @@ from lmc_connector.cache.layout import dtype_name
 from lmc_connector.config import CacheConfig
 from lmc_connector.ops import paged
 from lmc_connector.ops.paged import KVFormat
+from lmc_connector.v1.events import ChunkEventBuffer, LMCKVEvents
 from lmc_connector.v1.lookup import LookupServer, PinRegistry
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.stats import LMCConnectorStats
 
 if TYPE_CHECKING:
     from lmc_connector.control.agent.agent import ControlAgent
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two reports of the tiers' usage in the statistics.
+USAGE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,8 @@ class WorkerSettings:
     block_size: int
     #: IPC address the lookup server binds.
     lookup_address: str
+    #: vLLM publishes KV events (`--kv-events-config`): rank 0 reports its chunk events.
+    kv_events: bool = False
 
 
 class LMCWorker:
@@ -68,6 +78,9 @@ class LMCWorker:
         self._server: LookupServer | None = None
         self._agent: ControlAgent | None = None
         self._load_errors: set[int] = set()
+        self._stats = LMCConnectorStats()
+        self._usage_due = 0.0
+        self._events: ChunkEventBuffer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -106,8 +119,14 @@ class LMCWorker:
             channels=heads * head_size,
             chunk_size=self.config.chunk_size,
         )
+        self.engine = CacheEngine(self.config, layout, device=first.device)
+        self.engine.open()
+        tiers = ", ".join(
+            f"{name} {u.used_bytes / 1e9:.2f}/{u.capacity_bytes / 1e9:.2f} GB ({u.chunks} chunks)"
+            for name, u in self.engine.usage().items()
+        )
         logger.info(
-            "lmc_connector worker %d/%d: %d layers, %s, %d kv heads x %d, block %d",
+            "lmc_connector worker %d/%d: %d layers, %s, %d kv heads x %d, block %d; tiers: %s",
             self.settings.rank,
             self.settings.world_size,
             layout.layers,
@@ -115,11 +134,13 @@ class LMCWorker:
             heads,
             head_size,
             self._kernel_block_size,
+            tiers,
         )
-        self.engine = CacheEngine(self.config, layout, device=first.device)
-        self.engine.open()
+        if self.settings.kv_events and self.settings.rank == 0:
+            self._events = ChunkEventBuffer({t.name: t.event_medium for t in self.engine.tiers})
+            self.engine.subscribe(self._events)
         self.pins = PinRegistry(self.engine)
-        self._server = LookupServer(self.settings.lookup_address, self.pins)
+        self._server = LookupServer(self.settings.lookup_address, self.pins, self.reset)
         self._server.start()
         if self.config.enable_controller:
             self._start_agent(self.engine)
@@ -147,11 +168,13 @@ class LMCWorker:
     def start_load(self, meta: LMCConnectorMetadata) -> None:
         """Scatter every load of this step into the paged cache before the forward."""
         for spec in meta.loads:
+            started = time.perf_counter()
             try:
                 self._load(spec)
             finally:
                 if self.pins is not None:
                     self.pins.release(spec.req_id)
+                self._stats.observe("load_seconds", time.perf_counter() - started)
 
     def _load(self, spec: LoadSpec) -> None:
         engine = self.engine
@@ -183,6 +206,7 @@ class LMCWorker:
             first_bad = max(end, spec.start) // bs
             last = (spec.end + bs - 1) // bs
             self._load_errors.update(spec.block_ids[first_bad:last])
+            self._stats.count("load_errors")
             logger.warning(
                 "%s: only tokens up to %d of [%d, %d) were cached; blocks reported for recompute",
                 spec.req_id,
@@ -194,10 +218,12 @@ class LMCWorker:
     def save(self, meta: LMCConnectorMetadata) -> None:
         """Gather the chunks this step completed and put them into the cache."""
         engine = self.engine
-        if engine is None:
+        if engine is None or not meta.saves:
             return
+        started = time.perf_counter()
         for spec in meta.saves:
             self._save(engine, spec)
+        self._stats.observe("save_seconds", time.perf_counter() - started)
 
     def _save(self, engine: CacheEngine, spec: SaveSpec) -> None:
         for key, (start, end) in zip(spec.keys, spec.bounds, strict=True):
@@ -213,6 +239,46 @@ class LMCWorker:
                 continue
             if not stored:
                 logger.debug("%s: chunk [%d, %d) was not cached", spec.req_id, start, end)
+
+    def reset(self, shared: bool) -> int:
+        """Empty this rank's cache (vLLM's cache reset, relayed by the scheduler); returns
+        the chunk entries removed. Runs on the lookup server thread."""
+        engine = self.engine
+        if engine is None:
+            return 0
+        removed = engine.reset(shared or self.config.reset_shared_store)
+        logger.info("rank %d: cache reset, %d chunk entries removed", self.settings.rank, removed)
+        return removed
+
+    def take_stats(self) -> LMCConnectorStats | None:
+        """This rank's statistics since the last call (vLLM's worker thread, once per step)."""
+        stats, self._stats = self._stats, LMCConnectorStats()
+        engine = self.engine
+        if engine is not None:
+            with_tokens = self.settings.rank == 0
+            for tier, counts in engine.ctx.stats.take().items():
+                values = counts.as_dict()
+                if not with_tokens:
+                    values = {k: v for k, v in values.items() if not k.endswith("_tokens")}
+                stats.add_tier(tier, values)
+            now = time.monotonic()
+            if now >= self._usage_due:
+                self._usage_due = now + USAGE_EVERY_S
+                for tier, usage in engine.usage().items():
+                    stats.set_gauges(
+                        tier,
+                        self.settings.rank,
+                        {
+                            "used_bytes": usage.used_bytes,
+                            "capacity_bytes": usage.capacity_bytes,
+                            "chunks": usage.chunks,
+                        },
+                    )
+        return None if stats.is_empty() else stats
+
+    def take_events(self) -> LMCKVEvents | None:
+        """Chunk events since the last call, as vLLM's KV events (rank 0 only)."""
+        return None if self._events is None else self._events.take()
 
     def take_load_errors(self) -> set[int]:
         """Block ids whose load failed since the last call (reported to vLLM for recompute)."""

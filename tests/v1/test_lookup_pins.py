@@ -27,7 +27,9 @@ def ranks(tmp_path: Path) -> Iterator[tuple[LMCScheduler, list[CacheEngine]]]:
     config = load_config({"chunk_size": CHUNK}, env={})
     engines = [CacheEngine(config, LAYOUT) for _ in range(2)]
     addresses = [f"ipc://{tmp_path}/rank{r}.sock" for r in range(2)]
-    servers = [LookupServer(a, PinRegistry(e)) for a, e in zip(addresses, engines, strict=True)]
+    servers = [
+        LookupServer(a, PinRegistry(e), e.reset) for a, e in zip(addresses, engines, strict=True)
+    ]
     for server in servers:
         server.start()
     scheduler = LMCScheduler(CHUNK, CHUNK, LookupClient(addresses, timeout_ms=2000))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from lmc_connector.cache.chunk import Chunk, ChunkForm
+from lmc_connector.cache.stats import CacheStats
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class TierUsage:
 
 
 class TierContext:
-    """What the tiers of one engine share: one lock, the pins, the chunk-event sinks and
-    the spills in flight.
+    """What the tiers of one engine share: one lock, the pins, the chunk-event sinks, the
+    spills in flight and the load/save counters (`stats`, which has its own lock).
 
     Owned by the engine and used from any thread. `lock` guards every tier's
     index, the pins and the spill tokens; nothing holding it does file or
@@ -67,6 +68,7 @@ class TierContext:
         #: withdraws, so that a chunk removed meanwhile does not come back.
         self._spilling: dict[ChunkKey, object] = {}
         self._warned_oversized: set[str] = set()
+        self.stats = CacheStats()
 
     # -- pins ------------------------------------------------------------------------------
 
@@ -158,6 +160,15 @@ class Tier(ABC):
     name: ClassVar[str]
     #: `held` and `touch` need no I/O (see the class docstring).
     answers_from_memory: ClassVar[bool] = True
+    #: How vLLM files a hit served from here (a `CacheHitSource` value: "host", "disk",
+    #: "p2p"); a tier that is none of those stays "external_unspecified".
+    hit_source: ClassVar[str] = "external_unspecified"
+    #: The medium of vLLM's KV events (`BlockStored`/`BlockRemoved`) for chunks entering and
+    #: leaving this tier ("CPU", "STORAGE"); None: its chunk events are not published.
+    event_medium: ClassVar[str | None] = None
+    #: Other instances read and write this tier too (a shared store): an instance's cache
+    #: reset leaves it alone unless `reset_shared_store` is set.
+    shared: ClassVar[bool] = False
 
     def __init__(self, ctx: TierContext) -> None:
         self.ctx = ctx

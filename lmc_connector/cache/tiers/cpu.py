@@ -39,6 +39,8 @@ class LocalCPUBackend(IndexedTier[Chunk]):
     """
 
     name = "LocalCPUBackend"
+    hit_source = "host"
+    event_medium = "CPU"
 
     def __init__(self, ctx: TierContext, capacity_bytes: int) -> None:
         super().__init__(ctx, capacity_bytes, lambda c: c.nbytes)
@@ -109,8 +111,9 @@ class LocalCPUBackend(IndexedTier[Chunk]):
                 if not self._spills:
                     return
                 key, chunk, still_wanted = self._spills.pop()
-            if self.spill_to is not None:
-                self.spill_to.store(key, chunk, still_wanted)
+            spill_to = self.spill_to
+            if spill_to is not None and spill_to.store(key, chunk, still_wanted):
+                self.ctx.stats.saved(spill_to.name, chunk.num_tokens, chunk.nbytes)
             with self.ctx.lock:
                 self.ctx.end_spill(key, still_wanted)
 

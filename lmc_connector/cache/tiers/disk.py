@@ -54,6 +54,8 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
     """
 
     name = "LocalDiskBackend"
+    hit_source = "disk"
+    event_medium = "STORAGE"
 
     def __init__(self, ctx: TierContext, root: Path, capacity_bytes: int) -> None:
         super().__init__(ctx, capacity_bytes, lambda r: r.nbytes)

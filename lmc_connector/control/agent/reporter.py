@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from lmc_connector.cache import CacheEngine
+from lmc_connector.control.agent.link import ControllerLink
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import encode
 from lmc_connector.control.wire.sockets import WakePipe, new_socket
@@ -69,9 +70,17 @@ class Reporter:
         self._resync = True
         self._closed = False
         self._push: zmq.Socket[bytes] | None = None
+        self._link: ControllerLink | None = None
+        #: Chunks of a registration sent before the controller connected (logged when it does).
+        self._unannounced: int | None = None
+        self._registered = False
         self._thread = threading.Thread(
             target=self._run, name=f"lmc-reporter-{spec.rank}", daemon=True
         )
+
+    @property
+    def _who(self) -> tuple[str, int]:
+        return self.spec.instance_id, self.spec.rank
 
     @property
     def alive(self) -> bool:
@@ -79,6 +88,8 @@ class Reporter:
 
     def start(self, context: zmq.Context[zmq.Socket[bytes]], url: str) -> None:
         push = new_socket(context, zmq.PUSH)
+        who = f"control agent {self.spec.instance_id}/{self.spec.rank}"
+        self._link = ControllerLink(push, url, who)  # before connect: it sees the first one
         push.connect(url)
         self._push = push
         self._engine.subscribe(self)
@@ -143,10 +154,11 @@ class Reporter:
     # -- the reporter thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        push = self._push
-        assert push is not None
+        push, link = self._push, self._link
+        assert push is not None and link is not None
         poller = zmq.Poller()
         poller.register(self._wake.fileno(), zmq.POLLIN)
+        poller.register(link.socket, zmq.POLLIN)
         next_beat = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -156,6 +168,8 @@ class Reporter:
                     due = min(due, self._pending_since + EVENT_FLUSH_S)
                 poller.poll(max(0, int((due - now) * 1000) + 1))
                 self._wake.drain()
+                if link.drain():
+                    self._announce()
                 self._send_outbox(push)
                 if self._resync:
                     self._send_snapshot(push)
@@ -169,9 +183,11 @@ class Reporter:
                     next_beat = now + self._heartbeat_s
                     self._heartbeat(push)
                     self._on_beat()
+                    link.check(now)
             spec = self.spec
             self._send(push, encode(mon.Deregister(spec.instance_id, spec.rank, spec.session)))
         finally:
+            link.close()
             push.close()
 
     def _send(self, push: zmq.Socket[bytes], data: bytes) -> bool:
@@ -205,12 +221,19 @@ class Reporter:
             self._send(push, encode(register)) and self._send(push, encode(snapshot))
         )
         if not self._resync:
-            logger.info(
-                "control agent %s/%d registered with %d chunks",
-                spec.instance_id,
-                spec.rank,
-                sum(len(k) for k in keys.values()),
-            )
+            self._unannounced = sum(len(k) for k in keys.values())
+            if self._link is not None and self._link.connected:
+                self._announce()
+
+    def _announce(self) -> None:
+        """Log the registration once the controller is connected (PUSH queues until then)."""
+        if self._unannounced is None:
+            if self._registered:  # before the first registration, that one says it
+                logger.info("control agent %s/%d: connected to the controller again", *self._who)
+            return
+        logger.info("control agent %s/%d registered with %d chunks", *self._who, self._unannounced)
+        self._unannounced = None
+        self._registered = True
 
     def _flush(self, push: zmq.Socket[bytes]) -> None:
         spec = self.spec

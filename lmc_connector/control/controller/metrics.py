@@ -1,92 +1,179 @@
-"""Prometheus text exposition of the controller's state, written by hand (no extra dependency)."""
+"""The controller's Prometheus metrics: a collector over `ControllerState`, plus process metrics.
+
+Every scrape reads the state under its lock and builds the families afresh
+(nothing is copied into metric objects between scrapes). Served as
+Prometheus text, or OpenMetrics when the scraper asks for it (`Accept:
+application/openmetrics-text`). Names are `lmc_controller_*`; the README's
+observability section says what each means and which LMCache metric matches.
+"""
 
 from __future__ import annotations
 
-import bisect
-import threading
+import time
+from collections.abc import Iterator
 
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from lmc_connector.control.controller.histogram import KindHistogram
 from lmc_connector.control.controller.state import ControllerState
 
-#: Command latency buckets in seconds: sub-millisecond scheduling up to worker timeouts.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PREFIX = "lmc_controller_"
+WORKER_LABELS = ["instance_id", "worker_id", "location"]
+#: Ingest counters: IngestStats field -> (metric name, help).
+INGEST = {
+    "messages": ("messages", "Worker messages ingested."),
+    "keys": ("chunk_events", "Chunk admit/evict events ingested."),
+    "malformed": ("malformed_messages", "Malformed worker messages dropped."),
+    "ignored": ("ignored_messages", "Messages from unknown worker sessions ignored."),
+    "refused": ("refused_registrations", "Worker registrations refused."),
+    "lookups": ("lookups", "Lookups answered (POST /lookup)."),
+}
 
 
-class LatencyHistogram:
-    """Owns the command round-trip latency counts per operation kind; any thread observes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._data: dict[str, tuple[list[int], list[float]]] = {}
-
-    def observe(self, kind: str, seconds: float) -> None:
-        with self._lock:
-            buckets, total = self._data.setdefault(kind, ([0] * (len(LATENCY_BUCKETS) + 1), [0.0]))
-            buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            total[0] += seconds
-
-    def render(self, name: str) -> list[str]:
-        lines = [
-            f"# HELP {name} Controller-to-workers command latency (prepare and commit).",
-            f"# TYPE {name} histogram",
-        ]
-        with self._lock:
-            for kind, (buckets, total) in sorted(self._data.items()):
-                running = 0
-                for bound, count in zip((*LATENCY_BUCKETS, float("inf")), buckets, strict=True):
-                    running += count
-                    le = "+Inf" if bound == float("inf") else repr(bound)
-                    lines.append(f'{name}_bucket{{kind="{kind}",le="{le}"}} {running}')
-                lines.append(f'{name}_sum{{kind="{kind}"}} {total[0]}')
-                lines.append(f'{name}_count{{kind="{kind}"}} {running}')
-        return lines
+def _histogram(name: str, text: str, histogram: KindHistogram) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(PREFIX + name, text, labels=["kind"])
+    for kind, (buckets, total) in histogram.snapshot().items():
+        family.add_metric([kind], buckets, total)
+    return family
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class StateCollector(Collector):
+    """Builds the controller's metric families from its state and command latencies at each
+    scrape (the HTTP handler's worker thread); holds the state's lock while reading it."""
 
+    def __init__(self, state: ControllerState, latency: KindHistogram) -> None:
+        self._state = state
+        self._latency = latency
 
-def _gauge(name: str, help_text: str, kind: str = "gauge") -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-
-
-def render(state: ControllerState, latency: LatencyHistogram) -> str:
-    """The exposition text of `state` and `latency`."""
-    with state.lock:
-        instances = list(state.instances.values())
-        lines = _gauge("lmc_controller_instances", "Registered instances.")
-        lines.append(f"lmc_controller_instances {len(instances)}")
-        lines += _gauge("lmc_controller_workers", "Registered workers.")
-        lines.append(f"lmc_controller_workers {sum(len(i.workers) for i in instances)}")
-        lines += _gauge("lmc_controller_chunks", "Indexed chunks per worker and location.")
-        for inst in instances:
-            for worker in inst.workers.values():
-                for location in worker.spec.locations:
-                    count = state.index.count(inst.instance_id, worker.rank, location)
-                    lines.append(
-                        f'lmc_controller_chunks{{instance_id="{_label(inst.instance_id)}",'
-                        f'worker_id="{worker.rank}",location="{_label(location)}"}} {count}'
-                    )
-        lines += _gauge("lmc_controller_indexed_hashes", "Distinct chunk hashes indexed.")
-        lines.append(f"lmc_controller_indexed_hashes {state.index.size()}")
-        lines += _gauge("lmc_controller_operations", "Tracked operations by status.")
-        for status, count in state.operations.counts().items():
-            lines.append(f'lmc_controller_operations{{status="{status}"}} {count}')
-        lines += _gauge(
-            "lmc_controller_operations_ended", "Operations ended, by kind and status.", "counter"
+    def collect(self) -> Iterator[Metric]:
+        yield from self._fleet()
+        yield from self._operations()
+        yield _histogram(
+            "command_seconds",
+            "Controller-to-workers round trips of one operation (prepare and commit).",
+            self._latency,
         )
-        for (kind, status), count in sorted(state.operations.totals.items()):
-            lines.append(
-                f'lmc_controller_operations_ended_total{{kind="{kind}",status="{status}"}} {count}'
+
+    def _fleet(self) -> list[Metric]:
+        state = self._state
+        now = time.monotonic()
+        instances = GaugeMetricFamily(PREFIX + "instances", "Registered instances.")
+        workers = GaugeMetricFamily(
+            PREFIX + "workers", "Registered workers of an instance.", labels=["instance_id"]
+        )
+        world = GaugeMetricFamily(
+            PREFIX + "world_size", "Workers an instance has when complete.", labels=["instance_id"]
+        )
+        age = GaugeMetricFamily(
+            PREFIX + "heartbeat_age_seconds",
+            "Seconds since the controller last heard from a worker.",
+            labels=["instance_id", "worker_id"],
+        )
+        chunks = GaugeMetricFamily(
+            PREFIX + "chunks", "Indexed chunks per worker and location.", labels=WORKER_LABELS
+        )
+        used = GaugeMetricFamily(
+            PREFIX + "tier_used_bytes",
+            "Bytes a location holds on a worker (its last heartbeat).",
+            labels=WORKER_LABELS,
+        )
+        capacity = GaugeMetricFamily(
+            PREFIX + "tier_capacity_bytes",
+            "Capacity of a location on a worker in bytes (its last heartbeat).",
+            labels=WORKER_LABELS,
+        )
+        hashes = GaugeMetricFamily(PREFIX + "indexed_hashes", "Distinct chunk hashes indexed.")
+        ingest = {
+            field: CounterMetricFamily(PREFIX + name, text)
+            for field, (name, text) in INGEST.items()
+        }
+        with state.lock:
+            instances.add_metric([], len(state.instances))
+            for inst in state.instances.values():
+                iid = inst.instance_id
+                workers.add_metric([iid], len(inst.workers))
+                world.add_metric([iid], inst.world_size)
+                for worker in inst.workers.values():
+                    rank = str(worker.rank)
+                    age.add_metric([iid, rank], round(now - worker.last_seen, 3))
+                    for location in worker.spec.locations:
+                        labels = [iid, rank, location]
+                        chunks.add_metric(labels, state.index.count(iid, worker.rank, location))
+                        report = worker.usage.get(location)
+                        if report is not None:
+                            used.add_metric(labels, report.used_bytes)
+                            capacity.add_metric(labels, report.capacity_bytes)
+            hashes.add_metric([], state.index.size())
+            for field, family in ingest.items():
+                family.add_metric([], getattr(state.stats, field))
+        return [instances, workers, world, age, chunks, used, capacity, hashes, *ingest.values()]
+
+    def _operations(self) -> list[Metric]:
+        ops = self._state.operations
+        active = GaugeMetricFamily(
+            PREFIX + "operations_active",
+            "Operations in progress, by kind and status.",
+            labels=["kind", "status"],
+        )
+        ended = CounterMetricFamily(
+            PREFIX + "operations_ended",
+            "Operations ended, by kind and status (finished or failed).",
+            labels=["kind", "status"],
+        )
+        before = CounterMetricFamily(
+            PREFIX + "job_input_bytes",
+            "Bytes of the chunks compress/decompress jobs rewrote, before the job.",
+            labels=["kind"],
+        )
+        after = CounterMetricFamily(
+            PREFIX + "job_output_bytes",
+            "Bytes of the chunks compress/decompress jobs rewrote, after the job.",
+            labels=["kind"],
+        )
+        saved = CounterMetricFamily(
+            PREFIX + "compression_saved_bytes",
+            "Bytes compress jobs freed in the workers' tiers (input minus output).",
+        )
+        with self._state.lock:
+            for (kind, status), count in sorted(ops.active_counts().items()):
+                active.add_metric([kind, status], count)
+            for (kind, status), count in sorted(ops.totals.items()):
+                ended.add_metric([kind, status], count)
+            for kind, (bytes_in, bytes_out) in sorted(ops.job_bytes.items()):
+                before.add_metric([kind], bytes_in)
+                after.add_metric([kind], bytes_out)
+            bytes_in, bytes_out = ops.job_bytes.get("compress", [0, 0])
+            saved.add_metric([], max(0, bytes_in - bytes_out))
+            jobs = _histogram(
+                "job_seconds",
+                "Seconds of work of one worker's compress/decompress job (the job itself, "
+                "not the round trips).",
+                ops.job_seconds,
             )
-        stats = state.stats
-        for name, value, text in (
-            ("messages", stats.messages, "Worker messages ingested."),
-            ("chunk_events", stats.keys, "Chunk admit/evict events ingested."),
-            ("malformed_messages", stats.malformed, "Malformed worker messages dropped."),
-            ("ignored_messages", stats.ignored, "Messages from unknown workers ignored."),
-            ("lookups", stats.lookups, "Lookups answered."),
-        ):
-            lines += _gauge(f"lmc_controller_{name}_total", text, "counter")
-            lines.append(f"lmc_controller_{name}_total {value}")
-    lines += latency.render("lmc_controller_command_seconds")
-    return "\n".join(lines) + "\n"
+        return [active, ended, before, after, saved, jobs]
+
+
+def build_registry(state: ControllerState, latency: KindHistogram) -> CollectorRegistry:
+    """A registry of the controller's state and this process (CPU, memory, files, GC)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(StateCollector(state, latency))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The scrape body and its content type: OpenMetrics if `accept` asks for it."""
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

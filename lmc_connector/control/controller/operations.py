@@ -20,7 +20,8 @@ from typing import Literal
 import msgspec
 
 from lmc_connector.control.controller.errors import UnknownOperationError
-from lmc_connector.operations import JobOutcome
+from lmc_connector.control.controller.histogram import KindHistogram
+from lmc_connector.operations import TRANSFORM_KINDS, JobOutcome
 
 Status = Literal["pending", "running", "finished", "failed"]
 TERMINAL: frozenset[str] = frozenset({"finished", "failed"})
@@ -79,8 +80,10 @@ class OperationStore:
         self._ended: OrderedDict[str, Operation] = OrderedDict()
         #: (kind, status) -> operations that ended with that status
         self.totals: dict[tuple[str, str], int] = {}
-        #: kind -> (count, seconds summed) of the work parts reported (jobs' own time)
-        self.work_seconds: dict[str, tuple[int, float]] = {}
+        #: Seconds of work each worker's compress/decompress job reported (the job itself).
+        self.job_seconds = KindHistogram()
+        #: kind -> [bytes before, bytes after] summed over the jobs' finished chunks.
+        self.job_bytes: dict[str, list[int]] = {}
 
     def create(self, kind: str, instance_id: str | None, ranks: Iterable[int]) -> Operation:
         op = Operation(
@@ -115,6 +118,13 @@ class OperationStore:
             out[op.status] += 1
         for (_, status), count in self.totals.items():
             out[status] += count
+        return out
+
+    def active_counts(self) -> dict[tuple[str, str], int]:
+        """(kind, status) -> operations in progress now."""
+        out: dict[tuple[str, str], int] = {}
+        for _, op in self._active.values():
+            out[(op.kind, op.status)] = out.get((op.kind, op.status), 0) + 1
         return out
 
     def recent(self, limit: int) -> list[Operation]:
@@ -154,8 +164,11 @@ class OperationStore:
         if outcome is not None:
             for name in JobOutcome.__struct_fields__:
                 setattr(part, name, getattr(outcome, name))
-            count, seconds = self.work_seconds.get(op.kind, (0, 0.0))
-            self.work_seconds[op.kind] = (count + 1, seconds + outcome.seconds)
+            if op.kind in TRANSFORM_KINDS:
+                self.job_seconds.observe(op.kind, outcome.seconds)
+                totals = self.job_bytes.setdefault(op.kind, [0, 0])
+                totals[0] += outcome.bytes_before
+                totals[1] += outcome.bytes_after
         errors = part.errors if error is None else [*part.errors, error]
         part.errors = errors
         part.status = "failed" if errors else "finished"

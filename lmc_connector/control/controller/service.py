@@ -26,8 +26,9 @@ from lmc_connector.control.controller.errors import (
     WorkerRejectedError,
     WorkerUnavailableError,
 )
+from lmc_connector.control.controller.histogram import KindHistogram
 from lmc_connector.control.controller.instances import Instance
-from lmc_connector.control.controller.metrics import LatencyHistogram
+from lmc_connector.control.controller.metrics import build_registry
 from lmc_connector.control.controller.monitor import MonitorLoop
 from lmc_connector.control.controller.operations import Operation
 from lmc_connector.control.controller.settings import Settings
@@ -76,7 +77,8 @@ class ControllerService:
         self.settings = settings
         monitor_url = tcp_url(settings.host, settings.monitor_port)  # ValueError: unknown host
         self.state = ControllerState(settings.worker_timeout)
-        self.latency = LatencyHistogram()
+        self.latency = KindHistogram()
+        self.metrics = build_registry(self.state, self.latency)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.commands = RpcClient(self._context, "commands")
         self._replies = cmd.reply_decoder()

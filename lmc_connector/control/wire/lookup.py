@@ -1,8 +1,9 @@
 """Messages of the scheduler's lookup channel to the caches in its own workers.
 
 The scheduler asks every rank how much of a prompt is cached (and pins it
-until the load); ranks answer with tokens. Travels over the request/reply
-transport on a node-local path.
+until the load); ranks answer with tokens and where those tokens are. It also
+relays vLLM's cache reset. Travels over the request/reply transport on a
+node-local path.
 """
 
 from __future__ import annotations
@@ -28,11 +29,27 @@ class Unpin(msgspec.Struct, tag=True, array_like=True, gc=False):
     req_id: str
 
 
-LookupRequest = Lookup | Unpin
+class Reset(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Empty this rank's cache (vLLM's `reset_cache`); `shared`: shared tiers too."""
+
+    shared: bool = False
+
+
+LookupRequest = Lookup | Unpin | Reset
 
 
 class LookupReply(msgspec.Struct, array_like=True, gc=False):
     tokens: int
+    error: str | None = None
+    #: Where the hit chunks are, in prefix order: runs of (vLLM cache-hit source of the
+    #: nearest tier holding them, e.g. "host" or "disk"; number of chunks).
+    sources: list[tuple[str, int]] = []
+
+
+class ResetReply(msgspec.Struct, array_like=True, gc=False):
+    """Chunk entries the rank removed, or why it could not reset."""
+
+    removed: int
     error: str | None = None
 
 
@@ -42,3 +59,7 @@ def lookup_request_decoder() -> Decoder[LookupRequest]:
 
 def lookup_reply_decoder() -> Decoder[LookupReply]:
     return Decoder(LookupReply, "lookup reply")
+
+
+def reset_reply_decoder() -> Decoder[ResetReply]:
+    return Decoder(ResetReply, "reset reply")

@@ -192,21 +192,6 @@ def test_worker_info_and_instances_describe_registered_workers(
     assert "cachegen" in instance["methods"]
 
 
-def test_metrics_expose_workers_chunks_events_and_latency(
-    http: httpx.Client, make_instance: InstanceFactory
-) -> None:
-    for w in make_instance("metrics-a"):
-        w.fill(PROMPT)
-    http.post("/clear", json={"instance_id": "metrics-a", "location": CPU})
-    text = http.get("/metrics").text
-    assert (
-        'lmc_controller_chunks{instance_id="metrics-a",worker_id="0",location="LocalCPUBackend"}'
-        in text
-    )
-    assert 'lmc_controller_operations_ended_total{kind="clear",status="finished"}' in text
-    assert 'lmc_controller_command_seconds_bucket{kind="clear",le="+Inf"}' in text
-
-
 def test_openapi_documents_the_routes(http: httpx.Client) -> None:
     schema = http.get("/openapi.json").json()
     assert {"/compress", "/lookup", "/events/{event_id}"} <= set(schema["paths"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import httpx
 import msgspec
 import pytest
 import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmc_connector.control.controller.http.app import create_app
 from lmc_connector.control.controller.service import ControllerService
@@ -164,8 +164,11 @@ def test_a_stopped_worker_does_not_delay_other_requests(
 
 def malformed_count(ctl: Controller) -> int:
     text = httpx.get(f"{ctl.url}/metrics").text
-    match = re.search(r"^lmc_controller_malformed_messages_total (\d+)$", text, re.M)
-    return int(match.group(1)) if match else 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "lmc_controller_malformed_messages_total":
+                return int(sample.value)
+    return 0
 
 
 def test_garbage_on_the_monitor_port_leaves_the_controller_running(

@@ -1,7 +1,8 @@
 """The controller's HTTP API: a FastAPI app over one `ControllerService` (OpenAPI at /docs).
 
 With an API key every route requires it except /docs and /openapi.json (the
-schema, the same for every deployment). Every refusal is JSON
+schema, the same for every deployment) and the dashboard page at / (which
+holds no data: it asks for the key and sends it with every request it makes). Every refusal is JSON
 `{"detail": ..., "event_id": ...}`: 400 for invalid JSON or a bad choice, 415
 for a body that is not JSON, 422 for a body of the wrong shape, 401 without
 the API key, 404 for an unknown instance or operation, 503 when workers do
@@ -20,7 +21,12 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lmc_connector.control.controller.errors import ControlError
-from lmc_connector.control.controller.http import routes_metrics, routes_ops, routes_query
+from lmc_connector.control.controller.http import (
+    routes_dashboard,
+    routes_metrics,
+    routes_ops,
+    routes_query,
+)
 from lmc_connector.control.controller.http.endpoint import SCHEMA_TYPES, error_response
 from lmc_connector.control.controller.service import ControllerService
 
@@ -44,6 +50,8 @@ def create_app(service: ControllerService) -> FastAPI:
         title="lmc_connector controller",
         description="Look up, pin, clear, move, compress and decompress cached KV.",
         dependencies=[Depends(authorize)],
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
 
@@ -51,8 +59,9 @@ def create_app(service: ControllerService) -> FastAPI:
     async def refused(request: Request, error: ControlError) -> Response:
         return error_response(error.status, str(error), error.event_id)
 
-    for module in (routes_ops, routes_query, routes_metrics):
+    for module in (routes_ops, routes_query, routes_metrics, routes_dashboard):
         app.include_router(module.router)
+    routes_dashboard.install_pages(app)
     _install_openapi(app)
     return app
 

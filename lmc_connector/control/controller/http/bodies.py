@@ -183,6 +183,12 @@ class InstancesResponse(msgspec.Struct):
     instances: list[InstanceInfo]
 
 
+class OperationsResponse(msgspec.Struct):
+    """The newest operations: those in progress first, then the last ended, newest first."""
+
+    operations: list[Operation]
+
+
 class ErrorResponse(msgspec.Struct):
     detail: str
     event_id: str | None = None
@@ -202,6 +208,7 @@ __all__ = [
     "MoveRequest",
     "Operation",
     "OperationPart",
+    "OperationsResponse",
     "PinRequest",
     "QueryInstanceRequest",
     "QueryInstanceResponse",
