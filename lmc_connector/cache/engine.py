@@ -7,8 +7,8 @@ one `ChunkLayout`, so model, rank and dtype are implied.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
