@@ -6,6 +6,7 @@ one `ChunkLayout`, so model, rank and dtype are implied.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -236,6 +237,71 @@ class CacheEngine:
                     self.tiers[0].store(key, chunk)
                 return chunk
         return None
+
+    # -- chunks as stored, for and from other instances ---------------------------------------
+
+    def stored(self, keys: Sequence[ChunkKey], location: str | None = None) -> list[Chunk]:
+        """The chunks of the cached prefix of `keys` as stored (encoded ones stay encoded),
+        stopping at the first miss; from `location`, or from any tier when None. Nothing is
+        promoted. The chunks are immutable: callers may send their bytes without a copy."""
+        tiers = self.select(None if location is None else [location])
+        chunks: list[Chunk] = []
+        for key in keys:
+            chunk = next((c for t in tiers if (c := t.load(key)[1]) is not None), None)
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        return chunks
+
+    def chunk_from_bytes(self, num_tokens: int, data: memoryview, method: str | None) -> Chunk:
+        """A chunk of this layout from bytes that crossed a process boundary: plain tensor
+        bytes (copied into a warm buffer) or a codec blob (header and checksum verified).
+        Raises ValueError when the bytes are not a chunk of this layout."""
+        layout = self.layout
+        if not 0 < num_tokens <= layout.chunk_size:
+            raise ValueError(f"a chunk of {num_tokens} tokens does not fit chunk_size")
+        shape = layout.shape(num_tokens)
+        if method is not None:
+            from lmc_connector.ops.codecs import CodecError, peek_header
+
+            blob = bytes(data)
+            try:
+                header = peek_header(blob)
+            except CodecError as e:
+                raise ValueError(f"damaged {method} chunk: {e}") from e
+            if header.codec != method or header.shape != shape:
+                raise ValueError(
+                    f"{header.codec} chunk of shape {header.shape} is not a {method} chunk of "
+                    f"shape {shape}"
+                )
+            if header.dtype != layout.torch_dtype:
+                raise ValueError(f"chunk dtype {header.dtype} is not the layout's {layout.dtype}")
+            return Chunk(num_tokens, blob=blob, method=method)
+        dtype = layout.torch_dtype
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        if data.nbytes != size:
+            raise ValueError(f"{data.nbytes} bytes are not a {shape} {layout.dtype} chunk")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only read here
+            src = torch.frombuffer(data, dtype=torch.uint8)
+        home = self.tiers[0]
+        if isinstance(home, LocalCPUBackend):
+            kv = home.buffer(shape, dtype)
+        else:
+            kv = torch.empty(shape, dtype=dtype)
+        kv.view(-1).view(torch.uint8).copy_(src)
+        return Chunk(num_tokens, kv=kv)
+
+    def admit(self, key: ChunkKey, chunk: Chunk, location: str | None = None) -> bool:
+        """Store a chunk that came from another instance in `location` (the nearest tier when
+        None); False when it cannot be kept. Not written through to a shared store: the
+        instance that computed it did that."""
+        if chunk.kv is not None:
+            self.layout.check(chunk.kv)
+        tier = self.tiers[0] if location is None else self.tier(location)
+        return tier.store(key, chunk)
 
     # -- removal and moves -------------------------------------------------------------------
 

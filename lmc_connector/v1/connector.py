@@ -29,6 +29,7 @@ from lmc_connector.config import load_config
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1.lookup import LookupClient, channel_path
 from lmc_connector.v1.metadata import LMCConnectorMetadata
+from lmc_connector.v1.peers import PeerLocator
 from lmc_connector.v1.scheduler import LMCScheduler
 from lmc_connector.v1.vllm_version import note_untested_vllm
 from lmc_connector.v1.worker import LMCWorker, WorkerSettings
@@ -108,7 +109,8 @@ class LMCConnectorV1(KVConnectorBase_V1):
                 logger.info("lmc_connector: setting kv_load_failure_policy=recompute")
                 transfer.kv_load_failure_policy = "recompute"
             client = LookupClient(_addresses(vllm_config), self.config.lookup_timeout_ms)
-            self.scheduler = LMCScheduler(self.config.chunk_size, block_size, client)
+            locator = PeerLocator(self.config) if self.config.enable_p2p else None
+            self.scheduler = LMCScheduler(self.config.chunk_size, block_size, client, locator)
             self.scheduler.start()
         else:
             rank = _worker_rank()
@@ -159,6 +161,11 @@ class LMCConnectorV1(KVConnectorBase_V1):
         assert isinstance(meta, LMCConnectorMetadata)
         self.worker.save(meta)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Peer loads that ended: their requests may run (saves are synchronous: none)."""
+        assert self.worker is not None
+        return None, self.worker.finished_loads(finished_req_ids) or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
         return self.worker.take_load_errors()
@@ -176,14 +183,16 @@ class LMCConnectorV1(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         assert self.scheduler is not None
         prompt = request.prompt_token_ids
-        n = self.scheduler.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens)
-        return n, False
+        return self.scheduler.num_new_matched_tokens(
+            request.request_id, prompt, num_computed_tokens
+        )
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         assert self.scheduler is not None
-        self.scheduler.after_alloc(request.request_id, num_external_tokens)
+        block_ids = list(blocks.get_block_ids()[0]) if num_external_tokens > 0 else []
+        self.scheduler.after_alloc(request.request_id, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None

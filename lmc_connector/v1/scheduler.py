@@ -15,6 +15,7 @@ from lmc_connector import tokens as tok
 from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.lookup import LookupClient
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.peers import PeerLocator
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +37,44 @@ class RequestTracker:
     #: Workers may hold lookup pins for this request (released by a load or an unpin).
     pinned: bool = False
     block_ids: list[int] = field(default_factory=list)
+    #: Peer server per rank of the instance the next load fetches from (empty: local load).
+    peers: list[str] = field(default_factory=list)
 
 
 class LMCScheduler:
     """Answers vLLM's scheduler hooks: owns the tracker of every unfinished request and the
     lookup client to this engine's workers. Runs on vLLM's scheduler thread only.
 
+    With a `locator` (enable_p2p), a prefix that another instance holds beyond the local
+    hit is loaded asynchronously from that instance's workers.
+
     Construct, `start`, `close`.
     """
 
-    def __init__(self, chunk_size: int, block_size: int, client: LookupClient) -> None:
+    def __init__(
+        self,
+        chunk_size: int,
+        block_size: int,
+        client: LookupClient,
+        locator: PeerLocator | None = None,
+    ) -> None:
         self.chunk_size = chunk_size
         self.block_size = block_size
         self._client = client
+        self._locator = locator
         self._requests: dict[str, RequestTracker] = {}
+        #: Requests whose asynchronous (peer) load is planned but not yet sent to the workers.
+        self._fetches: list[str] = []
 
     def start(self) -> None:
         self._client.start()
+        if self._locator is not None:
+            self._locator.start()
 
     def close(self) -> None:
         self._client.close()
+        if self._locator is not None:
+            self._locator.close()
 
     @property
     def requests(self) -> dict[str, RequestTracker]:
@@ -63,14 +82,15 @@ class LMCScheduler:
 
     def num_new_matched_tokens(
         self, req_id: str, prompt: Sequence[int] | None, num_computed_tokens: int
-    ) -> int:
-        """Tokens beyond `num_computed_tokens` loadable from the cache, leaving one to compute.
+    ) -> tuple[int, bool]:
+        """Tokens beyond `num_computed_tokens` loadable from the cache, leaving one to compute,
+        and whether they load asynchronously (from a peer instance).
 
         Pins the hit chunks on every worker; a repeated call for the same
         request replaces its pins instead of adding to them.
         """
         if not prompt:
-            return 0
+            return 0, False
         tracker = self._requests.get(req_id)
         if tracker is None:
             keys = tok.chunk_hashes(prompt, self.chunk_size)
@@ -79,20 +99,34 @@ class LMCScheduler:
         hit = self._client.lookup(req_id, tracker.keys, tracker.prompt_len)
         tracker.saved_chunks = max(tracker.saved_chunks, -(-hit // self.chunk_size))
         tracker.lookup_base = num_computed_tokens
-        extra = max(0, min(hit, tracker.prompt_len - 1) - num_computed_tokens)
+        tracker.peers = []
+        loadable = tracker.prompt_len - 1
+        if self._locator is not None and min(hit, loadable) < loadable:
+            found = self._locator.find(tracker.keys, -(-hit // self.chunk_size))
+            if found is not None:
+                peer_hit = tok.prefix_tokens(found.chunks, tracker.prompt_len, self.chunk_size)
+                if min(peer_hit, loadable) > max(hit, num_computed_tokens):
+                    hit, tracker.peers = peer_hit, list(found.addresses)
+        extra = max(0, min(hit, loadable) - num_computed_tokens)
         # Ranks that found more than the minimum pinned their chunks too: keep the pins only
         # while a load may use them.
         tracker.pinned = extra > 0
         if not tracker.pinned:
             self._client.unpin(req_id)
-        return extra
+            tracker.peers = []
+        return extra, bool(tracker.peers)
 
-    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
+    def after_alloc(self, req_id: str, num_external_tokens: int, block_ids: list[int]) -> None:
+        """vLLM allocated blocks for the request; `block_ids` are all of them so far."""
         tracker = self._requests.get(req_id)
         if tracker is None or num_external_tokens <= 0:
             return
         start = tracker.lookup_base
         tracker.load = (start, start + num_external_tokens)
+        if tracker.peers:
+            # Parked by vLLM until the workers report the KV received: plan the load now.
+            tracker.block_ids = list(block_ids)
+            self._fetches.append(req_id)
 
     def build_meta(
         self,
@@ -108,6 +142,11 @@ class LMCScheduler:
         where a resumed request's block ids replace the old ones.
         """
         meta = LMCConnectorMetadata()
+        for req_id in self._fetches:
+            tracker = self._requests.get(req_id)
+            if tracker is not None and tracker.load is not None:
+                meta.loads.append(self._load_spec(tracker, tracker.load))
+        self._fetches = []
         for req_id in preempted - set(num_scheduled):
             # Its blocks are gone; a resumption brings new ones (and a fresh lookup).
             tracker = self._requests.get(req_id)
@@ -131,21 +170,7 @@ class LMCScheduler:
 
     def _plan(self, meta: LMCConnectorMetadata, tracker: RequestTracker, computed: int) -> None:
         if tracker.load is not None:
-            start, end = tracker.load
-            first = start // self.chunk_size
-            last = -(-end // self.chunk_size)
-            meta.loads.append(
-                LoadSpec(
-                    tracker.req_id,
-                    tracker.keys[first:last],
-                    first,
-                    start,
-                    end,
-                    list(tracker.block_ids),
-                )
-            )
-            tracker.load = None
-            tracker.pinned = False
+            meta.loads.append(self._load_spec(tracker, tracker.load))
         if tracker.saved_chunks == len(tracker.keys):
             return  # the whole prompt is cached: nothing to plan in decode steps
         size, prompt_len = self.chunk_size, tracker.prompt_len
@@ -166,6 +191,23 @@ class LMCScheduler:
                 )
             )
             tracker.saved_chunks = first + len(bounds)
+
+    def _load_spec(self, tracker: RequestTracker, span: tuple[int, int]) -> LoadSpec:
+        """The load of `span` for the workers; the tracker's pending load is consumed."""
+        start, end = span
+        first = start // self.chunk_size
+        last = -(-end // self.chunk_size)
+        spec = LoadSpec(
+            tracker.req_id,
+            tracker.keys[first:last],
+            first,
+            start,
+            end,
+            list(tracker.block_ids),
+            tracker.peers,
+        )
+        tracker.load, tracker.pinned, tracker.peers = None, False, []
+        return spec
 
     def finished(self, req_id: str) -> None:
         """Forget the request; release pins a load did not consume (abort, no blocks)."""

@@ -2,8 +2,10 @@
 
 Runs in each vLLM worker process, on vLLM's model-runner thread; the lookup
 server thread (`lookup.py`) and the control agent share the cache engine,
-which is thread-safe. Loads and saves are synchronous: `start_load` returns
-once the chunks are in the paged cache, `save` once they are in the cache.
+which is thread-safe. Local loads and saves are synchronous: `start_load` returns
+once the chunks are in the paged cache, `save` once they are in the cache. Loads from a
+peer instance are asynchronous (`peers.PeerLoads`): fetched on a background thread and
+scattered into the paged cache on the model-runner thread in `finished_loads`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lmc_connector.ops import paged
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1.lookup import LookupServer, PinRegistry
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.peers import PeerLoads
 
 if TYPE_CHECKING:
     from lmc_connector.control.agent.agent import ControlAgent
@@ -67,6 +70,7 @@ class LMCWorker:
         self._align = 1
         self._server: LookupServer | None = None
         self._agent: ControlAgent | None = None
+        self._peer_loads: PeerLoads | None = None
         self._load_errors: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -131,8 +135,13 @@ class LMCWorker:
             self.config, engine, self.settings.rank, self.settings.world_size, self.settings.model
         )
         self._agent.start()
+        if self._agent.peers is not None:
+            self._peer_loads = PeerLoads(engine, self._agent.peers, self.settings.rank)
 
     def close(self) -> None:
+        if self._peer_loads is not None:
+            self._peer_loads.close()
+            self._peer_loads = None
         if self._agent is not None:
             self._agent.close()
             self._agent = None
@@ -143,13 +152,35 @@ class LMCWorker:
     # -- per step --------------------------------------------------------------------------
 
     def start_load(self, meta: LMCConnectorMetadata) -> None:
-        """Scatter every load of this step into the paged cache before the forward."""
+        """Scatter every local load of this step into the paged cache before the forward;
+        start the fetches of loads from a peer instance."""
         for spec in meta.loads:
+            if spec.peers and self._peer_loads is not None:
+                self._peer_loads.submit(spec)
+                continue
             try:
                 self._load(spec)
             finally:
                 if self.pins is not None:
                     self.pins.release(spec.req_id)
+
+    def finished_loads(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests whose peer load ended since the last call, their chunks now scattered
+        into the paged cache (what did not arrive is reported as load errors). Requests
+        vLLM finished meanwhile are reported without touching their blocks."""
+        if self._peer_loads is None:
+            return set()
+        done: set[str] = set()
+        for spec in self._peer_loads.take_finished():
+            try:
+                if spec.req_id not in finished_req_ids:
+                    self._load(spec)
+            finally:
+                self._peer_loads.release(spec.req_id)
+                if self.pins is not None:
+                    self.pins.release(spec.req_id)
+            done.add(spec.req_id)
+        return done
 
     def _load(self, spec: LoadSpec) -> None:
         engine = self.engine
