@@ -243,3 +243,35 @@ def test_ports_out_of_range_are_rejected() -> None:
 def test_non_positive_heartbeat_interval_is_rejected() -> None:
     with pytest.raises(ConfigError, match="controller_heartbeat_interval=0"):
         load_config({"controller_heartbeat_interval": 0}, env={})
+
+
+P2P = {
+    "enable_controller": True,
+    "controller_pull_url": "localhost:9001",
+    "lmcache_worker_ports": 8001,
+    "enable_p2p": True,
+    "controller_reply_url": "localhost:9002",
+    "p2p_init_ports": 8200,
+}
+
+
+def test_seed_peer_keys_give_one_port_per_rank() -> None:
+    config = load_config(P2P, env={})
+    assert config.enable_p2p and config.peer_host == "127.0.0.1"
+    assert [config.peer_port(r) for r in range(3)] == [8200, 8201, 8202]
+    listed = load_config({**P2P, "p2p_init_ports": [8200, 8300]}, env={})
+    assert listed.peer_port(1) == 8300
+    with pytest.raises(ConfigError, match="p2p_init_ports lists 2 ports but rank 2"):
+        listed.peer_port(2)
+
+
+@pytest.mark.parametrize("missing", ["enable_controller", "controller_reply_url", "p2p_init_ports"])
+def test_enable_p2p_names_each_missing_key(missing: str) -> None:
+    values = {k: v for k, v in P2P.items() if k != missing}
+    with pytest.raises(ConfigError, match=f"enable_p2p: true requires {missing}"):
+        load_config(values, env={})
+
+
+def test_p2p_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="p2p_timeout_ms=0 must be > 0"):
+        load_config({"p2p_timeout_ms": 0}, env={})

@@ -39,11 +39,11 @@ def reply_port(ctl: Controller) -> int:
 
 
 def p2p(ctl: Controller) -> dict[str, Any]:
-    """Config keys of an instance that serves and fetches peers (ports P + rank)."""
+    """Config keys of an instance (of up to two ranks) that serves and fetches peers."""
     return {
         "enable_p2p": True,
         "controller_reply_url": f"127.0.0.1:{reply_port(ctl)}",
-        "p2p_init_ports": [free_port()],
+        "p2p_init_ports": [free_port(), free_port()],
         "p2p_timeout_ms": 1000,
     }
 
