@@ -33,6 +33,7 @@ from examples.walkthrough import (
     _cpu_args,
     build_model_if_missing,
     curl_json,
+    max_model_len,
     say,
     show,
 )
@@ -171,7 +172,13 @@ def started(model_dir: Path, ports: Ports, log_dir: Path) -> Iterator[TwoInstanc
             say(f"\n== start vLLM instance {name} with the connector (20-60 s on a CPU)")
             say(f"    {config}:\n      " + config.read_text().strip().replace("\n", "\n      "))
             port = ports.vllm[index]
-            vcmd = services.vllm_command(model_dir, port, "tiny-llama", extra_args=_cpu_args())
+            vcmd = services.vllm_command(
+                model_dir,
+                port,
+                "tiny-llama",
+                max_model_len=max_model_len(model_dir),
+                extra_args=_cpu_args(),
+            )
             show(f"LMCACHE_CONFIG_FILE={config} " + " ".join(vcmd[2:]))
             env = services.cpu_vllm_env(config)
             url = f"http://localhost:{port}"

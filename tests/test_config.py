@@ -38,7 +38,7 @@ extra_config: {enable_nixl_storage: false}
 blend_special_str: " # # "
 pre_caching_hash_algorithm: builtin
 save_unfull_chunk: true
-controller_reply_url: "localhost:9002"
+p2p_lookup_ports: 8201
 remote_serde: naive
 lmcache_worker_heartbeat_time: 10
 """
@@ -150,7 +150,7 @@ def test_lmcache_yaml_loads_with_one_warning_listing_every_ignored_setting(
     env = write_yaml(tmp_path, LMCACHE_YAML)
     env |= {"LMCACHE_USE_EXPERIMENTAL": "True", "LMCACHE_TRACK_USAGE": "false"}
     with caplog.at_level(logging.WARNING):
-        extra = {"use_native": True, "lmcache.enable_p2p": True}
+        extra = {"use_native": True, "lmcache.transfer_channel": "nixl"}
         config = load_config(extra, env=env)
         load_config(extra, env=env)  # vLLM builds the config once per role: still one warning
     assert config.chunk_size == 256 and config.lmcache_worker_ports == [8001]
@@ -162,10 +162,10 @@ def test_lmcache_yaml_loads_with_one_warning_listing_every_ignored_setting(
         "cache_policy",
         "local_device",
         "extra_config",
-        "controller_reply_url",
+        "p2p_lookup_ports",
         "LMCACHE_USE_EXPERIMENTAL",
         "LMCACHE_TRACK_USAGE",
-        "kv_connector_extra_config: use_native, enable_p2p",
+        "kv_connector_extra_config: use_native, transfer_channel",
     ):
         assert name in warning, name
     assert "chunk_size" not in warning and "lmcache_worker_ports" not in warning

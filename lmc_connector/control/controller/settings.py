@@ -83,8 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     lmcache.add_argument(
         "--monitor-ports",
         metavar="JSON",
-        help='\'{"pull": 9001, "reply": 9002}\': "pull" is --monitor-port, "reply" is '
-        "--reply-port",
+        help='\'{"pull": 9001, "reply": 9002}\': "pull" is --monitor-port, "reply" is --reply-port',
     )
     lmcache.add_argument(
         "--lmcache-worker-timeout", type=float, dest="worker_timeout_alias", help="--worker-timeout"

@@ -39,11 +39,12 @@ def reply_port(ctl: Controller) -> int:
 
 
 def p2p(ctl: Controller) -> dict[str, Any]:
-    """Config keys of an instance (of up to two ranks) that serves and fetches peers."""
+    """Config keys of an instance that serves and fetches peers (`make_instance` picks the
+    peer ports with the command ports)."""
     return {
         "enable_p2p": True,
         "controller_reply_url": f"127.0.0.1:{reply_port(ctl)}",
-        "p2p_init_ports": [free_port(), free_port()],
+        "p2p_init_ports": [],
         "p2p_timeout_ms": 1000,
     }
 
@@ -58,7 +59,8 @@ def plain(worker: Worker, tokens: list[int]) -> list[torch.Tensor]:
 
 
 def locator(ctl: Controller, instance_id: str) -> PeerLocator:
-    config = engine_config(ctl.monitor_port, instance_id, [free_port()], **p2p(ctl))
+    keys = {**p2p(ctl), "p2p_init_ports": [free_port()]}
+    config = engine_config(ctl.monitor_port, instance_id, [free_port()], **keys)
     found = PeerLocator(config)
     found.start()
     return found
@@ -156,7 +158,11 @@ def test_a_dead_peer_is_a_miss_within_the_timeout(pair: tuple[list[Worker], list
 def test_a_silent_controller_is_a_miss_and_is_not_asked_again_at_once(
     peer_controller: Controller,
 ) -> None:
-    keys = {**p2p(peer_controller), "controller_reply_url": f"127.0.0.1:{free_port()}"}
+    keys = {
+        **p2p(peer_controller),
+        "controller_reply_url": f"127.0.0.1:{free_port()}",
+        "p2p_init_ports": [free_port()],
+    }
     config = engine_config(
         peer_controller.monitor_port, "nobody", [free_port()], lookup_timeout_ms=200, **keys
     )

@@ -146,5 +146,5 @@ def test_reply_port_from_the_flag_or_lmcache_monitor_ports() -> None:
     assert build_settings([], env={}).reply_port is None
     with pytest.raises(SettingsError, match="must all differ"):
         build_settings(["--reply-port", "9001"], env={})
-    with pytest.raises(SettingsError, match="--monitor-ports takes"):
+    with pytest.raises(SettingsError, match='integer "pull" port'):
         build_settings(["--monitor-ports", '{"push": 1}'], env={})
