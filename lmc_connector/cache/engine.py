@@ -242,9 +242,10 @@ class CacheEngine:
 
     def stored(self, keys: Sequence[ChunkKey], location: str | None = None) -> list[Chunk]:
         """The chunks of the cached prefix of `keys` as stored (encoded ones stay encoded),
-        stopping at the first miss; from `location`, or from any tier when None. Nothing is
+        stopping at the first miss; from `location`, or from any local tier when None (a
+        shared store is read by whoever wants it, not through this worker). Nothing is
         promoted. The chunks are immutable: callers may send their bytes without a copy."""
-        tiers = self.select(None if location is None else [location])
+        tiers = self._near if location is None else [self.tier(location)]
         chunks: list[Chunk] = []
         for key in keys:
             chunk = next((c for t in tiers if (c := t.load(key)[1]) is not None), None)

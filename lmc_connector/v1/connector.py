@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,12 @@ class LMCConnectorV1(KVConnectorBase_V1):
         return self.scheduler.build_meta(
             new, rows, scheduler_output.num_scheduled_tokens, preempted
         )
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Loads from peers that ended, and blocks that did not arrive (peers to avoid)."""
+        assert self.scheduler is not None
+        received = set(connector_output.finished_recving or ())
+        self.scheduler.transfers_done(received, set(connector_output.invalid_block_ids or ()))
 
     def request_finished(
         self, request: Request, block_ids: list[int]

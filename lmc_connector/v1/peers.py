@@ -63,6 +63,8 @@ class PeerLocator:
         self._client = RpcClient(self._context, "locate-client")
         self._decoder = lw.peer_found_decoder()
         self._quiet_until = 0.0
+        #: Instances whose peer servers failed a fetch, and until when they are not asked.
+        self._avoid: dict[str, float] = {}
         self._warn = Throttle(WARN_EVERY_S)
         #: Round trips asked and answered with a peer (for logs and tests).
         self.asked = 0
@@ -82,7 +84,9 @@ class PeerLocator:
         if now < self._quiet_until:
             return None
         self.asked += 1
-        ask = lw.FindPeer(self._instance_id, list(keys[: lw.MAX_LOCATE_KEYS]), have_chunks)
+        self._avoid = {i: until for i, until in self._avoid.items() if until > now}
+        keys = list(keys[: lw.MAX_LOCATE_KEYS])
+        ask = lw.FindPeer(self._instance_id, keys, have_chunks, sorted(self._avoid))
         try:
             frames = self._client.call(self._address, [encode(ask)], self._timeout_s)
             found = self._decoder.decode(frames[0].buffer)
@@ -102,6 +106,14 @@ class PeerLocator:
         self.found += 1
         return found
 
+    def avoid(self, instance_id: str) -> None:
+        """A fetch from `instance_id` failed: ask for other peers for `BACKOFF_S` seconds."""
+        if instance_id not in self._avoid and self._warn.ready():
+            logger.warning(
+                "peer instance %s failed a fetch: avoided for %.0f s", instance_id, BACKOFF_S
+            )
+        self._avoid[instance_id] = time.monotonic() + BACKOFF_S
+
 
 class PeerLoads:
     """Asynchronous loads of this rank's shard of prefixes held by another instance.
@@ -120,7 +132,6 @@ class PeerLoads:
         self._pinned: dict[str, list[ChunkKey]] = {}
         self._lock = threading.Lock()
         self._warn = Throttle(WARN_EVERY_S)
-        self.in_flight = 0
         #: Chunks and bytes fetched so far (for logs and tests).
         self.chunks = 0
         self.bytes = 0
@@ -135,7 +146,6 @@ class PeerLoads:
         engine.pin_keys(missing)  # before they arrive: nothing evicts them before the scatter
         with self._lock:
             self._pinned[spec.req_id] = missing
-            self.in_flight += 1
         try:
             self._thread.submit(self._fetch, spec, missing)
         except RuntimeError:  # shut down: the load ends at once as a miss
@@ -153,7 +163,6 @@ class PeerLoads:
     def release(self, req_id: str) -> None:
         with self._lock:
             keys = self._pinned.pop(req_id, [])
-            self.in_flight -= 1
         self._engine.unpin_keys(keys)
 
     def _fetch(self, spec: LoadSpec, missing: list[ChunkKey]) -> None:

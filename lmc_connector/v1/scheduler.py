@@ -39,6 +39,11 @@ class RequestTracker:
     block_ids: list[int] = field(default_factory=list)
     #: Peer server per rank of the instance the next load fetches from (empty: local load).
     peers: list[str] = field(default_factory=list)
+    #: The instance `peers` belong to.
+    peer_instance: str | None = None
+    #: The instance a load of this request fetched from; a request fetches once at most, so
+    #: a peer that fails it leaves the request to be recomputed, not retried.
+    fetched_from: str | None = None
 
 
 class LMCScheduler:
@@ -101,12 +106,13 @@ class LMCScheduler:
         tracker.lookup_base = num_computed_tokens
         tracker.peers = []
         loadable = tracker.prompt_len - 1
-        if self._locator is not None and min(hit, loadable) < loadable:
+        if self._locator is not None and tracker.fetched_from is None and hit < loadable:
             found = self._locator.find(tracker.keys, -(-hit // self.chunk_size))
             if found is not None:
                 peer_hit = tok.prefix_tokens(found.chunks, tracker.prompt_len, self.chunk_size)
                 if min(peer_hit, loadable) > max(hit, num_computed_tokens):
                     hit, tracker.peers = peer_hit, list(found.addresses)
+                    tracker.peer_instance = found.instance_id
         extra = max(0, min(hit, loadable) - num_computed_tokens)
         # Ranks that found more than the minimum pinned their chunks too: keep the pins only
         # while a load may use them.
@@ -115,6 +121,20 @@ class LMCScheduler:
             self._client.unpin(req_id)
             tracker.peers = []
         return extra, bool(tracker.peers)
+
+    def transfers_done(self, received: set[str], failed_blocks: set[int]) -> None:
+        """Workers report loads from peers ended; a load with blocks that did not arrive
+        makes its peer instance one to avoid for a while (a miss for everyone)."""
+        if self._locator is None or not failed_blocks:
+            return
+        for req_id in received:
+            tracker = self._requests.get(req_id)
+            if (
+                tracker is not None
+                and tracker.fetched_from
+                and failed_blocks & set(tracker.block_ids)
+            ):
+                self._locator.avoid(tracker.fetched_from)
 
     def after_alloc(self, req_id: str, num_external_tokens: int, block_ids: list[int]) -> None:
         """vLLM allocated blocks for the request; `block_ids` are all of them so far."""
@@ -126,6 +146,7 @@ class LMCScheduler:
         if tracker.peers:
             # Parked by vLLM until the workers report the KV received: plan the load now.
             tracker.block_ids = list(block_ids)
+            tracker.fetched_from = tracker.peer_instance
             self._fetches.append(req_id)
 
     def build_meta(

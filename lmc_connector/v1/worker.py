@@ -175,6 +175,11 @@ class LMCWorker:
             try:
                 if spec.req_id not in finished_req_ids:
                     self._load(spec)
+            except Exception:
+                # Boundary of vLLM's load path: chunks from another instance that do not fit
+                # this worker's blocks are recomputed, never served.
+                logger.exception("%s: chunks from a peer could not be loaded", spec.req_id)
+                self._fail_blocks(spec, spec.start)
             finally:
                 self._peer_loads.release(spec.req_id)
                 if self.pins is not None:
@@ -208,17 +213,21 @@ class LMCWorker:
                     self._scatter(spec.block_ids, lo, hi, piece)
                 chunk_start += kv.shape[2]
         if end < spec.end:
-            bs = self.settings.block_size
-            first_bad = max(end, spec.start) // bs
-            last = (spec.end + bs - 1) // bs
-            self._load_errors.update(spec.block_ids[first_bad:last])
-            logger.warning(
-                "%s: only tokens up to %d of [%d, %d) were cached; blocks reported for recompute",
-                spec.req_id,
-                end,
-                spec.start,
-                spec.end,
-            )
+            self._fail_blocks(spec, end)
+
+    def _fail_blocks(self, spec: LoadSpec, end: int) -> None:
+        """Report the blocks of `spec` from token `end` on as not loaded (vLLM recomputes)."""
+        bs = self.settings.block_size
+        first_bad = max(end, spec.start) // bs
+        last = (spec.end + bs - 1) // bs
+        self._load_errors.update(spec.block_ids[first_bad:last])
+        logger.warning(
+            "%s: only tokens up to %d of [%d, %d) were loaded; blocks reported for recompute",
+            spec.req_id,
+            end,
+            spec.start,
+            spec.end,
+        )
 
     def save(self, meta: LMCConnectorMetadata) -> None:
         """Gather the chunks this step completed and put them into the cache."""

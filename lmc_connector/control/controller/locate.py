@@ -58,6 +58,6 @@ class LocateServer:
             call.reply([encode(lw.PeerFound(error=str(e)[:200]))])
             return
         keys = [ChunkKey(k) for k in ask.keys]
-        found = find_peer(self._state, ask.instance_id, keys, ask.min_chunks)
+        found = find_peer(self._state, ask.instance_id, keys, ask.min_chunks, ask.avoid)
         self.answered += 1
         call.reply([encode(found)])

@@ -33,10 +33,15 @@ def peer_addresses(instance: Instance) -> list[str] | None:
 
 
 def find_peer(
-    state: ControllerState, instance_id: str, keys: Sequence[ChunkKey], min_chunks: int
+    state: ControllerState,
+    instance_id: str,
+    keys: Sequence[ChunkKey],
+    min_chunks: int,
+    avoid: Sequence[str] = (),
 ) -> PeerFound:
-    """The instance other than `instance_id`, of its layout, that holds the longest prefix of
-    `keys` on every rank, if longer than `min_chunks` (an empty answer otherwise)."""
+    """The instance other than `instance_id` (and those in `avoid`), of its layout, that
+    holds the longest prefix of `keys` on every rank, if longer than `min_chunks` (an empty
+    answer otherwise)."""
     best = PeerFound()
     with state.lock:
         asker = state.instances.get(instance_id)
@@ -44,7 +49,9 @@ def find_peer(
         if layout is None:
             return best
         for other in state.instances.values():
-            if other.instance_id == instance_id or fingerprint(other) != layout:
+            if other.instance_id == instance_id or other.instance_id in avoid:
+                continue
+            if fingerprint(other) != layout:
                 continue
             addresses = peer_addresses(other)
             if addresses is None:

@@ -13,7 +13,12 @@ from typing import Annotated
 import msgspec
 
 from lmc_connector.control.wire.codec import Decoder
-from lmc_connector.control.wire.types import MAX_WORLD_SIZE, InstanceId, WireChunkKey
+from lmc_connector.control.wire.types import (
+    MAX_WORLD_SIZE,
+    InstanceId,
+    PeerAddress,
+    WireChunkKey,
+)
 
 #: Chunk keys of one prompt at most (a 1M-token prompt of 64-token chunks).
 MAX_LOCATE_KEYS = 16384
@@ -23,12 +28,14 @@ class FindPeer(msgspec.Struct, tag=True, array_like=True, gc=False):
     """Which instance other than `instance_id`, with the same layout fingerprint, holds the
     longest prefix of `keys` on every rank?
 
-    `min_chunks`: answer only with a peer holding more chunks than this (what the asker has).
+    `min_chunks`: answer only with a peer holding more chunks than this (what the asker has);
+    `avoid`: instances whose peer servers recently failed the asker.
     """
 
     instance_id: InstanceId
     keys: Annotated[list[WireChunkKey], msgspec.Meta(max_length=MAX_LOCATE_KEYS)]
     min_chunks: Annotated[int, msgspec.Meta(ge=0)] = 0
+    avoid: Annotated[list[InstanceId], msgspec.Meta(max_length=64)] = []
 
 
 class PeerFound(msgspec.Struct, array_like=True, gc=False):
@@ -37,7 +44,7 @@ class PeerFound(msgspec.Struct, array_like=True, gc=False):
 
     instance_id: str = ""
     chunks: int = 0
-    addresses: Annotated[list[str], msgspec.Meta(max_length=MAX_WORLD_SIZE)] = []
+    addresses: Annotated[list[PeerAddress], msgspec.Meta(max_length=MAX_WORLD_SIZE)] = []
     error: str | None = None
 
 
