@@ -256,8 +256,9 @@ class CacheEngine:
 
     def chunk_from_bytes(self, num_tokens: int, data: memoryview, method: str | None) -> Chunk:
         """A chunk of this layout from bytes that crossed a process boundary: plain tensor
-        bytes (copied into a warm buffer) or a codec blob (header and checksum verified).
-        Raises ValueError when the bytes are not a chunk of this layout."""
+        bytes (the tensor is a view of `data`, which it keeps alive: no copy) or a codec blob
+        (header and checksum verified). Raises ValueError when the bytes are not a chunk of
+        this layout."""
         layout = self.layout
         if not 0 < num_tokens <= layout.chunk_size:
             raise ValueError(f"a chunk of {num_tokens} tokens does not fit chunk_size")
@@ -285,15 +286,11 @@ class CacheEngine:
         if data.nbytes != size:
             raise ValueError(f"{data.nbytes} bytes are not a {shape} {layout.dtype} chunk")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only read here
-            src = torch.frombuffer(data, dtype=torch.uint8)
-        home = self.tiers[0]
-        if isinstance(home, LocalCPUBackend):
-            kv = home.buffer(shape, dtype)
-        else:
-            kv = torch.empty(shape, dtype=dtype)
-        kv.view(-1).view(torch.uint8).copy_(src)
-        return Chunk(num_tokens, kv=kv)
+            # A read-only buffer: cached chunks are never written, and the buffer pool never
+            # recycles memory torch does not own.
+            warnings.simplefilter("ignore", UserWarning)
+            kv = torch.frombuffer(data, dtype=torch.uint8)
+        return Chunk(num_tokens, kv=kv.view(dtype).view(shape))
 
     def admit(self, key: ChunkKey, chunk: Chunk, location: str | None = None) -> bool:
         """Store a chunk that came from another instance in `location` (the nearest tier when
