@@ -6,7 +6,6 @@ one `ChunkLayout`, so model, rank and dtype are implied.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -253,44 +252,6 @@ class CacheEngine:
                 break
             chunks.append(chunk)
         return chunks
-
-    def chunk_from_bytes(self, num_tokens: int, data: memoryview, method: str | None) -> Chunk:
-        """A chunk of this layout from bytes that crossed a process boundary: plain tensor
-        bytes (the tensor is a view of `data`, which it keeps alive: no copy) or a codec blob
-        (header and checksum verified). Raises ValueError when the bytes are not a chunk of
-        this layout."""
-        layout = self.layout
-        if not 0 < num_tokens <= layout.chunk_size:
-            raise ValueError(f"a chunk of {num_tokens} tokens does not fit chunk_size")
-        shape = layout.shape(num_tokens)
-        if method is not None:
-            from lmc_connector.ops.codecs import CodecError, peek_header
-
-            blob = bytes(data)
-            try:
-                header = peek_header(blob)
-            except CodecError as e:
-                raise ValueError(f"damaged {method} chunk: {e}") from e
-            if header.codec != method or header.shape != shape:
-                raise ValueError(
-                    f"{header.codec} chunk of shape {header.shape} is not a {method} chunk of "
-                    f"shape {shape}"
-                )
-            if header.dtype != layout.torch_dtype:
-                raise ValueError(f"chunk dtype {header.dtype} is not the layout's {layout.dtype}")
-            return Chunk(num_tokens, blob=blob, method=method)
-        dtype = layout.torch_dtype
-        size = dtype.itemsize
-        for dim in shape:
-            size *= dim
-        if data.nbytes != size:
-            raise ValueError(f"{data.nbytes} bytes are not a {shape} {layout.dtype} chunk")
-        with warnings.catch_warnings():
-            # A read-only buffer: cached chunks are never written, and the buffer pool never
-            # recycles memory torch does not own.
-            warnings.simplefilter("ignore", UserWarning)
-            kv = torch.frombuffer(data, dtype=torch.uint8)
-        return Chunk(num_tokens, kv=kv.view(dtype).view(shape))
 
     def admit(self, key: ChunkKey, chunk: Chunk, location: str | None = None) -> bool:
         """Store a chunk that came from another instance in `location` (the nearest tier when

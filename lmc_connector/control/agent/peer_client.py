@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import zmq
 
 from lmc_connector.cache import CacheEngine, Chunk
+from lmc_connector.cache.received import chunk_from_bytes
 from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import RpcClient, RpcError
@@ -43,7 +44,7 @@ class PeerClient:
     def __init__(
         self, context: zmq.Context[zmq.Socket[bytes]], engine: CacheEngine, timeout_s: float
     ) -> None:
-        self._engine = engine
+        self._layout = engine.layout
         self.timeout_s = timeout_s
         self.fingerprint = engine.layout.instance_fingerprint()
         self._client = RpcClient(context, "peer-client")
@@ -121,7 +122,7 @@ class PeerClient:
             )
         try:
             return [
-                self._engine.chunk_from_bytes(info.num_tokens, frame.buffer, info.method)
+                chunk_from_bytes(self._layout, info.num_tokens, frame.buffer, info.method)
                 for info, frame in zip(header.chunks, frames, strict=True)
             ]
         except ValueError as e:
