@@ -182,6 +182,19 @@ def transfer(args: argparse.Namespace) -> float:
     return plain_best
 
 
+def _wait_indexed(controller: str, ids: list[int], timeout: float = 60.0) -> None:
+    """Until the controller's index shows A holding every token of `ids`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = httpx.post(f"{controller}/lookup", json={"tokens": ids}, timeout=10).json()
+        if info["layout_info"].get("A", ["", 0])[1] >= len(ids):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("A's chunks never reached the controller's index")
+
+
 def _b_child(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
@@ -237,7 +250,7 @@ def _b_child(args: argparse.Namespace) -> dict[str, Any]:
         result["recompute"].append(ttft(cold, "recompute"))
         body = {"model": args.model, "prompt": shared, "max_tokens": 1}
         httpx.post(f"{args.a_url}/v1/completions", json=body, timeout=600).raise_for_status()
-        time.sleep(1.0)  # A's chunk events reach the controller's index
+        _wait_indexed(args.controller, shared)
         result["peer"].append(ttft(shared, "peer"))
         result["warm"].append(ttft(shared, "warm"))
     result["cached"] = cached
@@ -306,6 +319,8 @@ def ttft_part(args: argparse.Namespace, plain_rate: float) -> None:
             model,
             "--a-url",
             a_url,
+            "--controller",
+            f"http://127.0.0.1:{port}",
             "--monitor",
             str(monitor),
             "--reply",
@@ -441,6 +456,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["serve", "b"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--a-url", help=argparse.SUPPRESS)
+    parser.add_argument("--controller", help=argparse.SUPPRESS)
     parser.add_argument("--monitor", help=argparse.SUPPRESS)
     parser.add_argument("--reply", help=argparse.SUPPRESS)
     args = parser.parse_args()
