@@ -69,6 +69,8 @@ def instance_config(name: str, index: int, ports: Ports, folder: Path) -> Path:
         f'controller_reply_url: "localhost:{ports.reply}"\n'
         f"lmcache_worker_ports: {ports.worker[index]}\n"
         f'enable_p2p: True\np2p_host: "localhost"\np2p_init_ports: {ports.peer[index]}\n'
+        "# generous: a busy 2-core machine can keep a peer from answering for seconds\n"
+        "p2p_timeout_ms: 10000\n"
     )
     return path
 

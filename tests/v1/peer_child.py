@@ -46,7 +46,8 @@ def main() -> None:
                 "lmcache_worker_ports": worker_port,
                 "enable_p2p": True,
                 "p2p_init_ports": peer_port,
-                "p2p_timeout_ms": 1000,
+                # Generous: on a busy 2-core machine a live peer may take seconds to answer.
+                "p2p_timeout_ms": 10000,
                 "controller_heartbeat_interval": 0.5,
             },
         },

@@ -216,3 +216,17 @@ def test_peer_server_sends_plain_chunks_without_copying_them(
     assert isinstance(view, memoryview)
     assert view.nbytes == chunk.nbytes
     assert torch.frombuffer(view, dtype=torch.uint8).data_ptr() == chunk.kv.data_ptr()
+
+
+def test_an_instance_that_failed_a_fetch_is_not_named_for_a_while(
+    pair: tuple[list[Worker], list[Worker]], peer_controller: Controller
+) -> None:
+    a, b = pair
+    keys = b[0].engine.hashes(TOKENS)
+    asking = locator(peer_controller, b[0].engine.config.lmcache_instance_id)
+    try:
+        assert asking.find(keys, 0) is not None
+        asking.avoid(a[0].engine.config.lmcache_instance_id)
+        assert asking.find(keys, 0) is None
+    finally:
+        asking.close()
