@@ -90,8 +90,8 @@ class Walkthrough:
         self.instance_id = instance_id
         self.http = httpx.Client(timeout=120)
 
-    def complete(self, label: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "prompt": SEED_PROMPT, "max_tokens": 10}
+    def complete(self, label: str, prompt: str = SEED_PROMPT) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": 10}
         body["temperature"] = 0
         if self.ignore_eos:
             body["ignore_eos"] = True
@@ -108,8 +108,8 @@ class Walkthrough:
         say(f"    -> {text!r}; prompt tokens {answer['usage']['prompt_tokens']}, cached {cached}")
         return answer
 
-    def tokenize(self) -> list[int]:
-        body = {"model": self.model, "prompt": SEED_PROMPT}
+    def tokenize(self, prompt: str = SEED_PROMPT) -> list[int]:
+        body = {"model": self.model, "prompt": prompt}
         say("\n== tokenize the prompt")
         show(curl_json(f"{self.vllm_url}/tokenize", body))
         answer = self._post(f"{self.vllm_url}/tokenize", body)

@@ -59,9 +59,9 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lmcache_worker_host: str = "127.0.0.1"
     #: Seconds between agent heartbeats.
     controller_heartbeat_interval: float = 2.0
-    #: Peer-to-peer host (accepted for LMCache compatibility; peer transfer is not used yet).
+    #: Address the peer server of each worker binds and other instances dial (None: 127.0.0.1).
     p2p_host: str | None = None
-    #: Peer-to-peer ports (accepted for LMCache compatibility).
+    #: Peer server port of each worker, indexed by tensor-parallel rank; one port P means P + rank.
     p2p_init_ports: list[int] = msgspec.field(default_factory=list)
     #: Where compression runs: "auto" (the serving device), "cpu" or "cuda".
     codec_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -79,6 +79,14 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: vLLM's `/reset_prefix_cache?reset_external=true` also empties tiers shared with other
     #: instances (a shared store); by default it clears only this instance's own tiers.
     reset_shared_store: bool = False
+    #: Serve this worker's chunks to other instances and fetch missing prefixes from them
+    #: (needs enable_controller, controller_reply_url and p2p_init_ports).
+    enable_p2p: bool = False
+    #: Milliseconds one peer round trip (a batch of chunks) may take before it counts as a miss.
+    p2p_timeout_ms: int = 2000
+    #: host:port of the controller's request/reply socket (its --reply-port), asked which peer
+    #: instance holds a prefix.
+    controller_reply_url: str | None = None
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -88,17 +96,29 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def max_local_disk_bytes(self) -> int:
         return int(self.max_local_disk_size * 1e9)
 
+    @property
+    def peer_host(self) -> str:
+        """The address the peer server binds (`p2p_host`, loopback when unset)."""
+        return self.p2p_host or "127.0.0.1"
+
     def worker_port(self, rank: int) -> int:
         """The command port of tensor-parallel `rank`."""
-        ports = self.lmcache_worker_ports
-        if len(ports) == 1:
-            return ports[0] + rank
-        if rank >= len(ports):
-            raise ConfigError(
-                f"lmcache_worker_ports lists {len(ports)} ports but rank {rank} needs one: "
-                "give one port per tensor-parallel rank, or a single base port"
-            )
-        return ports[rank]
+        return _rank_port("lmcache_worker_ports", self.lmcache_worker_ports, rank)
+
+    def peer_port(self, rank: int) -> int:
+        """The peer server port of tensor-parallel `rank`."""
+        return _rank_port("p2p_init_ports", self.p2p_init_ports, rank)
+
+
+def _rank_port(key: str, ports: list[int], rank: int) -> int:
+    if len(ports) == 1:
+        return ports[0] + rank
+    if rank >= len(ports):
+        raise ConfigError(
+            f"{key} lists {len(ports)} ports but rank {rank} needs one: "
+            "give one port per tensor-parallel rank, or a single base port"
+        )
+    return ports[rank]
 
 
 KEYS: tuple[str, ...] = CacheConfig.__struct_fields__
@@ -317,6 +337,23 @@ def _check_requirements(config: CacheConfig) -> None:
                 f"enable_controller: true requires {' and '.join(missing)} "
                 '(e.g. controller_pull_url: "localhost:9001", lmcache_worker_ports: 8001)'
             )
+    if config.enable_p2p:
+        missing = [
+            key
+            for key, present in (
+                ("enable_controller", config.enable_controller),
+                ("controller_reply_url", config.controller_reply_url),
+                ("p2p_init_ports", config.p2p_init_ports),
+            )
+            if not present
+        ]
+        if missing:
+            raise ConfigError(
+                f"enable_p2p: true requires {' and '.join(missing)} (e.g. enable_controller: true, "
+                'controller_reply_url: "localhost:9002", p2p_init_ports: 8200)'
+            )
+    if config.p2p_timeout_ms <= 0:
+        raise ConfigError(f"p2p_timeout_ms={config.p2p_timeout_ms} must be > 0 (e.g. 2000)")
     if config.lookup_timeout_ms <= 0:
         raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
     if config.controller_heartbeat_interval <= 0:

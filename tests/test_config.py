@@ -38,7 +38,7 @@ extra_config: {enable_nixl_storage: false}
 blend_special_str: " # # "
 pre_caching_hash_algorithm: builtin
 save_unfull_chunk: true
-controller_reply_url: "localhost:9002"
+p2p_lookup_ports: 8201
 remote_serde: naive
 lmcache_worker_heartbeat_time: 10
 """
@@ -150,7 +150,7 @@ def test_lmcache_yaml_loads_with_one_warning_listing_every_ignored_setting(
     env = write_yaml(tmp_path, LMCACHE_YAML)
     env |= {"LMCACHE_USE_EXPERIMENTAL": "True", "LMCACHE_TRACK_USAGE": "false"}
     with caplog.at_level(logging.WARNING):
-        extra = {"use_native": True, "lmcache.enable_p2p": True}
+        extra = {"use_native": True, "lmcache.transfer_channel": "nixl"}
         config = load_config(extra, env=env)
         load_config(extra, env=env)  # vLLM builds the config once per role: still one warning
     assert config.chunk_size == 256 and config.lmcache_worker_ports == [8001]
@@ -162,10 +162,10 @@ def test_lmcache_yaml_loads_with_one_warning_listing_every_ignored_setting(
         "cache_policy",
         "local_device",
         "extra_config",
-        "controller_reply_url",
+        "p2p_lookup_ports",
         "LMCACHE_USE_EXPERIMENTAL",
         "LMCACHE_TRACK_USAGE",
-        "kv_connector_extra_config: use_native, enable_p2p",
+        "kv_connector_extra_config: use_native, transfer_channel",
     ):
         assert name in warning, name
     assert "chunk_size" not in warning and "lmcache_worker_ports" not in warning
@@ -281,3 +281,35 @@ def test_reset_shared_store_is_off_by_default_and_takes_a_boolean() -> None:
     assert load_config(env={"LMCACHE_RESET_SHARED_STORE": "true"}).reset_shared_store is True
     with pytest.raises(ConfigError, match=r"reset_shared_store='sometimes'.*true or false"):
         load_config({"reset_shared_store": "sometimes"}, env={})
+
+
+P2P = {
+    "enable_controller": True,
+    "controller_pull_url": "localhost:9001",
+    "lmcache_worker_ports": 8001,
+    "enable_p2p": True,
+    "controller_reply_url": "localhost:9002",
+    "p2p_init_ports": 8200,
+}
+
+
+def test_seed_peer_keys_give_one_port_per_rank() -> None:
+    config = load_config(P2P, env={})
+    assert config.enable_p2p and config.peer_host == "127.0.0.1"
+    assert [config.peer_port(r) for r in range(3)] == [8200, 8201, 8202]
+    listed = load_config({**P2P, "p2p_init_ports": [8200, 8300]}, env={})
+    assert listed.peer_port(1) == 8300
+    with pytest.raises(ConfigError, match="p2p_init_ports lists 2 ports but rank 2"):
+        listed.peer_port(2)
+
+
+@pytest.mark.parametrize("missing", ["enable_controller", "controller_reply_url", "p2p_init_ports"])
+def test_enable_p2p_names_each_missing_key(missing: str) -> None:
+    values = {k: v for k, v in P2P.items() if k != missing}
+    with pytest.raises(ConfigError, match=f"enable_p2p: true requires {missing}"):
+        load_config(values, env={})
+
+
+def test_p2p_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="p2p_timeout_ms=0 must be > 0"):
+        load_config({"p2p_timeout_ms": 0}, env={})

@@ -287,6 +287,31 @@ class CacheEngine:
                 return chunk
         return None
 
+    # -- chunks as stored, for and from other instances ---------------------------------------
+
+    def stored(self, keys: Sequence[ChunkKey], location: str | None = None) -> list[Chunk]:
+        """The chunks of the cached prefix of `keys` as stored (encoded ones stay encoded),
+        stopping at the first miss; from `location`, or from any local tier when None (a
+        shared store is read by whoever wants it, not through this worker). Nothing is
+        promoted. The chunks are immutable: callers may send their bytes without a copy."""
+        tiers = self._near if location is None else [self.tier(location)]
+        chunks: list[Chunk] = []
+        for key in keys:
+            chunk = next((c for t in tiers if (c := t.load(key)[1]) is not None), None)
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        return chunks
+
+    def admit(self, key: ChunkKey, chunk: Chunk, location: str | None = None) -> bool:
+        """Store a chunk that came from another instance in `location` (the nearest tier when
+        None); False when it cannot be kept. Not written through to a shared store: the
+        instance that computed it did that."""
+        if chunk.kv is not None:
+            self.layout.check(chunk.kv)
+        tier = self.tiers[0] if location is None else self.tier(location)
+        return tier.store(key, chunk)
+
     # -- removal and moves -------------------------------------------------------------------
 
     def remove(self, tokens: Sequence[int], locations: Iterable[str] | None = None) -> int:

@@ -63,6 +63,23 @@ class ChunkLayout:
         )
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
+    def instance_fingerprint(self) -> str:
+        """A short stable id of what every rank of an instance shares (the layout without the
+        rank): instances with equal ids hold interchangeable KV, rank for rank."""
+        text = "|".join(
+            str(v)
+            for v in (
+                self.model,
+                self.world_size,
+                self.dtype,
+                self.planes,
+                self.layers,
+                self.channels,
+                self.chunk_size,
+            )
+        )
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
     def check(self, kv: torch.Tensor) -> None:
         """Raise if `kv` is not a chunk of this layout."""
         tokens = kv.shape[2] if kv.dim() == 4 else -1

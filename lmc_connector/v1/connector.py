@@ -37,6 +37,7 @@ from lmc_connector.v1.events import EventDescriber, LMCKVEvents
 from lmc_connector.v1.logs import follow_vllm_logging, log_startup
 from lmc_connector.v1.lookup import LookupClient, channel_path
 from lmc_connector.v1.metadata import LMCConnectorMetadata
+from lmc_connector.v1.peers import PeerLocator
 from lmc_connector.v1.scheduler import LMCScheduler
 from lmc_connector.v1.stats import LMCConnectorStats, LMCPromMetrics
 from lmc_connector.v1.vllm_version import note_untested_vllm
@@ -137,7 +138,10 @@ class LMCConnectorV1(KVConnectorBase_V1):
                 transfer.kv_load_failure_policy = "recompute"
             client = LookupClient(_addresses(vllm_config), self.config.lookup_timeout_ms)
             events = EventDescriber(self.config.chunk_size) if kv_events else None
-            self.scheduler = LMCScheduler(self.config.chunk_size, block_size, client, events)
+            locator = PeerLocator(self.config) if self.config.enable_p2p else None
+            self.scheduler = LMCScheduler(
+                self.config.chunk_size, block_size, client, events, locator
+            )
             self.scheduler.start()
         else:
             rank = _worker_rank()
@@ -189,6 +193,11 @@ class LMCConnectorV1(KVConnectorBase_V1):
         assert isinstance(meta, LMCConnectorMetadata)
         self.worker.save(meta)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Peer loads that ended: their requests may run (saves are synchronous: none)."""
+        assert self.worker is not None
+        return None, self.worker.finished_loads(finished_req_ids) or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
         return self.worker.take_load_errors()
@@ -231,14 +240,16 @@ class LMCConnectorV1(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         assert self.scheduler is not None
         prompt = request.prompt_token_ids
-        n = self.scheduler.num_new_matched_tokens(request.request_id, prompt, num_computed_tokens)
-        return n, False
+        return self.scheduler.num_new_matched_tokens(
+            request.request_id, prompt, num_computed_tokens
+        )
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         assert self.scheduler is not None
-        self.scheduler.after_alloc(request.request_id, num_external_tokens)
+        block_ids = list(blocks.get_block_ids()[0]) if num_external_tokens > 0 else []
+        self.scheduler.after_alloc(request.request_id, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
@@ -276,10 +287,14 @@ class LMCConnectorV1(KVConnectorBase_V1):
         return self.scheduler.hit_sources(request.request_id, num_external_tokens)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Chunk events the workers handed over, loads from peers that ended, and blocks
+        that did not arrive (peers to avoid)."""
         assert self.scheduler is not None
         events = connector_output.kv_cache_events
         if isinstance(events, LMCKVEvents):
             self.scheduler.add_events(events.get_all_events())
+        received = set(connector_output.finished_recving or ())
+        self.scheduler.transfers_done(received, set(connector_output.invalid_block_ids or ()))
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         assert self.scheduler is not None

@@ -19,7 +19,9 @@ class LoadSpec:
 
     `keys` are the chunk keys from chunk index `first_chunk` on; chunk i covers
     tokens [i * chunk_size, (i + 1) * chunk_size). The worker drops its lookup
-    pins for `req_id` once the load is done.
+    pins for `req_id` once the load is done. With `peers` (one peer server address per
+    rank) the load is asynchronous: each rank first fetches the chunks it lacks from its
+    peer, and reports the request finished receiving when they are in its blocks.
     """
 
     req_id: str
@@ -28,6 +30,7 @@ class LoadSpec:
     start: int
     end: int
     block_ids: list[int]
+    peers: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.events import EventDescriber
 from lmc_connector.v1.lookup import LookupClient
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.peers import PeerLocator
 from lmc_connector.v1.stats import LMCConnectorStats
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,21 @@ class RequestTracker:
     block_ids: list[int] = field(default_factory=list)
     #: Where the last lookup's hit chunks are: runs of (vLLM cache-hit source, chunks).
     sources: list[tuple[str, int]] = field(default_factory=list)
+    #: Peer server per rank of the instance the next load fetches from (empty: local load).
+    peers: list[str] = field(default_factory=list)
+    #: The instance `peers` belong to.
+    peer_instance: str | None = None
+    #: The instance a load of this request fetched from; a request fetches once at most, so
+    #: a peer that fails it leaves the request to be recomputed, not retried.
+    fetched_from: str | None = None
 
 
 class LMCScheduler:
     """Answers vLLM's scheduler hooks: owns the tracker of every unfinished request and the
     lookup client to this engine's workers. Runs on vLLM's scheduler thread only.
+
+    With a `locator` (enable_p2p), a prefix that another instance holds beyond the local
+    hit is loaded asynchronously from that instance's workers.
 
     Construct, `start`, `close`.
     """
@@ -72,20 +83,28 @@ class LMCScheduler:
         block_size: int,
         client: LookupClient,
         events: EventDescriber | None = None,
+        locator: PeerLocator | None = None,
     ) -> None:
         self.chunk_size = chunk_size
         self.block_size = block_size
         self._client = client
+        self._locator = locator
         self._requests: dict[str, RequestTracker] = {}
         #: Describes the workers' chunk events for vLLM's KV events; None when they are off.
         self._events = events
         self._stats = LMCConnectorStats()
+        #: Requests whose asynchronous (peer) load is planned but not yet sent to the workers.
+        self._fetches: list[str] = []
 
     def start(self) -> None:
         self._client.start()
+        if self._locator is not None:
+            self._locator.start()
 
     def close(self) -> None:
         self._client.close()
+        if self._locator is not None:
+            self._locator.close()
 
     @property
     def requests(self) -> dict[str, RequestTracker]:
@@ -93,14 +112,15 @@ class LMCScheduler:
 
     def num_new_matched_tokens(
         self, req_id: str, prompt: Sequence[int] | None, num_computed_tokens: int
-    ) -> int:
-        """Tokens beyond `num_computed_tokens` loadable from the cache, leaving one to compute.
+    ) -> tuple[int, bool]:
+        """Tokens beyond `num_computed_tokens` loadable from the cache, leaving one to compute,
+        and whether they load asynchronously (from a peer instance).
 
         Pins the hit chunks on every worker; a repeated call for the same
         request replaces its pins instead of adding to them.
         """
         if not prompt:
-            return 0
+            return 0, False
         tracker = self._requests.get(req_id)
         if tracker is None:
             keys = tok.chunk_hashes(prompt, self.chunk_size)
@@ -114,15 +134,41 @@ class LMCScheduler:
         self._stats.count("lookups")
         tracker.saved_chunks = max(tracker.saved_chunks, -(-hit // self.chunk_size))
         tracker.lookup_base = num_computed_tokens
-        extra = max(0, min(hit, tracker.prompt_len - 1) - num_computed_tokens)
+        tracker.peers = []
+        loadable = tracker.prompt_len - 1
+        if self._locator is not None and tracker.fetched_from is None and hit < loadable:
+            found = self._locator.find(tracker.keys, -(-hit // self.chunk_size))
+            if found is not None:
+                peer_hit = tok.prefix_tokens(found.chunks, tracker.prompt_len, self.chunk_size)
+                if min(peer_hit, loadable) > max(hit, num_computed_tokens):
+                    hit, tracker.peers = peer_hit, list(found.addresses)
+                    tracker.peer_instance = found.instance_id
+                    tracker.sources = [(CacheHitSource.P2P.value, found.chunks)]
+        extra = max(0, min(hit, loadable) - num_computed_tokens)
         # Ranks that found more than the minimum pinned their chunks too: keep the pins only
         # while a load may use them.
         tracker.pinned = extra > 0
         if not tracker.pinned:
             self._client.unpin(req_id)
-        return extra
+            tracker.peers = []
+        return extra, bool(tracker.peers)
 
-    def after_alloc(self, req_id: str, num_external_tokens: int) -> None:
+    def transfers_done(self, received: set[str], failed_blocks: set[int]) -> None:
+        """Workers report loads from peers ended; a load with blocks that did not arrive
+        makes its peer instance one to avoid for a while (a miss for everyone)."""
+        if self._locator is None or not failed_blocks:
+            return
+        for req_id in received:
+            tracker = self._requests.get(req_id)
+            if (
+                tracker is not None
+                and tracker.fetched_from
+                and failed_blocks & set(tracker.block_ids)
+            ):
+                self._locator.avoid(tracker.fetched_from)
+
+    def after_alloc(self, req_id: str, num_external_tokens: int, block_ids: list[int]) -> None:
+        """vLLM allocated blocks for the request; `block_ids` are all of them so far."""
         tracker = self._requests.get(req_id)
         if tracker is None or num_external_tokens <= 0:
             return
@@ -130,6 +176,11 @@ class LMCScheduler:
         tracker.load = (start, start + num_external_tokens)
         self._stats.count("lookup_hits")
         self._stats.count("hit_tokens", num_external_tokens)
+        if tracker.peers:
+            # Parked by vLLM until the workers report the KV received: plan the load now.
+            tracker.block_ids = list(block_ids)
+            tracker.fetched_from = tracker.peer_instance
+            self._fetches.append(req_id)
 
     def hit_sources(self, req_id: str, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """The tokens of the planned load of `req_id` per cache-hit source (the tier that
@@ -164,6 +215,11 @@ class LMCScheduler:
         where a resumed request's block ids replace the old ones.
         """
         meta = LMCConnectorMetadata()
+        for req_id in self._fetches:
+            tracker = self._requests.get(req_id)
+            if tracker is not None and tracker.load is not None:
+                meta.loads.append(self._load_spec(tracker, tracker.load))
+        self._fetches = []
         for req_id in preempted - set(num_scheduled):
             # Its blocks are gone; a resumption brings new ones (and a fresh lookup).
             tracker = self._requests.get(req_id)
@@ -187,21 +243,7 @@ class LMCScheduler:
 
     def _plan(self, meta: LMCConnectorMetadata, tracker: RequestTracker, computed: int) -> None:
         if tracker.load is not None:
-            start, end = tracker.load
-            first = start // self.chunk_size
-            last = -(-end // self.chunk_size)
-            meta.loads.append(
-                LoadSpec(
-                    tracker.req_id,
-                    tracker.keys[first:last],
-                    first,
-                    start,
-                    end,
-                    list(tracker.block_ids),
-                )
-            )
-            tracker.load = None
-            tracker.pinned = False
+            meta.loads.append(self._load_spec(tracker, tracker.load))
         if tracker.saved_chunks == len(tracker.keys):
             return  # the whole prompt is cached: nothing to plan in decode steps
         size, prompt_len = self.chunk_size, tracker.prompt_len
@@ -241,6 +283,23 @@ class LMCScheduler:
     def reset(self, shared: bool, timeout_s: float = RESET_TIMEOUT_S) -> bool:
         """Every worker empties its cache (`shared`: shared tiers too); True if all did."""
         return self._client.reset(shared, timeout_s)
+
+    def _load_spec(self, tracker: RequestTracker, span: tuple[int, int]) -> LoadSpec:
+        """The load of `span` for the workers; the tracker's pending load is consumed."""
+        start, end = span
+        first = start // self.chunk_size
+        last = -(-end // self.chunk_size)
+        spec = LoadSpec(
+            tracker.req_id,
+            tracker.keys[first:last],
+            first,
+            start,
+            end,
+            list(tracker.block_ids),
+            tracker.peers,
+        )
+        tracker.load, tracker.pinned, tracker.peers = None, False, []
+        return spec
 
     def finished(self, req_id: str) -> None:
         """Forget the request; release pins a load did not consume (abort, no blocks)."""

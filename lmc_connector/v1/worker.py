@@ -2,10 +2,12 @@
 
 Runs in each vLLM worker process, on vLLM's model-runner thread; the lookup
 server thread (`lookup.py`) and the control agent share the cache engine,
-which is thread-safe. Loads and saves are synchronous: `start_load` returns
-once the chunks are in the paged cache, `save` once they are in the cache.
-Once per step vLLM collects this worker's statistics (`take_stats`) and, with
-KV events on, its chunk events (`take_events`).
+which is thread-safe. Local loads and saves are synchronous: `start_load` returns
+once the chunks are in the paged cache, `save` once they are in the cache. Loads from a
+peer instance are asynchronous (`peers.PeerLoads`): fetched on a background thread and
+scattered into the paged cache on the model-runner thread in `finished_loads`. Once per
+step vLLM collects this worker's statistics (`take_stats`) and, with KV events on, its
+chunk events (`take_events`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1.events import ChunkEventBuffer, LMCKVEvents
 from lmc_connector.v1.lookup import LookupServer, PinRegistry
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.peers import PeerLoads
 from lmc_connector.v1.stats import LMCConnectorStats
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ class LMCWorker:
         self._align = 1
         self._server: LookupServer | None = None
         self._agent: ControlAgent | None = None
+        self._peer_loads: PeerLoads | None = None
         self._load_errors: set[int] = set()
         self._stats = LMCConnectorStats()
         self._usage_due = 0.0
@@ -152,8 +156,13 @@ class LMCWorker:
             self.config, engine, self.settings.rank, self.settings.world_size, self.settings.model
         )
         self._agent.start()
+        if self._agent.peers is not None:
+            self._peer_loads = PeerLoads(engine, self._agent.peers, self.settings.rank)
 
     def close(self) -> None:
+        if self._peer_loads is not None:
+            self._peer_loads.close()
+            self._peer_loads = None
         if self._agent is not None:
             self._agent.close()
             self._agent = None
@@ -166,8 +175,12 @@ class LMCWorker:
     # -- per step --------------------------------------------------------------------------
 
     def start_load(self, meta: LMCConnectorMetadata) -> None:
-        """Scatter every load of this step into the paged cache before the forward."""
+        """Scatter every local load of this step into the paged cache before the forward;
+        start the fetches of loads from a peer instance."""
         for spec in meta.loads:
+            if spec.peers and self._peer_loads is not None:
+                self._peer_loads.submit(spec)
+                continue
             started = time.perf_counter()
             try:
                 self._load(spec)
@@ -175,6 +188,29 @@ class LMCWorker:
                 if self.pins is not None:
                     self.pins.release(spec.req_id)
                 self._stats.observe("load_seconds", time.perf_counter() - started)
+
+    def finished_loads(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests whose peer load ended since the last call, their chunks now scattered
+        into the paged cache (what did not arrive is reported as load errors). Requests
+        vLLM finished meanwhile are reported without touching their blocks."""
+        if self._peer_loads is None:
+            return set()
+        done: set[str] = set()
+        for spec in self._peer_loads.take_finished():
+            try:
+                if spec.req_id not in finished_req_ids:
+                    self._load(spec)
+            except Exception:
+                # Boundary of vLLM's load path: chunks from another instance that do not fit
+                # this worker's blocks are recomputed, never served.
+                logger.exception("%s: chunks from a peer could not be loaded", spec.req_id)
+                self._fail_blocks(spec, spec.start)
+            finally:
+                self._peer_loads.release(spec.req_id)
+                if self.pins is not None:
+                    self.pins.release(spec.req_id)
+            done.add(spec.req_id)
+        return done
 
     def _load(self, spec: LoadSpec) -> None:
         engine = self.engine
@@ -202,18 +238,22 @@ class LMCWorker:
                     self._scatter(spec.block_ids, lo, hi, piece)
                 chunk_start += kv.shape[2]
         if end < spec.end:
-            bs = self.settings.block_size
-            first_bad = max(end, spec.start) // bs
-            last = (spec.end + bs - 1) // bs
-            self._load_errors.update(spec.block_ids[first_bad:last])
-            self._stats.count("load_errors")
-            logger.warning(
-                "%s: only tokens up to %d of [%d, %d) were cached; blocks reported for recompute",
-                spec.req_id,
-                end,
-                spec.start,
-                spec.end,
-            )
+            self._fail_blocks(spec, end)
+
+    def _fail_blocks(self, spec: LoadSpec, end: int) -> None:
+        """Report the blocks of `spec` from token `end` on as not loaded (vLLM recomputes)."""
+        bs = self.settings.block_size
+        first_bad = max(end, spec.start) // bs
+        last = (spec.end + bs - 1) // bs
+        self._load_errors.update(spec.block_ids[first_bad:last])
+        self._stats.count("load_errors")
+        logger.warning(
+            "%s: only tokens up to %d of [%d, %d) were loaded; blocks reported for recompute",
+            spec.req_id,
+            end,
+            spec.start,
+            spec.end,
+        )
 
     def save(self, meta: LMCConnectorMetadata) -> None:
         """Gather the chunks this step completed and put them into the cache."""

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmc_connector.launch import free_port
+from lmc_connector.launch import free_port, free_ports
 from tests.control.harness import (
     Controller,
     Worker,
@@ -63,7 +63,12 @@ def make_instance(controller: Controller, tmp_path: Path) -> Iterator[InstanceFa
         **extra: Any,
     ) -> list[Worker]:
         ctl = target or controller
-        ports = [free_port() for _ in range(world_size)]
+        ports = free_ports(2 * world_size)
+        if extra.get("enable_p2p"):
+            # Peer ports chosen with the command ports, so that none of them collide.
+            extra["p2p_init_ports"], ports = ports[world_size:], ports[:world_size]
+        else:
+            ports = ports[:world_size]
         if disk:
             extra["local_disk"] = str(tmp_path / f"disk-{instance_id}")
         config = engine_config(ctl.monitor_port, instance_id, ports, chunk_size=chunk_size, **extra)

@@ -89,3 +89,11 @@ class KVProbe:
             ],
             "fingerprint": worker.engine.layout.fingerprint(),
         }
+
+    def lmc_chunks(self) -> list[tuple[str | None, int]]:
+        """(codec or None, bytes) of every chunk in the CPU tier, oldest first."""
+        engine = _connector().worker.engine  # type: ignore[union-attr]
+        assert engine is not None
+        tier = engine.tier("LocalCPUBackend")
+        chunks = [tier.load(key)[1] for key in tier.chunk_keys()]
+        return [(c.method, c.nbytes) for c in chunks if c is not None]

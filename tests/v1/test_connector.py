@@ -23,7 +23,7 @@ BLOCK, CHUNK, NUM_BLOCKS, HEADS, HEAD = 32, 64, 40, 2, 32
 
 
 class Harness:
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, extra: dict[str, Any] | None = None) -> None:
         from vllm.config import (
             CacheConfig,
             DeviceConfig,
@@ -51,7 +51,7 @@ class Harness:
                 kv_connector="LMCConnectorV1",
                 kv_connector_module_path="lmc_connector.v1",
                 kv_role="kv_both",
-                kv_connector_extra_config={"chunk_size": CHUNK},
+                kv_connector_extra_config={"chunk_size": CHUNK, **(extra or {})},
             ),
         )
         config.cache_config.num_gpu_blocks = NUM_BLOCKS
@@ -111,6 +111,7 @@ class Harness:
             self.fake_forward(req_id, blocks, start, start + n)
             sampled.append([7] if start + n >= request.num_prompt_tokens else [])
         self.worker.wait_for_save()
+        _, received = self.worker.get_finished(out.finished_req_ids)
         errors = self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
         ids = list(out.num_scheduled_tokens)
@@ -118,7 +119,9 @@ class Harness:
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled,
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=errors),
+            kv_connector_output=KVConnectorOutput(
+                finished_recving=received, invalid_block_ids=errors
+            ),
         )
         self.scheduler.update_from_output(out, output)
         return out

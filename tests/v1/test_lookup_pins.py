@@ -49,7 +49,7 @@ def test_a_miss_on_one_rank_releases_the_pins_of_the_others(
 ) -> None:
     scheduler, (rank0, _) = ranks
     put_prompt(rank0, PROMPT)
-    assert scheduler.num_new_matched_tokens("r1", PROMPT, 0) == 0
+    assert scheduler.num_new_matched_tokens("r1", PROMPT, 0) == (0, False)
     assert wait_until(lambda: pinned(rank0) == 0)
 
 
@@ -59,7 +59,7 @@ def test_a_hit_on_every_rank_stays_pinned_until_finished(
     scheduler, engines = ranks
     for engine in engines:
         put_prompt(engine, PROMPT)
-    assert scheduler.num_new_matched_tokens("r1", PROMPT, 0) == len(PROMPT) - 1
+    assert scheduler.num_new_matched_tokens("r1", PROMPT, 0) == (len(PROMPT) - 1, False)
     assert all(pinned(e) == 3 for e in engines)
     scheduler.finished("r1")
     assert wait_until(lambda: all(pinned(e) == 0 for e in engines))

@@ -56,15 +56,15 @@ def test_hit_sources_split_the_loaded_tokens_by_the_tier_holding_them(ranks: Ran
     for engine in engines:
         put_prompt(engine, PROMPT)
         put_prompt(engine, OTHER)  # PROMPT's first chunk spills to disk
-    loadable = scheduler.num_new_matched_tokens("r1", PROMPT, 0)
+    loadable, _ = scheduler.num_new_matched_tokens("r1", PROMPT, 0)
     assert loadable == len(PROMPT) - 1  # vLLM computes the last token itself
-    scheduler.after_alloc("r1", loadable)
+    scheduler.after_alloc("r1", loadable, [0, 1])
     assert scheduler.hit_sources("r1", loadable) == {
         CacheHitSource.DISK: CHUNK,
         CacheHitSource.HOST: len(PROMPT) - 1 - CHUNK,
     }
     # A load that starts past the disk chunk (vLLM computed it already) is all host.
-    assert scheduler.num_new_matched_tokens("r2", PROMPT, CHUNK) == len(PROMPT) - 1 - CHUNK
+    assert scheduler.num_new_matched_tokens("r2", PROMPT, CHUNK) == (len(PROMPT) - 1 - CHUNK, False)
     scheduler.after_alloc("r2", len(PROMPT) - 1 - CHUNK)
     assert scheduler.hit_sources("r2", 2 * CHUNK - 1) == {CacheHitSource.HOST: 2 * CHUNK - 1}
 
@@ -74,7 +74,7 @@ def test_statistics_count_lookups_and_planned_loads(ranks: Ranks) -> None:
     for engine in engines:
         put_prompt(engine, PROMPT)
     scheduler.num_new_matched_tokens("hit", PROMPT, 0)
-    scheduler.after_alloc("hit", len(PROMPT) - 1)
+    scheduler.after_alloc("hit", len(PROMPT) - 1, [0, 1])
     scheduler.num_new_matched_tokens("miss", OTHER, 0)
     stats = scheduler.take_stats()
     assert stats is not None
@@ -92,10 +92,10 @@ def test_reset_empties_every_rank_and_the_next_lookup_misses(ranks: Ranks) -> No
     for engine in engines:
         put_prompt(engine, PROMPT)
         put_prompt(engine, OTHER)
-    assert scheduler.num_new_matched_tokens("before", PROMPT, 0) > 0  # pins PROMPT's chunks
+    assert scheduler.num_new_matched_tokens("before", PROMPT, 0)[0] > 0  # pins PROMPT's chunks
     assert scheduler.reset(shared=False) is True
     assert all(u.chunks == 0 for e in engines for u in e.usage().values())
-    assert scheduler.num_new_matched_tokens("after", PROMPT, 0) == 0
+    assert scheduler.num_new_matched_tokens("after", PROMPT, 0) == (0, False)
 
 
 def test_reset_is_reported_failed_when_a_rank_does_not_answer(ranks: Ranks) -> None:

@@ -137,11 +137,16 @@ def _subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s = _sub(sub, "clear", "remove unpinned chunks of an instance")
     s.add_argument("--instance", required=True)
     s.add_argument("--location", help="one location (default: all)")
-    s = _sub(sub, "move", "move a cached prefix between locations of an instance")
-    s.add_argument("--instance", required=True)
-    s.add_argument("--source", required=True)
-    s.add_argument("--destination", required=True)
+    s = _sub(
+        sub, "move", "move a cached prefix between locations of an instance, or to another one"
+    )
+    s.add_argument("--instance", required=True, help="the instance holding the prefix")
+    s.add_argument("--source", required=True, help="its location, e.g. LocalCPUBackend")
+    s.add_argument("--destination", required=True, help="the location to move it to")
+    s.add_argument("--to-instance", help="move to this instance (it pulls, rank for rank)")
+    s.add_argument("--copy", action="store_true", help="with --to-instance: keep the source's")
     add_token_options(s)
+    _add_wait(s)
     s = _sub(sub, "health", "controller health (or one instance's)")
     s.add_argument("--instance")
     s.add_argument("--strict", action="store_true", help="exit 6 when degraded")
@@ -190,7 +195,12 @@ def _request(client: ControllerClient, args: argparse.Namespace) -> Any:
         return client.unpin(args.instance, required_tokens(args))
     if c == "clear":
         return client.clear(args.instance, args.location)
+    if c == "move" and args.to_instance:
+        old, new = (args.instance, args.source), (args.to_instance, args.destination)
+        return client.move_across(old, new, required_tokens(args), args.copy)
     if c == "move":
+        if args.copy:
+            raise UsageError("--copy needs --to-instance (copies go to another instance)")
         return client.move(args.instance, args.source, args.destination, required_tokens(args))
     if c == "health":
         return client.health(args.instance)

@@ -138,6 +138,19 @@ class ControllerClient:
         body = {"instance_id": instance_id, "source": source, "destination": destination}
         return self.call("POST", "/move", {**body, "tokens": list(tokens)})
 
+    def move_across(
+        self,
+        old_position: tuple[str, str],
+        new_position: tuple[str, str],
+        tokens: Sequence[int],
+        should_copy: bool = False,
+    ) -> Any:
+        """LMCache's `/move`: (instance_id, location) to (instance_id, location)."""
+        body = {"old_position": list(old_position), "new_position": list(new_position)}
+        return self.call(
+            "POST", "/move", {**body, "tokens": list(tokens), "should_copy": should_copy}
+        )
+
     def health(self, instance_id: str | None = None) -> Any:
         return self.call("POST", "/health", {"instance_id": instance_id})
 

@@ -10,7 +10,9 @@ The vLLM connector builds one per worker when `enable_controller` is set:
 Threads: the command server thread (the request/reply transport) decodes
 commands and hands them to the ops thread, which validates and applies them
 one at a time; the jobs thread runs compress/decompress; the reporter thread
-talks to the monitor port. Nothing here runs on, or waits for, vLLM's forward pass.
+talks to the monitor port. With `enable_p2p`, the peer server thread serves this worker's
+chunks to other instances and the peer client thread fetches from them. Nothing here runs
+on, or waits for, vLLM's forward pass.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import zmq
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import CacheConfig, ConfigError
 from lmc_connector.control.agent.executor import OpExecutor
+from lmc_connector.control.agent.peer_client import PeerClient
+from lmc_connector.control.agent.peer_server import PeerServer
 from lmc_connector.control.agent.reporter import Reporter
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire.codec import MessageError, encode
@@ -81,6 +85,12 @@ class ControlAgent:
             advertised = _advertised(self.host)
         except (ValueError, OSError) as e:
             raise ConfigError(f"lmcache_worker_host={self.host!r}: {e}") from e
+        peer_host = peer_port = None
+        if config.enable_p2p:
+            try:
+                peer_host, peer_port = _advertised(config.peer_host), config.peer_port(rank)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"p2p_host={config.peer_host!r}: {e}") from e
         self.spec = WorkerSpec(
             instance_id=config.lmcache_instance_id,
             rank=rank,
@@ -93,8 +103,18 @@ class ControlAgent:
             locations=engine.locations,
             methods=_methods(),
             pid=os.getpid(),
+            peer_host=peer_host,
+            peer_port=peer_port,
+            layout=engine.layout.instance_fingerprint(),
         )
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        #: This worker's chunks for other instances, and its fetches from them (enable_p2p).
+        self.peer_server: PeerServer | None = None
+        self.peers: PeerClient | None = None
+        if peer_port is not None:
+            bind = tcp_url(config.peer_host, peer_port)
+            self.peer_server = PeerServer(self._context, engine, bind, f"peer-server-{rank}")
+            self.peers = PeerClient(self._context, engine, config.p2p_timeout_ms / 1000)
         self._ops = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-ops")
         self._queued = threading.BoundedSemaphore(MAX_QUEUED_COMMANDS)
         self._reporter = Reporter(
@@ -103,7 +123,9 @@ class ControlAgent:
             config.controller_heartbeat_interval,
             on_beat=self._sweep_soon,
         )
-        self._executor = OpExecutor(engine, self.spec.methods, self._reporter.job_done)
+        self._executor = OpExecutor(
+            engine, self.spec.methods, self._reporter.job_done, self.peers, rank
+        )
         self._server = RpcServer(
             self._context,
             tcp_url(self.host, self.spec.port),
@@ -126,14 +148,26 @@ class ControlAgent:
                 f"control agent of rank {self.spec.rank} cannot bind {self.host}:"
                 f"{self.spec.port} ({e}); choose free lmcache_worker_ports"
             ) from e
+        if self.peer_server is not None and self.peers is not None:
+            try:
+                self.peer_server.start()
+            except zmq.ZMQError as e:
+                self._server.close()
+                self._context.destroy(linger=0)
+                raise ConfigError(
+                    f"peer server of rank {self.spec.rank} cannot bind {self.config.peer_host}:"
+                    f"{self.spec.peer_port} ({e}); choose free p2p_init_ports"
+                ) from e
+            self.peers.start()
         self._reporter.start(self._context, self._controller_url)
         logger.info(
-            "control agent %s/%d: commands on %s:%d, reporting to %s",
+            "control agent %s/%d: commands on %s:%d, reporting to %s, %s",
             self.spec.instance_id,
             self.spec.rank,
             self.host,
             self.spec.port,
             self._controller_url,
+            f"serving peers on {self.spec.peer_address}" if self.peer_server else "no peers",
         )
 
     def close(self) -> None:
@@ -145,7 +179,12 @@ class ControlAgent:
         self._server.close()
         self._ops.shutdown(wait=False, cancel_futures=True)
         self._executor.close()
-        if self._reporter.alive or self._server.alive:
+        stuck = self._reporter.alive or self._server.alive
+        if self.peer_server is not None and self.peers is not None:
+            self.peer_server.close()
+            self.peers.close()
+            stuck = stuck or self.peer_server.alive or self.peers.alive
+        if stuck:
             self._context.destroy(linger=0)  # a thread is stuck: force its sockets shut
         else:
             self._context.term()

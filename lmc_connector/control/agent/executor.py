@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
+from lmc_connector.control.agent.peer_client import PeerClient
+from lmc_connector.control.agent.pull import pull
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.operations import JobOutcome
 
@@ -39,7 +41,8 @@ class OpExecutor:
     """Owns the ops prepared but not yet committed (bounded) and the jobs thread.
 
     Called on the agent's ops thread; reports finished jobs through `on_job_done`
-    from the jobs thread.
+    from the jobs thread. `peers` fetches from other instances (None: enable_p2p is off,
+    so `/move` across instances is refused); `rank` picks this worker's source of a pull.
     """
 
     def __init__(
@@ -47,10 +50,14 @@ class OpExecutor:
         engine: CacheEngine,
         methods: list[str],
         on_job_done: Callable[[str, JobOutcome], None],
+        peers: PeerClient | None = None,
+        rank: int = 0,
     ) -> None:
         self._engine = engine
         self._methods = methods
         self._on_job_done = on_job_done
+        self._peers = peers
+        self._rank = rank
         self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-jobs")
 
@@ -86,6 +93,10 @@ class OpExecutor:
             elif isinstance(op, cmd.MoveOp):
                 engine.tier(op.source)
                 engine.tier(op.destination)
+            elif isinstance(op, cmd.PullOp):
+                refused = self._check_pull(op)
+                if refused is not None:
+                    return refused
         except UnknownLocationError as e:
             return cmd.Failed("unknown_location", str(e))
         except ValueError as e:
@@ -93,7 +104,21 @@ class OpExecutor:
         self._release(prepare.event_id)
         self._prepared[prepare.event_id] = _Prepared(op, job, deadline)
         tokens = 0 if job is None else job.outcome.num_tokens
+        if isinstance(op, cmd.PullOp):
+            tokens = op.num_tokens
         return cmd.Ok(JobOutcome(num_tokens=tokens))
+
+    def _check_pull(self, op: cmd.PullOp) -> cmd.Failed | None:
+        self._engine.tier(op.location)
+        if self._peers is None:
+            return cmd.Failed(
+                "bad_request", "this instance fetches from no peers: set enable_p2p: true"
+            )
+        if self._rank >= len(op.sources):
+            return cmd.Failed(
+                "bad_request", f"the source has {len(op.sources)} ranks, this is rank {self._rank}"
+            )
+        return None
 
     # -- phase two --------------------------------------------------------------------------
 
@@ -107,6 +132,9 @@ class OpExecutor:
                 job = prepared.job
                 self._jobs.submit(self._run_job, commit.event_id, job)
                 return cmd.Ok(JobOutcome(num_tokens=job.outcome.num_tokens))
+            if isinstance(op, cmd.PullOp):
+                self._jobs.submit(self._run_pull, commit.event_id, op)
+                return cmd.Ok(JobOutcome(num_tokens=op.num_tokens))
             if isinstance(op, cmd.PinOp):
                 where = None if op.location is None else [op.location]
                 return cmd.Ok(JobOutcome(num_tokens=engine.pin(op.tokens, where)))
@@ -141,6 +169,15 @@ class OpExecutor:
         prepared = self._prepared.pop(event_id, None)
         if prepared is not None and prepared.job is not None:
             self._engine.release(prepared.job)
+
+    def _run_pull(self, event_id: str, op: cmd.PullOp) -> None:
+        assert self._peers is not None
+        try:
+            outcome = pull(self._engine, self._peers, op, self._rank)
+        except Exception as e:  # boundary: this pull fails and is reported; the agent lives on
+            logger.exception("pull of event %s crashed", event_id)
+            outcome = JobOutcome(errors=[f"{type(e).__name__}: {e}"])
+        self._on_job_done(event_id, outcome)
 
     def _run_job(self, event_id: str, job: TransformJob) -> None:
         outcome = job.outcome

@@ -132,9 +132,14 @@ class ChunkIndex:
         return sum(len(i.chunks) for i in self._instances.values())
 
     def prefix(
-        self, instance_id: str, keys: Sequence[ChunkKey], ranks: Iterable[int]
+        self,
+        instance_id: str,
+        keys: Sequence[ChunkKey],
+        ranks: Iterable[int],
+        location: str | None = None,
     ) -> tuple[str, int] | None:
-        """The location where every one of `ranks` holds the longest prefix of `keys`.
+        """The location where every one of `ranks` holds the longest prefix of `keys`
+        (only `location` when given).
 
         Returns (location, chunks) or None when no location holds the first chunk.
         Ties go to the location registered first (the CPU tier before disk).
@@ -145,7 +150,8 @@ class ChunkIndex:
         rank_list = list(ranks)
         get = index.chunks.get
         best: tuple[str, int] | None = None
-        for location, slot in index.slots.items():
+        slots = [(n, s) for n, s in index.slots.items() if location in (None, n)]
+        for name, slot in slots:
             need = sum(1 << (r * LOCATION_SLOTS + slot) for r in rank_list)
             held = 0
             for key in keys:
@@ -153,5 +159,5 @@ class ChunkIndex:
                     break
                 held += 1
             if held and (best is None or held > best[1]):
-                best = (location, held)
+                best = (name, held)
         return best

@@ -86,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         service.start()
     except zmq.ZMQError as e:
-        problem = _port_problem(settings, "--monitor-port", settings.monitor_port, e.errno, str(e))
+        # The monitor binds first: if its thread runs, the reply port was the one taken.
+        flag, port = "--monitor-port", settings.monitor_port
+        if service.monitor.alive and settings.reply_port is not None:
+            flag, port = "--reply-port", settings.reply_port
+        problem = _port_problem(settings, flag, port, e.errno, str(e))
         print(f"lmc-controller: {problem}", file=sys.stderr)
         service.close()
         http_socket.close()
@@ -99,11 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         server = uvicorn.Server(config)
         logger.info(
-            "controller starting: http://%s:%d (monitor %s:%d, auth %s), %.0f ms since launch",
+            "controller starting: http://%s:%d (monitor %s:%d, peer lookups %s, auth %s), "
+            "%.0f ms since launch",
             settings.host,
             settings.port,
             settings.host,
             settings.monitor_port,
+            f"on port {settings.reply_port}" if settings.reply_port else "off",
             "on" if settings.api_key else "off",
             (time.perf_counter() - started) * 1000,
         )

@@ -28,6 +28,7 @@ from lmc_connector.control.controller.errors import (
 )
 from lmc_connector.control.controller.histogram import KindHistogram
 from lmc_connector.control.controller.instances import Instance
+from lmc_connector.control.controller.locate import LocateServer
 from lmc_connector.control.controller.metrics import build_registry
 from lmc_connector.control.controller.monitor import MonitorLoop
 from lmc_connector.control.controller.operations import Operation
@@ -89,10 +90,16 @@ class ControllerService:
             on_resync=self.resync,
             on_gone=lambda ref: self.commands.forget(ref.address),
         )
+        self.locate: LocateServer | None = None
+        if settings.reply_port is not None:
+            reply_url = tcp_url(settings.host, settings.reply_port)
+            self.locate = LocateServer(self._context, self.state, reply_url)
 
     def start(self) -> None:
-        """Bind the monitor port (raises zmq.ZMQError if taken) and start the threads."""
+        """Bind the monitor and reply ports (raises zmq.ZMQError if taken), start the threads."""
         self.monitor.start()
+        if self.locate is not None:
+            self.locate.start()
         self.commands.start()
         logger.info(
             "controller monitoring workers on %s:%d (worker timeout %.1f s)",
@@ -103,12 +110,16 @@ class ControllerService:
 
     def close(self) -> None:
         self.monitor.close()
+        if self.locate is not None:
+            self.locate.close()
         self.commands.close()
         self._context.term()
 
     def dead_threads(self) -> list[str]:
         """Internal threads that stopped although the service runs (health reports them)."""
         threads = {"monitor": self.monitor.alive, "commands": self.commands.alive}
+        if self.locate is not None:
+            threads["locate"] = self.locate.alive
         return [name for name, alive in threads.items() if not alive]
 
     def resync(self, ref: WorkerRef) -> None:
@@ -149,9 +160,19 @@ class ControllerService:
             ]
 
     async def run(
-        self, kind: str, instance_id: str, op: cmd.Op, check: Callable[[Instance], None]
+        self,
+        kind: str,
+        instance_id: str,
+        op: cmd.Op,
+        check: Callable[[Instance], None],
+        background: bool | None = None,
     ) -> Operation:
-        """Run `op` on every worker of the instance; raises ControlError subclasses."""
+        """Run `op` on every worker of the instance; raises ControlError subclasses.
+
+        A `background` op (transforms by default) goes on running on the workers after the
+        commit; each one's part ends with its job's outcome."""
+        if background is None:
+            background = kind in TRANSFORM_KINDS
         started = time.perf_counter()
         workers, operation = await asyncio.to_thread(self._begin, kind, instance_id, check)
         event_id = operation.event_id
@@ -167,7 +188,9 @@ class ControllerService:
             await asyncio.to_thread(self._refuse, operation, problems, started)
 
         committed = await self._ask(workers, cmd.Commit(event_id))
-        failed = await asyncio.to_thread(self._record, operation, workers, prepared, committed)
+        failed = await asyncio.to_thread(
+            self._record, operation, workers, prepared, committed, background
+        )
         elapsed = time.perf_counter() - started
         self.latency.observe(kind, elapsed)
         logger.info(
@@ -203,9 +226,10 @@ class ControllerService:
         workers: list[WorkerRef],
         prepared: list[Answer],
         committed: list[Answer],
+        background: bool,
     ) -> bool:
         """Record each worker's commit outcome; True if the operation failed."""
-        transform = operation.kind in TRANSFORM_KINDS
+        transform = background
         operations = self.state.operations
         applied: list[int] = []
         refused: list[str] = []

@@ -29,6 +29,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 9000
     monitor_port: int = 9001
+    #: Port of the request/reply socket vLLM schedulers ask which peer holds a prefix
+    #: (their `controller_reply_url`); None: no peer lookups.
+    reply_port: int | None = None
     #: Bearer token the HTTP API requires; None leaves the API open.
     api_key: str | None = None
     #: Seconds without a heartbeat before a worker and its chunks are dropped.
@@ -55,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="HTTP API port (default 9000)")
     p.add_argument("--monitor-port", type=int, help="port workers push to (default 9001)")
+    p.add_argument(
+        "--reply-port",
+        type=int,
+        help="port vLLM schedulers ask which peer instance holds a prompt (their "
+        "controller_reply_url; default: off, no peer fetches)",
+    )
     p.add_argument("--config", type=Path, help="YAML file of settings (keys as the long options)")
     p.add_argument(
         "--api-key",
@@ -74,8 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     lmcache.add_argument(
         "--monitor-ports",
         metavar="JSON",
-        help='\'{"pull": 9001, "reply": 9002}\': "pull" is --monitor-port; workers here need no '
-        "reply port, so it is ignored",
+        help='\'{"pull": 9001, "reply": 9002}\': "pull" is --monitor-port, "reply" is --reply-port',
     )
     lmcache.add_argument(
         "--lmcache-worker-timeout", type=float, dest="worker_timeout_alias", help="--worker-timeout"
@@ -86,21 +94,6 @@ def _parser() -> argparse.ArgumentParser:
         help="ignored: workers are checked on every heartbeat (LMCache's -1 turns its check off)",
     )
     return p
-
-
-def _monitor_ports(text: str) -> int:
-    """The pull port of LMCache's `--monitor-ports '{"pull": P, "reply": R}'`."""
-    try:
-        ports = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SettingsError(
-            f"--monitor-ports: not valid JSON ({e}); e.g. '{{\"pull\": 9001}}'"
-        ) from e
-    if not isinstance(ports, dict) or not isinstance(ports.get("pull"), int):
-        raise SettingsError(
-            f'--monitor-ports {text!r}: expected a JSON object with an integer "pull" port'
-        )
-    return int(ports["pull"])
 
 
 def _file_settings(path: Path) -> dict[str, Any]:
@@ -126,6 +119,26 @@ def _file_settings(path: Path) -> dict[str, Any]:
     return out
 
 
+def _monitor_ports(text: str) -> dict[str, Any]:
+    """LMCache's `--monitor-ports '{"pull": P, "reply": R}'` as --monitor-port, --reply-port."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(f'--monitor-ports: not JSON ({e}); e.g. {{"pull": 9001}}') from e
+    ports_ok = isinstance(data, dict) and all(
+        isinstance(data.get(k, 0), int) for k in ("pull", "reply")
+    )
+    if not ports_ok or "pull" not in data or not set(data) <= {"pull", "reply"}:
+        raise SettingsError(
+            f'--monitor-ports {text!r}: expected a JSON object with an integer "pull" port '
+            'and optionally a "reply" port'
+        )
+    out = {"monitor_port": data["pull"]}
+    if data.get("reply") is not None:
+        out["reply_port"] = data["reply"]
+    return out
+
+
 def build_settings(
     argv: Sequence[str] | None = None, env: dict[str, str] | None = None
 ) -> Settings:
@@ -138,10 +151,11 @@ def build_settings(
     if env.get(API_KEY_ENV):
         merged["api_key"] = env[API_KEY_ENV]
     if args.monitor_ports is not None:
-        merged["monitor_port"] = _monitor_ports(args.monitor_ports)
+        merged.update(_monitor_ports(args.monitor_ports))
     if args.worker_timeout_alias is not None:
         merged["worker_timeout"] = args.worker_timeout_alias
-    for name in ("host", "port", "monitor_port", "api_key", "worker_timeout", "command_timeout"):
+    names = ("host", "port", "monitor_port", "reply_port", "api_key", "worker_timeout")
+    for name in (*names, "command_timeout"):
         value = getattr(args, name)
         if value is not None:
             merged[name] = value
@@ -151,11 +165,14 @@ def build_settings(
         settings = msgspec.convert(merged, Settings)
     except msgspec.ValidationError as e:
         raise SettingsError(f"invalid setting: {e}") from e
-    for name in ("port", "monitor_port"):
-        if not 0 < getattr(settings, name) < 65536:
-            raise SettingsError(f"{name}={getattr(settings, name)} must be in 1..65535")
-    if settings.port == settings.monitor_port:
-        raise SettingsError("port and monitor_port must differ")
+    ports = {"port": settings.port, "monitor_port": settings.monitor_port}
+    if settings.reply_port is not None:
+        ports["reply_port"] = settings.reply_port
+    for name, value in ports.items():
+        if not 0 < value < 65536:
+            raise SettingsError(f"{name}={value} must be in 1..65535")
+    if len(set(ports.values())) < len(ports):
+        raise SettingsError(f"{', '.join(ports)} must all differ (got {ports})")
     try:
         resolve_host(settings.host)
     except ValueError as e:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from lmc_connector.control.wire.codec import Decoder
-from lmc_connector.control.wire.types import Name, TokenId
+from lmc_connector.control.wire.types import MAX_WORLD_SIZE, Name, PeerAddress, TokenId
 from lmc_connector.operations import JobOutcome, TransformKind
 
 #: Longest time a worker holds a prepared op for the controller (its `--command-timeout` is
@@ -56,7 +56,22 @@ class MoveOp(msgspec.Struct, tag="move"):
     tokens: list[TokenId]
 
 
-Op = TransformOp | PinOp | UnpinOp | ClearOp | MoveOp
+class PullOp(msgspec.Struct, tag="pull"):
+    """Fetch the cached prefix of `tokens` from `source_location` of another instance into
+    `location`, rank for rank: rank r pulls from `sources[r]`, the peer server of the source's
+    rank r. With `remove_source`, the source drops each chunk once this worker holds it.
+    Runs in the background like a transform; `num_tokens` is what the controller's index
+    says the source holds (the prepare phase answers with it)."""
+
+    sources: Annotated[list[PeerAddress], msgspec.Meta(max_length=MAX_WORLD_SIZE)]
+    source_location: Name
+    location: Name
+    tokens: list[TokenId]
+    remove_source: bool = False
+    num_tokens: int = 0
+
+
+Op = TransformOp | PinOp | UnpinOp | ClearOp | MoveOp | PullOp
 
 
 class Prepare(msgspec.Struct, tag=True):

@@ -46,6 +46,19 @@ class WorkerSpec(msgspec.Struct):
     locations: Annotated[list[Name], msgspec.Meta(max_length=MAX_LOCATIONS)]
     methods: Annotated[list[Name], msgspec.Meta(max_length=64)]
     pid: int = 0
+    #: Where other instances fetch this worker's chunks (None: it serves no peers).
+    peer_host: Host | None = None
+    peer_port: Port | None = None
+    #: What every rank of the instance shares (model, world size, dtype, shape, chunk size);
+    #: only instances with the same fingerprint exchange chunks.
+    layout: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+    @property
+    def peer_address(self) -> str | None:
+        """The worker's peer server as a ZMQ address, if it serves peers."""
+        if self.peer_host is None or self.peer_port is None:
+            return None
+        return f"tcp://{self.peer_host}:{self.peer_port}"
 
 
 class Register(WorkerSpec, tag=True):

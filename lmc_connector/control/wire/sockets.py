@@ -87,8 +87,9 @@ class WakePipe:
         return self._read_fd
 
     def wake(self) -> None:
-        # A full pipe already holds wake-ups: the loop will run either way.
-        with contextlib.suppress(BlockingIOError):
+        # A full pipe already holds wake-ups: the loop will run either way; a closed one
+        # belongs to a loop that has ended.
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._write_fd, b"\0")
 
     def drain(self) -> None:
@@ -99,5 +100,8 @@ class WakePipe:
             pass
 
     def close(self) -> None:
-        os.close(self._read_fd)
-        os.close(self._write_fd)
+        """Close both ends (idempotent: a second call does nothing)."""
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+            self._read_fd = self._write_fd = -1

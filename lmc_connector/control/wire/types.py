@@ -32,3 +32,7 @@ Host = Annotated[
 InstanceId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 #: Location and method names (`LocalCPUBackend`, `cachegen`, ...).
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+#: A worker's peer server as a ZMQ address (`tcp://host:port`), as the controller hands it out.
+PeerAddress = Annotated[
+    str, msgspec.Meta(max_length=300, pattern=r"^tcp://[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}$")
+]

@@ -137,3 +137,14 @@ def test_an_unknown_host_is_a_one_line_settings_error() -> None:
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--host" in lines[0] and "nosuchhost.invalid" in lines[0], lines
+
+
+def test_reply_port_from_the_flag_or_lmcache_monitor_ports() -> None:
+    assert build_settings(["--reply-port", "9002"], env={}).reply_port == 9002
+    lmcache = build_settings(["--monitor-ports", '{"pull": 8300, "reply": 8400}'], env={})
+    assert (lmcache.monitor_port, lmcache.reply_port) == (8300, 8400)
+    assert build_settings([], env={}).reply_port is None
+    with pytest.raises(SettingsError, match="must all differ"):
+        build_settings(["--reply-port", "9001"], env={})
+    with pytest.raises(SettingsError, match='integer "pull" port'):
+        build_settings(["--monitor-ports", '{"push": 1}'], env={})

@@ -143,3 +143,30 @@ def test_a_huge_instance_id_is_malformed() -> None:
     forged = encode(mon.Deregister("x" * 1_000_000, 0, "s"))
     with pytest.raises(MessageError, match="instance_id"):
         decode_worker(forged)
+
+
+def test_a_register_from_before_peers_decodes_with_no_peer_address() -> None:
+    register = decode_worker(REGISTER_V1)
+    assert isinstance(register, mon.Register)
+    assert register.peer_address is None and register.layout is None
+
+
+def test_peer_and_locate_messages_round_trip_and_bound_their_sizes() -> None:
+    from lmc_connector.control.wire import locate as lw
+    from lmc_connector.control.wire import peer as pw
+
+    fetch = pw.Fetch("abc", [1, 2**64 - 1], "LocalCPUBackend")
+    assert pw.peer_request_decoder().decode(encode(fetch)) == fetch
+    reply = pw.Chunks([pw.ChunkInfo(4, "cachegen"), pw.ChunkInfo(2)])
+    assert pw.chunks_decoder().decode(encode(reply)) == reply
+    ask = lw.FindPeer("inst", [5, 6], 1)
+    assert lw.find_peer_decoder().decode(encode(ask)) == ask
+    with pytest.raises(MessageError):
+        pw.peer_request_decoder().decode(
+            encode(pw.Fetch("abc", list(range(pw.MAX_FETCH_KEYS + 1))))
+        )
+    pull = cmd.Prepare("e", cmd.PullOp(["tcp://h:1"], "A", "B", [1], True, 1), ttl_s=1.0)
+    assert cmd.command_decoder().decode(encode(pull)) == pull
+    bad = cmd.Prepare("e", cmd.PullOp(["tcp://h:1; rm -rf /"], "A", "B", [1]), ttl_s=1.0)
+    with pytest.raises(MessageError):
+        cmd.command_decoder().decode(encode(bad))

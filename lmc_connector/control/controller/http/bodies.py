@@ -76,11 +76,28 @@ class ClearResponse(msgspec.Struct, kw_only=True):
     kept_pinned: int
 
 
+#: (instance_id, location), as LMCache's `/move` names a place.
+Position = tuple[InstanceId, str]
+
+
 class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
-    instance_id: InstanceId
-    source: str
-    destination: str
+    """Either shape, not both:
+
+    * within one instance: `{instance_id, source, destination, tokens}` (CPU <-> disk);
+    * LMCache's, across instances: `{old_position: [instance_id, location], new_position:
+      [instance_id, location], tokens, should_copy}`; the destination pulls the prefix from
+      the source, rank for rank, and without `should_copy` the source drops it afterwards
+      (`copy` is accepted as LMCache's older name). Tracked like compress.
+    """
+
     tokens: Tokens
+    instance_id: InstanceId | None = None
+    source: str | None = None
+    destination: str | None = None
+    old_position: Position | None = None
+    new_position: Position | None = None
+    should_copy: bool | None = None
+    copy: bool | None = None
 
 
 class CheckFinishRequest(msgspec.Struct, forbid_unknown_fields=True):

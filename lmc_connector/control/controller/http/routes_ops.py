@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from lmc_connector.control.controller.errors import InvalidChoiceError
+from lmc_connector.control.controller.errors import BodyError, InvalidChoiceError
 from lmc_connector.control.controller.http import bodies
 from lmc_connector.control.controller.http.endpoint import body, doc, json_response, service_of
 from lmc_connector.control.controller.instances import Instance
+from lmc_connector.control.controller.peers import pull_sources
 from lmc_connector.control.controller.service import ControllerService
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.operations import TransformKind
@@ -111,22 +113,56 @@ async def clear(
 
 @router.post(
     "/move",
-    summary="Move a cached prefix between locations",
+    summary="Move a cached prefix between locations or instances",
     **doc(bodies.MoveRequest, bodies.ScheduledResponse),
 )
 async def move(
     req: bodies.MoveRequest = Depends(body(bodies.MoveRequest)),  # noqa: B008
     service: ControllerService = Service,
 ) -> Response:
-    def check(inst: Instance) -> None:
-        inst.check_location(req.source)
-        inst.check_location(req.destination)
-        if req.source == req.destination:
-            others = [loc for loc in inst.locations if loc != req.source]
-            raise InvalidChoiceError(
-                "destination (must differ from source)", req.destination, others
-            )
+    within = (req.instance_id, req.source, req.destination)
+    across = (req.old_position, req.new_position)
+    if all(v is not None for v in across) and all(v is None for v in within):
+        assert req.old_position is not None and req.new_position is not None
+        if req.old_position[0] != req.new_position[0]:
+            return await _move_across(service, req, req.old_position, req.new_position)
+        within = (req.old_position[0], req.old_position[1], req.new_position[1])
+        if _copy(req):
+            raise BodyError("should_copy within one instance is not supported: use two instances")
+    elif any(v is not None for v in across) or any(v is None for v in within):
+        raise BodyError(
+            "give either instance_id, source and destination (within an instance) or "
+            "old_position and new_position as [instance_id, location] (across instances)"
+        )
+    instance_id, source, destination = within
+    assert instance_id is not None and source is not None and destination is not None
 
-    op = cmd.MoveOp(req.source, req.destination, req.tokens)
-    operation = await service.run("move", req.instance_id, op, check)
+    def check(inst: Instance) -> None:
+        inst.check_location(source)
+        inst.check_location(destination)
+        if source == destination:
+            others = [loc for loc in inst.locations if loc != source]
+            raise InvalidChoiceError("destination (must differ from source)", destination, others)
+
+    op = cmd.MoveOp(source, destination, req.tokens)
+    operation = await service.run("move", instance_id, op, check)
+    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+
+
+def _copy(req: bodies.MoveRequest) -> bool:
+    return bool(req.should_copy if req.should_copy is not None else req.copy)
+
+
+async def _move_across(
+    service: ControllerService,
+    req: bodies.MoveRequest,
+    old: bodies.Position,
+    new: bodies.Position,
+) -> Response:
+    (source_id, source_location), (destination_id, location) = old, new
+    sources, num_tokens = await asyncio.to_thread(
+        pull_sources, service.state, source_id, source_location, destination_id, req.tokens
+    )
+    op = cmd.PullOp(sources, source_location, location, req.tokens, not _copy(req), num_tokens)
+    operation = await service.run("move", destination_id, op, _location(location), background=True)
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))

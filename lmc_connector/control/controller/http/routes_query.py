@@ -52,6 +52,7 @@ def worker_info(
         registered_age_s=round(now - worker.registered_at, 3),
         usage=usage,
         ip=spec.host,
+        peer_init_url=spec.peer_address.removeprefix("tcp://") if spec.peer_address else None,
         registration_time=round(worker.registered_wall, 3),
         last_heartbeat_time=round(wall - (now - worker.last_seen), 3),
         key_count=sum(u.chunks for u in usage.values()),

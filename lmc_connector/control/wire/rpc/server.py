@@ -161,7 +161,9 @@ class RpcServer:
 
     def _send_now(self, sock: zmq.Socket[bytes], frames: list[bytes | memoryview]) -> None:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            # copy=False: large frames (chunk bytes) go out without a copy, the frame holding a
+            # reference to its buffer until sent; pyzmq still copies small ones.
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             logger.warning("%s: reply dropped, the client is not reading", self._name)
         except zmq.ZMQError as e:  # e.g. the client is gone (EHOSTUNREACH with ROUTER_MANDATORY)
