@@ -65,7 +65,7 @@ def test_hit_sources_split_the_loaded_tokens_by_the_tier_holding_them(ranks: Ran
     }
     # A load that starts past the disk chunk (vLLM computed it already) is all host.
     assert scheduler.num_new_matched_tokens("r2", PROMPT, CHUNK) == (len(PROMPT) - 1 - CHUNK, False)
-    scheduler.after_alloc("r2", len(PROMPT) - 1 - CHUNK)
+    scheduler.after_alloc("r2", len(PROMPT) - 1 - CHUNK, [0, 1])
     assert scheduler.hit_sources("r2", 2 * CHUNK - 1) == {CacheHitSource.HOST: 2 * CHUNK - 1}
 
 
