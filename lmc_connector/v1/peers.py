@@ -115,6 +115,11 @@ class PeerLocator:
         self._avoid[instance_id] = time.monotonic() + BACKOFF_S
 
 
+#: The `tier` label of chunks fetched from another instance in the connector's statistics
+#: (they are then loaded into vLLM through the CPU tier, and counted there too).
+PEER_TIER = "peer"
+
+
 class PeerLoads:
     """Asynchronous loads of this rank's shard of prefixes held by another instance.
 
@@ -175,6 +180,7 @@ class PeerLoads:
                     break
                 got += 1
                 nbytes += chunk.nbytes
+                self._engine.ctx.stats.loaded(PEER_TIER, chunk.num_tokens, chunk.nbytes)
         except (PeerUnavailableError, concurrent.futures.CancelledError, ValueError) as e:
             if self._warn.ready():
                 logger.warning(
