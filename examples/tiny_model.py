@@ -58,11 +58,11 @@ def _training_text() -> list[str]:
     return texts
 
 
-def sample_text(num_words: int) -> str:
-    """Deterministic English-ish text of about `num_words` words, for prompts."""
+def sample_text(num_words: int, start: int = 0) -> str:
+    """Deterministic English-ish text of about `num_words` words from word `start` on."""
     words = " ".join(_training_text()).split()
-    reps = num_words // max(len(words), 1) + 1
-    return " ".join((words * reps)[:num_words])
+    reps = (start + num_words) // max(len(words), 1) + 1
+    return " ".join((words * reps)[start : start + num_words])
 
 
 def _make_tokenizer(vocab_size: int, texts: list[str], add_bos: bool = False) -> Any:

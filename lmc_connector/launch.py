@@ -97,7 +97,9 @@ def _wait_healthy(service: Service, ready: Callable[[Service], bool], timeout: f
     )
 
 
-def _stop(service: Service, grace: float = 15.0) -> None:
+def stop(service: Service, grace: float = 15.0) -> None:
+    """Stop `service` and everything it spawned now (SIGINT, then SIGKILL after `grace`
+    seconds); stopping a stopped service does nothing, so its context still exits cleanly."""
     if not service.alive():
         return
     with contextlib.suppress(ProcessLookupError):
@@ -138,7 +140,7 @@ def running(
         _wait_healthy(service, ready or _http_ready(health_path), timeout)
         yield service
     finally:
-        _stop(service)
+        stop(service)
 
 
 def controller_command(host: str, port: int, monitor_port: int) -> list[str]:

@@ -262,7 +262,8 @@ class RemoteBackend(Tier):
     @override
     def saved(self, key: ChunkKey, chunk: Chunk) -> None:
         """Queue an upload (never blocks; dropped and counted when the queue is full)."""
-        self.writer.offer(key, chunk)
+        if not self.writer.offer(key, chunk):
+            self.ctx.stats.save_dropped(self.name)
 
     @override
     def store(
@@ -279,7 +280,7 @@ class RemoteBackend(Tier):
         heads = [self.keys.head(k) for k, _ in batch]
         present = self._call("upload", True, lambda c: ops.exists(c, heads))
         if present is None:
-            self.writer.dropped(len(batch))
+            self._dropped(len(batch))
             return False
         todo = [(k, c) for (k, c), there in zip(batch, present, strict=True) if not there]
         if not todo:
@@ -293,9 +294,12 @@ class RemoteBackend(Tier):
         writes = [(self.names(k), v) for k, v in encoded]
         done = self._call("upload", True, lambda c: ops.write_values(c, writes))
         if done is None:
-            self.writer.dropped(len(todo))
+            self._dropped(len(todo))
             return False
         written = [(k, v.nbytes) for (k, v), ok in zip(encoded, done, strict=True) if ok]
+        tokens = {k: c.num_tokens for k, c in todo}
+        for key, nbytes in written:
+            self.ctx.stats.saved(self.name, tokens[key], nbytes)
         with self.ctx.lock:
             for key, nbytes in written:
                 self._written[key] = nbytes
@@ -305,6 +309,10 @@ class RemoteBackend(Tier):
                 old = [self._written.popitem(last=False)[0] for _ in range(overflow)]
                 self.ctx.evicted(self.name, old)
         return not too_big
+
+    def _dropped(self, chunks: int) -> None:
+        self.writer.dropped(chunks)
+        self.ctx.stats.save_dropped(self.name, chunks)
 
     def _values(self, chunks: Batch) -> list[tuple[ChunkKey, StoreValue]]:
         """Store values of `chunks`: plain ones encoded with the serde (`naive`: as they are),
