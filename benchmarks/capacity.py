@@ -1,7 +1,8 @@
 """How much more context a full CPU tier serves when it compresses before it evicts.
 
 Through real vLLM on the CPU: distinct long prompts, requested with
-Zipf-distributed reuse, whose KV is about three times the CPU tier. Each
+Zipf-distributed reuse, whose KV is about three times the CPU tier (or
+`--working-set-per-tier` times). Each
 configuration runs in its own child process on the same request sequence:
 
 * plain LRU eviction;
@@ -13,7 +14,7 @@ Prints hit tokens, hit rate and mean / p50 time to first token per
 configuration; asserts nothing. The model is a config-only Llama served with
 `--load-format dummy` (random weights: prefill cost is real, answers are not).
 
-    python benchmarks/capacity.py [--quick] [--methods cachegen,kvtc]
+    python benchmarks/capacity.py [--quick] [--methods cachegen,kvtc] [--working-set-per-tier 8]
 """
 
 from __future__ import annotations
@@ -196,6 +197,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="distinct prompts")
     parser.add_argument("--requests", type=int, default=80, help="requests in the sequence")
     parser.add_argument("--cpu-gb", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--working-set-per-tier",
+        type=float,
+        default=3.0,
+        help="the KV working set over the CPU tier's size (3: a third of it fits)",
+    )
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
@@ -204,7 +211,7 @@ def main() -> None:
     if args.quick:
         args.prompts, args.requests, args.prompt_len = 16, 40, 512
     working_set = args.prompts * args.prompt_len * kv_bytes_per_token(shape)
-    args.cpu_gb = working_set / 3 / 1e9
+    args.cpu_gb = working_set / args.working_set_per_tier / 1e9
     with tempfile.TemporaryDirectory() as tmp:
         args.model = str(write_config_only_model(Path(tmp) / "model", **shape))
         print(
