@@ -1,17 +1,20 @@
 """How much more context a full CPU tier serves when it compresses before it evicts.
 
 Through real vLLM on the CPU: distinct long prompts, requested with
-Zipf-distributed reuse, whose KV is about three times the CPU tier. Each
+Zipf-distributed reuse, whose KV is about three times the CPU tier (or
+`--working-set-per-tier` times). Each
 configuration runs in its own child process on the same request sequence:
 
 * plain LRU eviction;
-* `compress_before_evict: cachegen` (and any other codec named with --methods).
+* `compress_before_evict: cachegen` (and any other codec named with --methods). A codec that
+  needs a calibration (kvtc) is calibrated first in its child, through a controller
+  (`POST /calibrate`), on CALIBRATION_PROMPTS other prompts, whose chunks are then cleared.
 
 Prints hit tokens, hit rate and mean / p50 time to first token per
 configuration; asserts nothing. The model is a config-only Llama served with
 `--load-format dummy` (random weights: prefill cost is real, answers are not).
 
-    python benchmarks/capacity.py [--quick] [--methods cachegen,fp8]
+    python benchmarks/capacity.py [--quick] [--methods cachegen,kvtc] [--working-set-per-tier 8]
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.tiny_model import write_config_only_model  # noqa: E402
+from lmc_connector import launch  # noqa: E402
 
 MODEL = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "intermediate": 2816}
 QUICK_MODEL = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1408}
 #: Zipf exponent of prompt popularity (1 = classic Zipf; larger = hotter head).
 ZIPF_S = 1.1
 CHUNK_SIZE = 256
+#: Prompts (not among the measured ones) cached to calibrate a codec that needs it.
+CALIBRATION_PROMPTS = 4
+INSTANCE = "capacity"
 
 
 def kv_bytes_per_token(model: dict[str, int]) -> int:
@@ -60,9 +67,33 @@ def prompt_ids(index: int, length: int) -> list[int]:
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration's run (in its own process); calibrated codecs get a controller."""
+    from lmc_connector.cache.calibrations import calibrated_methods
+
+    if args.child not in calibrated_methods():
+        return _serve(args, None)
+    port, monitor, worker = launch.free_port(), launch.free_port(), launch.free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = launch.controller_command("127.0.0.1", port, monitor)
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        launch.running("lmc-controller", command, url, Path(logs) / "controller.log", timeout=60),
+    ):
+        extra = {
+            "enable_controller": True,
+            "lmcache_instance_id": INSTANCE,
+            "controller_pull_url": f"127.0.0.1:{monitor}",
+            "lmcache_worker_ports": worker,
+        }
+        return _serve(args, url, extra)
+
+
+def _serve(
+    args: argparse.Namespace, controller: str | None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    extra: dict[str, Any] = {"chunk_size": CHUNK_SIZE, "max_local_cpu_size": args.cpu_gb}
+    extra = {"chunk_size": CHUNK_SIZE, "max_local_cpu_size": args.cpu_gb, **(extra or {})}
     if args.child != "plain":
         extra["compress_before_evict"] = args.child
     llm = LLM(
@@ -83,6 +114,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     )
     one = SamplingParams(max_tokens=1, temperature=0.0)
     llm.generate([{"prompt_token_ids": prompt_ids(-1, 256)}], one, use_tqdm=False)  # warm-up
+    if controller is not None:
+        calibrate(llm, one, controller, args)
     seconds, hits = [], []
     sequence = requests(args.prompts, args.requests, seed=7)
     for n, index in enumerate(sequence, 1):
@@ -94,6 +127,38 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if n % 20 == 0:
             print(f"{args.child}: {n}/{len(sequence)} requests", file=sys.stderr, flush=True)
     return {"seconds": seconds, "hits": hits}
+
+
+def calibrate(llm: Any, params: Any, controller: str, args: argparse.Namespace) -> None:
+    """Cache CALIBRATION_PROMPTS other prompts, calibrate `args.child` on them, clear."""
+    import httpx
+
+    for i in range(CALIBRATION_PROMPTS):
+        prompt = {"prompt_token_ids": prompt_ids(-2 - i, args.prompt_len)}
+        llm.generate([prompt], params, use_tqdm=False)
+    with httpx.Client(base_url=controller, timeout=60) as http:
+        body = {"instance_id": INSTANCE, "method": args.child}
+        event = _finished(http, http.post("/calibrate", json=body).json()["event_id"])
+        part = event["workers"][0]
+        print(
+            f"{args.child}: calibrated on {part['chunks_done']} chunks ({part['num_tokens']} "
+            f"tokens) in {part['seconds']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        http.post("/clear", json={"instance_id": INSTANCE})
+
+
+def _finished(http: Any, event_id: str, timeout: float = 600.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event: dict[str, Any] = http.get(f"/events/{event_id}").json()
+        if event["status"] == "finished":
+            return event
+        if event["status"] == "failed":
+            raise RuntimeError(f"calibration failed: {event['error']}")
+        time.sleep(0.2)
+    raise RuntimeError(f"calibration still running after {timeout:g} s")
 
 
 def run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -132,6 +197,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="distinct prompts")
     parser.add_argument("--requests", type=int, default=80, help="requests in the sequence")
     parser.add_argument("--cpu-gb", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--working-set-per-tier",
+        type=float,
+        default=3.0,
+        help="the KV working set over the CPU tier's size (3: a third of it fits)",
+    )
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
@@ -140,7 +211,7 @@ def main() -> None:
     if args.quick:
         args.prompts, args.requests, args.prompt_len = 16, 40, 512
     working_set = args.prompts * args.prompt_len * kv_bytes_per_token(shape)
-    args.cpu_gb = working_set / 3 / 1e9
+    args.cpu_gb = working_set / args.working_set_per_tier / 1e9
     with tempfile.TemporaryDirectory() as tmp:
         args.model = str(write_config_only_model(Path(tmp) / "model", **shape))
         print(

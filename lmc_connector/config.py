@@ -68,11 +68,13 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Milliseconds the scheduler waits for a worker's lookup answer before treating it as a miss.
     lookup_timeout_ms: int = 2000
     #: When the CPU tier is full, compress its least recently used plain chunks with this codec
-    #: before evicting anything (None: plain LRU eviction).
+    #: before evicting anything (None: plain LRU eviction). A calibrated codec (kvtc)
+    #: compresses nothing until the worker has a calibration (POST /calibrate).
     compress_before_evict: str | None = None
     #: The shared store (RemoteBackend): redis://, rediss://, valkey://, redis-cluster://; or off.
     remote_url: str | None = None
-    #: How chunks are stored there: "naive" (lossless tensor bytes) or a codec (cachegen, fp8).
+    #: How chunks are stored there: "naive" (lossless tensor bytes) or a codec (cachegen, fp8,
+    #: kvtc: plain until the worker has a calibration).
     remote_serde: str = "naive"
     #: Milliseconds a store lookup (and a connection attempt) may take; slower is a miss.
     remote_timeout_ms: int = 200
@@ -362,6 +364,8 @@ def _check_requirements(config: CacheConfig) -> None:
             "> 0 seconds (2 is a good value)"
         )
     _check_remote(config)
+    if config.compress_before_evict is not None:
+        _check_codec("compress_before_evict", config.compress_before_evict, "is no codec", [])
     for key in _LIST_KEYS:
         bad = [p for p in getattr(config, key) if not 0 < p < 65536]
         if bad:
@@ -380,17 +384,19 @@ def _check_remote(config: CacheConfig) -> None:
             "the same network)"
         )
     if config.remote_serde != "naive":
-        # Codec names live with the codecs (torch); only vLLM processes set this key.
-        from lmc_connector.ops.codecs import codec_names
+        _check_codec("remote_serde", config.remote_serde, "is not a serde", ["naive"])
 
-        valid = ["naive", *codec_names()]
-        if config.remote_serde not in valid:
-            close = difflib.get_close_matches(config.remote_serde, valid, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(
-                f"remote_serde={config.remote_serde!r} is not a serde{hint}; use one of "
-                f"{', '.join(valid)}"
-            )
+
+def _check_codec(key: str, value: str, what: str, extra: list[str]) -> None:
+    """ConfigError unless `value` names a codec (or one of `extra`)."""
+    # Codec names live with the codecs (torch); only vLLM processes set these keys.
+    from lmc_connector.ops.codecs import codec_names
+
+    valid = [*extra, *codec_names()]
+    if value not in valid:
+        close = difflib.get_close_matches(value, valid, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} {what}{hint}; use one of {', '.join(valid)}")
 
 
 def load_config(

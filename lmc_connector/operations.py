@@ -13,12 +13,12 @@ Torch-free and importable by every process.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
 #: What an operator can ask an instance to do.
-OpKind = Literal["compress", "decompress", "pin", "unpin", "clear", "move"]
+OpKind = Literal["compress", "decompress", "pin", "unpin", "clear", "move", "calibrate"]
 OP_KINDS: tuple[OpKind, ...] = get_args(OpKind)
 #: The operations that re-encode chunks in the background (a job per worker).
 TransformKind = Literal["compress", "decompress"]
@@ -47,3 +47,6 @@ class JobOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     kept: int = 0
     #: Why the part failed; empty on success.
     errors: list[str] = []
+    #: The calibration a calibrate fitted (its id); `num_tokens` and `chunks_done` count
+    #: the samples, `bytes_before` their plain KV, `bytes_after` the calibration's size.
+    calibration_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")] | None = None

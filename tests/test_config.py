@@ -270,6 +270,12 @@ def test_an_unknown_remote_serde_names_the_close_match_and_the_choices() -> None
         load_config({"remote_url": "redis://h", "remote_serde": "cachgen"}, env={})
 
 
+def test_compress_before_evict_takes_any_codec_a_calibrated_one_included() -> None:
+    assert load_config({"compress_before_evict": "kvtc"}, env={}).compress_before_evict == "kvtc"
+    with pytest.raises(ConfigError, match=r"compress_before_evict='kvt'.*did you mean kvtc\?"):
+        load_config({"compress_before_evict": "kvt"}, env={})
+
+
 def test_remote_timeout_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="remote_timeout_ms=0 must be > 0"):
         load_config({"remote_url": "redis://h", "remote_timeout_ms": 0}, env={})

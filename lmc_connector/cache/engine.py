@@ -9,15 +9,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 
 from lmc_connector import tokens as tok
+from lmc_connector.cache import calibrate, removal
+from lmc_connector.cache.calibrate import CalibrationJob
+from lmc_connector.cache.calibrations import CalibrationBook
 from lmc_connector.cache.chunk import Chunk
-from lmc_connector.cache.decode import to_tensors
+from lmc_connector.cache.decode import decoded_prefix
 from lmc_connector.cache.errors import UnknownLocationError
 from lmc_connector.cache.layout import ChunkLayout
+from lmc_connector.cache.removal import Cleared
 from lmc_connector.cache.tiers import (
     CacheEventSink,
     LocalCPUBackend,
@@ -27,20 +30,12 @@ from lmc_connector.cache.tiers import (
     build_tiers,
 )
 from lmc_connector.cache.tiers.base import leading
-from lmc_connector.cache.transforms import TransformJob, TransformRunner
-from lmc_connector.config import CacheConfig, ConfigError
+from lmc_connector.cache.transforms import TransformJob, TransformRunner, codec_device
+from lmc_connector.config import CacheConfig
 from lmc_connector.operations import TransformKind
 from lmc_connector.tokens import ChunkKey
 
 __all__ = ["CacheEngine", "CacheEventSink", "Cleared"]
-
-
-class Cleared(NamedTuple):
-    """What a clear did: chunk entries removed and kept (pinned), and the tokens they held."""
-
-    removed: int
-    kept: int
-    num_tokens: int
 
 
 def _fill(where: list[Tier | None], tier: Tier, held: Sequence[bool]) -> None:
@@ -61,13 +56,13 @@ class Located:
 
 
 class CacheEngine:
-    """Lookup, put, get, pin, remove, clear, move, compress and decompress chunks.
+    """Lookup, put, get, pin, remove, clear, move, compress, decompress and calibrate.
 
-    Owns the tiers (nearest first) and the context they share (lock, pins,
-    chunk-event sinks). Callers, concurrently: vLLM's worker thread
-    (`contains`, `put`, `get`), the scheduler's lookup channel (`lookup_keys`,
-    pins) and the control agent (everything else). Tensor copies, codec work
-    and I/O run outside the lock.
+    Owns the tiers (nearest first), the context they share (lock, pins,
+    chunk-event sinks) and the calibrations its codecs use (`calibrations`).
+    Callers, concurrently: vLLM's worker thread (`contains`, `put`, `get`), the
+    scheduler's lookup channel (`lookup_keys`, pins) and the control agent
+    (everything else). Tensor copies, codec work and I/O run outside the lock.
     """
 
     def __init__(
@@ -81,17 +76,18 @@ class CacheEngine:
         self.layout = layout
         self.ctx = TierContext()
         self.lock = self.ctx.lock
-        codec_device = _codec_device(config, device)
-        self._transforms = TransformRunner(self.ctx, codec_device)
-        method = config.compress_before_evict
-        if method is not None:
-            _check_method("compress_before_evict", method)
+        self.calibrations = CalibrationBook()
+        runner = TransformRunner(self.ctx, codec_device(config, device), self.calibrations)
+        self._transforms = runner
         self.tiers = build_tiers(
             config,
             layout,
             self.ctx,
-            partial(self._transforms.encode, method or ""),
-            partial(self._transforms.encode, config.remote_serde),
+            partial(runner.encode_to_evict, config.compress_before_evict or ""),
+            partial(runner.encode_for_store, config.remote_serde),
+        )
+        self.calibrations.attach(
+            [shelf for t in self.tiers if (shelf := t.calibration_shelf()) is not None]
         )
         self._near = [t for t in self.tiers if t.answers_from_memory]
         self._far = [t for t in self.tiers if not t.answers_from_memory]
@@ -99,9 +95,11 @@ class CacheEngine:
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Prepare the tiers; the disk tier re-admits chunks an earlier run left."""
+        """Prepare the tiers (the disk tier re-admits chunks an earlier run left), then take
+        the calibrations an earlier run (or another instance) kept on them."""
         for tier in self.tiers:
             tier.open()
+        self.calibrations.open()
 
     def close(self) -> None:
         for tier in self.tiers:
@@ -257,7 +255,10 @@ class CacheEngine:
         Encoded chunks are decoded on `device` on the way; the tensors must not
         be modified. Local tiers are read one chunk at a time; the rest is
         asked of the farther tiers in turn, many chunks per request. A chunk
-        found beyond the nearest tier is promoted into it.
+        found beyond the nearest tier is promoted into it. A chunk that does not
+        decode (damaged, or its calibration found nowhere) is a miss: the prefix
+        ends before it and its local copies are dropped, so that recomputed KV
+        takes its place.
         """
         chunks: list[Chunk] = []
         for key in keys:
@@ -274,7 +275,12 @@ class CacheEngine:
                     break
                 self.tiers[0].store(key, chunk)
                 chunks.append(chunk)
-        return to_tensors(chunks, device)
+        tensors, error = decoded_prefix(chunks, device, self.calibrations.store)
+        if error is not None:
+            bad = keys[len(tensors)]
+            dropped = sum(tier.remove([bad]) for tier in self._near)
+            self._transforms.undecodable(bad, error, dropped)
+        return tensors
 
     def _read_near(self, key: ChunkKey) -> Chunk | None:
         for depth, tier in enumerate(self._near):
@@ -320,47 +326,14 @@ class CacheEngine:
         return sum(tier.remove(keys) for tier in self.select(locations))
 
     def clear(self, location: str | None = None) -> Cleared:
-        """Remove every unpinned chunk of one location (all when None).
-
-        Counts are summed over the locations; `num_tokens` counts each chunk that was
-        there when the clear began and is gone from every cleared location at its end.
-        """
-        removed = kept = 0
-        tokens: dict[ChunkKey, int] = {}
-        remaining: set[ChunkKey] = set()
-        for tier in self.select(None if location is None else [location]):
-            keys = tier.chunk_keys()
-            before = tier.forms(keys)
-            gone, pinned = tier.clear()
-            removed, kept = removed + gone, kept + pinned
-            for key, form, held in zip(keys, before, tier.held(keys), strict=True):
-                if form is not None:
-                    tokens[key] = form.num_tokens
-                if held:
-                    remaining.add(key)
-        num_tokens = sum(n for key, n in tokens.items() if key not in remaining)
-        return Cleared(removed, kept, num_tokens)
+        """Remove every unpinned chunk of one location (all when None); see removal.clear."""
+        return removal.clear(self.select(None if location is None else [location]))
 
     def reset(self, shared: bool = False) -> int:
         """Remove every chunk of the tiers this instance owns (and of shared ones with
-        `shared`), pinned ones included; returns the chunk entries removed.
-
-        What vLLM's `/reset_prefix_cache?reset_external=true` does: cached KV
-        may be stale (new weights), so nothing is kept. Pins stay with their
-        holders, who release them as usual; a load planned on a removed chunk
-        finds it missing and vLLM recomputes those tokens. Spills in flight
-        are withdrawn. A chunk stored while the reset runs may survive it.
-        """
-        self.ctx.cancel_spills()
-        removed = 0
-        for tier in self.tiers:
-            if tier.shared and not shared:
-                continue
-            if tier.answers_from_memory:
-                removed += tier.remove(tier.chunk_keys())
-            else:
-                removed += tier.clear()[0]
-        return removed
+        `shared`), pinned ones included: what vLLM's `/reset_prefix_cache?reset_external=true`
+        does (see removal.reset). Returns the chunk entries removed."""
+        return removal.reset(self.ctx, self.tiers, shared)
 
     def move(self, tokens: Sequence[int], source: str, destination: str) -> int:
         """Move the cached prefix of `tokens` from `source` to `destination`; returns tokens moved.
@@ -397,8 +370,8 @@ class CacheEngine:
         job.outcome.num_tokens = self._tokens(len(job.keys), len(tokens))
         return job
 
-    def release(self, job: TransformJob) -> None:
-        """Drop the pins of a scheduled job that will not run."""
+    def release(self, job: TransformJob | CalibrationJob) -> None:
+        """Drop the pins of a scheduled job (one that will not run, or a calibration that ran)."""
         self._transforms.release(job)
 
     def run(self, job: TransformJob) -> TransformJob:
@@ -413,21 +386,15 @@ class CacheEngine:
         """Turn encoded chunks of the cached prefix back into plain tensors."""
         return self.run(self.schedule("decompress", tokens, method, location)).outcome.num_tokens
 
+    # -- calibration -------------------------------------------------------------------------
 
-def _check_method(key: str, method: str) -> None:
-    from lmc_connector.ops.codecs import UnknownCodecError, get_codec
+    def schedule_calibration(self, method: str) -> CalibrationJob:
+        """Choose and pin the samples of a calibration of `method` (see calibrate.schedule)."""
+        return calibrate.schedule(method, self._near, self.ctx, self.layout)
 
-    try:
-        get_codec(method)
-    except UnknownCodecError as e:
-        raise ConfigError(f"{key}: {e}") from e
-
-
-def _codec_device(config: CacheConfig, serving: torch.device | None) -> torch.device:
-    if config.codec_device == "cpu":
-        return torch.device("cpu")
-    if config.codec_device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("codec_device: cuda was asked for but no CUDA device is visible")
-        return serving if serving is not None and serving.type == "cuda" else torch.device("cuda")
-    return serving if serving is not None else torch.device("cpu")
+    def calibrate(self, job: CalibrationJob) -> CalibrationJob:
+        """Fit and adopt the calibration (see calibrate.run; never holds the lock)."""
+        try:
+            return calibrate.run(job, self.calibrations, self._transforms.device, self.layout)
+        finally:
+            self.release(job)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from lmc_connector.ops.codecs.errors import MissingCalibrationError
+
 
 class CacheError(ValueError):
     """A cache operation was asked for something the cache cannot do."""
@@ -39,3 +41,30 @@ class StoredMethodError(CacheError):
         )
         self.method = method
         self.stored = stored
+
+
+class NotCalibratedError(MissingCalibrationError):
+    """A compress with a calibrated codec before this worker has a calibration for its layout:
+    calibrate first (`POST /calibrate`, `lmc-admin calibrate`), then compress."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(None)
+        self.method = method
+        self.args = (
+            f"{method} needs a calibration for this worker's layout, and none was fitted yet: "
+            f'calibrate first with POST /calibrate {{"instance_id": ..., "method": "{method}"}} '
+            f"(or `lmc-admin calibrate --instance ID --method {method} --wait`), then compress",
+        )
+
+
+class NotEnoughKVError(CacheError):
+    """A calibration was asked for before the worker cached enough KV to fit one: send more
+    prompts (their KV is what it is fitted on), then calibrate again."""
+
+    def __init__(self, method: str, needed: int, held: int) -> None:
+        super().__init__(
+            f"calibrating {method} needs at least {needed} cached tokens of this layout; this "
+            f"worker holds {held}: send more prompts first, then calibrate again"
+        )
+        self.needed = needed
+        self.held = held

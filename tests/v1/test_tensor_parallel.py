@@ -2,7 +2,8 @@
 
 One child process runs vLLM with `tensor_parallel_size=2` on the CPU (one core
 per rank) against a real controller and a real Redis (each rank's shard under
-its own layout in the store); the tests read what it saw.
+its own layout in the store), and at the end calibrates kvtc on each rank's
+cached KV and serves a prompt from kvtc chunks; the tests read what it saw.
 """
 
 from __future__ import annotations
@@ -94,3 +95,19 @@ def test_each_rank_reads_its_own_shard_back_from_the_store(seen: dict[str, Any])
     assert seen["cleared"]["removed"] == 8  # both ranks' local chunks are gone
     assert seen["cached"][3] >= 192
     assert seen["outputs"][3] == seen["outputs"][0]
+
+
+def test_kvtc_is_refused_before_calibration_and_then_serves_from_cache(
+    seen: dict[str, Any],
+) -> None:
+    kvtc = seen["kvtc"]
+    assert kvtc["before_calibration"] == 409
+    calibration = kvtc["calibration"]
+    assert calibration["status"] == "finished", calibration
+    assert len({w["calibration_id"] for w in calibration["workers"]}) == 2  # one per shard
+    compressed = kvtc["compress"]
+    assert compressed["status"] == "finished", compressed
+    assert all(w["chunks_done"] == 4 and w["bytes_after"] < w["bytes_before"] / 3
+               for w in compressed["workers"])  # fmt: skip
+    first, again = kvtc["cached"]
+    assert first == 0 and again >= 192  # served from the kvtc-compressed chunks of both ranks

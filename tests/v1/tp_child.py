@@ -2,8 +2,9 @@
 
 Runs a prompt, repeats it, compresses its KV through the controller, runs it
 again, clears the local tiers and runs it once more from the shared store
-(`remote_url`, argv[5]), and prints one `RESULT {json}` line. Its own process, because vLLM
-tensor parallelism needs a fresh process and spawns one worker per rank.
+(`remote_url`, argv[5]); then calibrates kvtc on what is cached, runs a second prompt,
+compresses it with kvtc and runs it again; and prints one `RESULT {json}` line. Its own
+process, because vLLM tensor parallelism needs a fresh process and spawns one worker per rank.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import httpx
 
@@ -49,17 +51,13 @@ def main() -> None:
     body = {"instance_id": "tp2", "method": "cachegen", "location": "LocalCPUBackend",
             "tokens": prompt["prompt_token_ids"]}  # fmt: skip
     scheduled = httpx.post(f"{controller_url}/compress", json=body, timeout=30).json()
-    deadline, event = time.monotonic() + 120, {}
-    while time.monotonic() < deadline:
-        event = httpx.get(f"{controller_url}/events/{scheduled['event_id']}", timeout=30).json()
-        if event["status"] in ("finished", "failed"):
-            break
-        time.sleep(0.2)
+    event = _ended(controller_url, scheduled["event_id"])
     runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
     names = _wait_for_uploads(store_url, 8)  # the heads of 4 chunks per rank
     clear = {"instance_id": "tp2", "location": "LocalCPUBackend"}
     cleared = httpx.post(f"{controller_url}/clear", json=clear, timeout=30).json()
     runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    kvtc = _calibrate_and_compress(llm, params, controller_url)
     result = {
         "cached": [r.num_cached_tokens for r in runs],
         "outputs": [list(r.outputs[0].token_ids) for r in runs],
@@ -67,8 +65,43 @@ def main() -> None:
         "event": event,
         "cleared": cleared,
         "store_names": names,
+        "kvtc": kvtc,
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _ended(controller_url: str, event_id: str) -> dict[str, Any]:
+    deadline, event = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        event = httpx.get(f"{controller_url}/events/{event_id}", timeout=30).json()
+        if event["status"] in ("finished", "failed"):
+            break
+        time.sleep(0.2)
+    return dict(event)
+
+
+def _calibrate_and_compress(llm: Any, params: Any, controller_url: str) -> dict[str, Any]:
+    """Calibrate kvtc on each rank's cached KV, then serve a second prompt from kvtc chunks."""
+    from tests.v1.test_llm import prompt_ids
+
+    post = {"instance_id": "tp2", "method": "kvtc"}
+    early = httpx.post(f"{controller_url}/compress", json={**post, "location": "LocalCPUBackend"},
+                       timeout=30)  # fmt: skip
+    calibrated = httpx.post(f"{controller_url}/calibrate", json=post, timeout=30).json()
+    calibration = _ended(controller_url, calibrated["event_id"])
+    prompt = {"prompt_token_ids": prompt_ids(8, 200)}
+    runs = [llm.generate([prompt], params, use_tqdm=False)[0]]
+    body = {**post, "location": "LocalCPUBackend", "tokens": prompt["prompt_token_ids"]}
+    scheduled = httpx.post(f"{controller_url}/compress", json=body, timeout=30).json()
+    compressed = _ended(controller_url, scheduled["event_id"])
+    runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    return {
+        "before_calibration": early.status_code,
+        "calibration": calibration,
+        "compress": compressed,
+        "cached": [r.num_cached_tokens for r in runs],
+        "outputs": [list(r.outputs[0].token_ids) for r in runs],
+    }
 
 
 def _wait_for_uploads(url: str, count: int) -> list[str]:

@@ -13,11 +13,14 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from lmc_connector.cache.chunk import Chunk, ChunkForm
 from lmc_connector.cache.stats import CacheStats
 from lmc_connector.tokens import ChunkKey
+
+if TYPE_CHECKING:
+    from lmc_connector.cache.tiers.shelf import CalibrationShelf
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +274,8 @@ class Tier(ABC):
         """A chunk was just saved into the nearest tier; a write-through tier (a shared
         store) takes a copy here without blocking the caller. No-op here."""
         return
+
+    def calibration_shelf(self) -> CalibrationShelf | None:
+        """Where this tier keeps the calibrations its layout's encoded chunks need (a tier
+        that outlives the process or is shared with other instances has one); None here."""
+        return None

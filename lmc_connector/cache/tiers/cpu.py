@@ -12,6 +12,7 @@ from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.pool import BufferPool
 from lmc_connector.cache.tiers.base import Marker, Tier, TierContext
 from lmc_connector.cache.tiers.indexed import IndexedTier
+from lmc_connector.ops.codecs.errors import MissingCalibrationError
 from lmc_connector.tokens import ChunkKey
 
 #: Chunks encoded per round when the tier makes room by compressing (`compress_before_evict`).
@@ -145,6 +146,8 @@ class LocalCPUBackend(IndexedTier[Chunk]):
             tried.update(k for k, _ in batch)
             try:
                 encoded = compressor([c for _, c in batch])
+            except MissingCalibrationError:
+                return  # not calibrated yet: evict as usual (the compressor said why, once)
             except (ValueError, RuntimeError):
                 logger.exception("compress_before_evict failed; evicting instead")
                 return

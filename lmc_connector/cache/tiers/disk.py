@@ -23,10 +23,13 @@ from lmc_connector.cache.tiers.diskfile import (
     write_chunk,
 )
 from lmc_connector.cache.tiers.indexed import IndexedTier
+from lmc_connector.cache.tiers.shelf import CalibrationShelf, DiskShelf
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
 SUFFIX = ".kvc"
+#: The folder of this layout's calibrations, beside its chunk files.
+CALIBRATIONS = "calibrations"
 #: Temporary files older than this are left-overs of an interrupted write; younger ones may
 #: belong to another process writing to the same folder right now.
 STALE_TMP_S = 600.0
@@ -86,6 +89,10 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
 
     def path(self, key: ChunkKey) -> Path:
         return self.root / f"{key:016x}{SUFFIX}"
+
+    @override
+    def calibration_shelf(self) -> CalibrationShelf:
+        return DiskShelf(self.root / CALIBRATIONS)
 
     @override
     def size_of(self, chunk: Chunk) -> int:

@@ -3,6 +3,7 @@
     lmc-admin instances
     lmc-admin compress --instance lmcache_default_instance --method cachegen \\
         --location LocalCPUBackend --tokens 128000,849,21435 --wait
+    lmc-admin calibrate --instance lmcache_default_instance --method kvtc --wait
     lmc-admin lookup --prompt "Explain KV cache." --vllm-url http://localhost:8000 -o json
 
 Global options (--url, --api-key, -o, --json, --timeout) go before or after
@@ -125,6 +126,15 @@ def _subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         s.add_argument("--location", default="LocalCPUBackend", help="cache location")
         add_token_options(s, every_chunk=True)
         _add_wait(s)
+    s = _sub(
+        sub,
+        "calibrate",
+        "fit a calibrated codec (kvtc) on KV each worker of an instance has cached; "
+        "compress with it afterwards",
+    )
+    s.add_argument("--instance", required=True)
+    s.add_argument("--method", default="kvtc", help="codec to calibrate")
+    _add_wait(s)
     s = _sub(sub, "lookup", "where the longest cached prefix of a prompt lives")
     add_token_options(s)
     s = _sub(sub, "pin", "pin the cached prefix of a prompt")
@@ -187,6 +197,8 @@ def _request(client: ControllerClient, args: argparse.Namespace) -> Any:
     c = args.command
     if c in ("compress", "decompress"):
         return client.transform(c, args.instance, args.method, args.location, tokens_of(args))
+    if c == "calibrate":
+        return client.calibrate(args.instance, args.method)
     if c == "lookup":
         return client.lookup(required_tokens(args))
     if c == "pin":

@@ -121,6 +121,9 @@ class ControllerClient:
     ) -> Any:
         return self.transform("decompress", instance_id, method, location, tokens)
 
+    def calibrate(self, instance_id: str, method: str = "kvtc") -> Any:
+        return self.call("POST", "/calibrate", {"instance_id": instance_id, "method": method})
+
     def lookup(self, tokens: Sequence[int]) -> Any:
         return self.call("POST", "/lookup", {"tokens": list(tokens)})
 

@@ -114,6 +114,7 @@ def _event(out: Console, data: dict[str, Any], wide: bool) -> None:
         [
             ("event", data["event_id"]),
             ("kind", data.get("kind", "-")),
+            *([("method", data["method"])] if data.get("method") else []),
             ("instance", text(data.get("instance_id"))),
             ("status", data["status"]),
             ("tokens", text(data.get("num_tokens"))),
@@ -123,6 +124,9 @@ def _event(out: Console, data: dict[str, Any], wide: bool) -> None:
         ],
     )
     headers = ["RANK", "STATUS", "TOKENS", "CHUNKS", "SKIPPED", "BEFORE", "AFTER", "SECONDS"]
+    calibrations = any(w.get("calibration_id") for w in data.get("workers", []))
+    if calibrations:
+        headers.append("CALIBRATION")
     if wide:
         headers += ["REMOVED", "KEPT", "ERRORS"]
     rows = []
@@ -137,6 +141,8 @@ def _event(out: Console, data: dict[str, Any], wide: bool) -> None:
             size(w.get("bytes_after", 0)),
             f"{w.get('seconds', 0.0):.2f}",
         ]
+        if calibrations:
+            row.append(text(w.get("calibration_id")))
         if wide:
             row += [text(w.get("removed", 0)), text(w.get("kept", 0)), text(w.get("errors"))]
         rows.append(row)
@@ -157,7 +163,7 @@ def _workers(out: Console, workers: list[dict[str, Any]], wide: bool) -> None:
     headers = ["INSTANCE", "WORKER", "ADDRESS", "MODEL", "LOCATIONS", "CHUNKS", "USED"]
     headers += ["HEARTBEAT", "AGE"]
     if wide:
-        headers += ["CAPACITY", "METHODS", "PEER", "REGISTERED", "PID"]
+        headers += ["CAPACITY", "METHODS", "CALIBRATIONS", "PEER", "REGISTERED", "PID"]
     rows = []
     for w in workers:
         chunks, used, capacity = _usage(w)
@@ -176,6 +182,7 @@ def _workers(out: Console, workers: list[dict[str, Any]], wide: bool) -> None:
             row += [
                 size(capacity),
                 text(w.get("methods")),
+                text([f"{m}:{i[:12]}" for m, i in sorted((w.get("calibrations") or {}).items())]),
                 text(w.get("peer_init_url")),
                 when(w.get("registration_time")),
                 text(w.get("pid")),

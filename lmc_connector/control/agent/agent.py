@@ -9,7 +9,7 @@ The vLLM connector builds one per worker when `enable_controller` is set:
 
 Threads: the command server thread (the request/reply transport) decodes
 commands and hands them to the ops thread, which validates and applies them
-one at a time; the jobs thread runs compress/decompress; the reporter thread
+one at a time; the jobs thread runs compress/decompress, calibrations and pulls; the reporter thread
 talks to the monitor port. With `enable_p2p`, the peer server thread serves this worker's
 chunks to other instances and the peer client thread fetches from them. Nothing here runs
 on, or waits for, vLLM's forward pass.
@@ -49,10 +49,12 @@ MAX_QUEUED_COMMANDS = 256
 BAD_COMMAND_LOG_EVERY_S = 10.0
 
 
-def _methods() -> list[str]:
+def _methods() -> tuple[list[str], list[str]]:
+    """Every codec, and those that need a calibration."""
+    from lmc_connector.cache.calibrations import calibrated_methods
     from lmc_connector.ops.codecs import codec_names
 
-    return codec_names()
+    return codec_names(), calibrated_methods()
 
 
 def _advertised(host: str) -> str:
@@ -91,6 +93,7 @@ class ControlAgent:
                 peer_host, peer_port = _advertised(config.peer_host), config.peer_port(rank)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"p2p_host={config.peer_host!r}: {e}") from e
+        methods, calibrated = _methods()
         self.spec = WorkerSpec(
             instance_id=config.lmcache_instance_id,
             rank=rank,
@@ -101,11 +104,13 @@ class ControlAgent:
             model=model,
             chunk_size=engine.layout.chunk_size,
             locations=engine.locations,
-            methods=_methods(),
+            methods=methods,
             pid=os.getpid(),
             peer_host=peer_host,
             peer_port=peer_port,
             layout=engine.layout.instance_fingerprint(),
+            calibrated_methods=calibrated,
+            calibrations=engine.calibrations.current_ids(),
         )
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         #: This worker's chunks for other instances, and its fetches from them (enable_p2p).

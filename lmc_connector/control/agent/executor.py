@@ -1,8 +1,8 @@
 """Carries out the controller's commands on a worker's cache engine (no sockets).
 
 Threading: `prepare`, `commit`, `abort` and `sweep` run on the agent's single
-ops thread, one at a time; compress/decompress jobs run on the jobs thread
-and report through `on_job_done`. The engine does its own locking, so none of
+ops thread, one at a time; compress/decompress jobs, calibrations and pulls run
+on the jobs thread and report through `on_job_done`. The engine does its own locking, so none of
 this blocks vLLM's forward pass beyond the engine's short critical sections.
 """
 
@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
+from lmc_connector.cache.calibrate import CalibrationJob
+from lmc_connector.cache.errors import NotCalibratedError, NotEnoughKVError
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.pull import pull
 from lmc_connector.control.wire import commands as cmd
@@ -32,7 +34,7 @@ MAX_PREPARED = 1024
 @dataclass(slots=True)
 class _Prepared:
     op: cmd.Op
-    job: TransformJob | None
+    job: TransformJob | CalibrationJob | None
     #: time.monotonic() after which the controller has given up on this op
     deadline: float
 
@@ -79,7 +81,7 @@ class OpExecutor:
             return cmd.Failed("busy", f"{MAX_PREPARED} operations already prepared; retry later")
         op, engine = prepare.op, self._engine
         try:
-            job = None
+            job: TransformJob | CalibrationJob | None = None
             if isinstance(op, cmd.TransformOp):
                 if op.method not in self._methods:
                     valid = ", ".join(self._methods) or "none"
@@ -88,6 +90,8 @@ class OpExecutor:
                     )
                 which = None if op.every_chunk else op.tokens
                 job = engine.schedule(op.kind, which, op.method, op.location)
+            elif isinstance(op, cmd.CalibrateOp):
+                job = engine.schedule_calibration(op.method)
             elif isinstance(op, cmd.PinOp | cmd.ClearOp) and op.location is not None:
                 engine.tier(op.location)
             elif isinstance(op, cmd.MoveOp):
@@ -99,6 +103,8 @@ class OpExecutor:
                     return refused
         except UnknownLocationError as e:
             return cmd.Failed("unknown_location", str(e))
+        except (NotCalibratedError, NotEnoughKVError) as e:
+            return cmd.Failed("conflict", str(e))
         except ValueError as e:
             return cmd.Failed("bad_request", str(e))
         self._release(prepare.event_id)
@@ -128,6 +134,10 @@ class OpExecutor:
             return cmd.Failed("unknown_event", f"nothing prepared for event {commit.event_id}")
         op, engine = prepared.op, self._engine
         try:
+            if isinstance(prepared.job, CalibrationJob):
+                calibration = prepared.job
+                self._jobs.submit(self._run_calibration, commit.event_id, calibration)
+                return cmd.Ok(JobOutcome(num_tokens=calibration.outcome.num_tokens))
             if prepared.job is not None:
                 job = prepared.job
                 self._jobs.submit(self._run_job, commit.event_id, job)
@@ -178,6 +188,17 @@ class OpExecutor:
             logger.exception("pull of event %s crashed", event_id)
             outcome = JobOutcome(errors=[f"{type(e).__name__}: {e}"])
         self._on_job_done(event_id, outcome)
+
+    def _run_calibration(self, event_id: str, job: CalibrationJob) -> None:
+        try:
+            self._engine.calibrate(job)
+        except ValueError as e:  # too few samples left, or the fit refused them
+            logger.error("calibration of %s, event %s, failed: %s", job.method, event_id, e)
+            job.outcome.errors.append(str(e))
+        except Exception as e:  # boundary: this calibration fails and is reported
+            logger.exception("calibration of %s, event %s, crashed", job.method, event_id)
+            job.outcome.errors.append(f"{type(e).__name__}: {e}")
+        self._on_job_done(event_id, job.outcome)
 
     def _run_job(self, event_id: str, job: TransformJob) -> None:
         outcome = job.outcome

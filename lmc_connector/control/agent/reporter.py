@@ -211,6 +211,7 @@ class Reporter:
         register = mon.Register(
             **{name: getattr(spec, name) for name in mon.WorkerSpec.__struct_fields__}
         )
+        register.calibrations = self._engine.calibrations.current_ids()  # fitted since start
         # Under the engine lock no event can slip between the snapshot and the buffer reset.
         with self._engine.lock:
             keys = self._engine.snapshot()

@@ -102,6 +102,13 @@ class InvalidChoiceError(ControlError):
         )
 
 
+class NotYetError(ControlError):
+    """The instance cannot do this yet (e.g. compress with a calibrated codec before a
+    calibration); the message says what to do first."""
+
+    status = 409
+
+
 class InstanceNotReadyError(ControlError):
     """Some tensor-parallel ranks of the instance are not registered; retry when they are."""
 

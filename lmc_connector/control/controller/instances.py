@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmc_connector.control.controller.errors import InstanceNotReadyError, InvalidChoiceError
+from lmc_connector.control.controller.errors import (
+    InstanceNotReadyError,
+    InvalidChoiceError,
+    NotYetError,
+)
 from lmc_connector.control.wire.monitor import TierReport, WorkerSpec
 
 
@@ -81,3 +85,33 @@ class Instance:
     def check_method(self, method: str) -> None:
         if method not in self.methods:
             raise InvalidChoiceError("method", method, self.methods)
+
+    @property
+    def calibrated_methods(self) -> list[str]:
+        """Methods (offered by every worker) that compress only with a calibration."""
+        methods = set(self.methods)
+        return sorted(
+            {m for w in self.workers.values() for m in w.spec.calibrated_methods} & methods
+        )
+
+    def check_calibrates(self, method: str) -> None:
+        """InvalidChoiceError unless `method` is one that takes a calibration."""
+        if method not in self.calibrated_methods:
+            raise InvalidChoiceError(
+                "method to calibrate (the others need none)", method, self.calibrated_methods
+            )
+
+    def check_calibrated(self, method: str) -> None:
+        """NotYetError when `method` needs a calibration that some worker has not got (as far
+        as the controller knows: what it registered with and the calibrations it fitted)."""
+        if method not in self.calibrated_methods:
+            return
+        lacking = sorted(r for r, w in self.workers.items() if method not in w.spec.calibrations)
+        if lacking:
+            raise NotYetError(
+                f"{method} needs a calibration, and worker(s) {lacking[:16]} of instance "
+                f"'{self.instance_id}' have none yet: calibrate first with POST /calibrate "
+                f'{{"instance_id": "{self.instance_id}", "method": "{method}"}} (or '
+                f"`lmc-admin calibrate --instance {self.instance_id} --method {method} --wait`), "
+                "then compress"
+            )

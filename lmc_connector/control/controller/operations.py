@@ -46,6 +46,8 @@ class Operation(msgspec.Struct, kw_only=True):
     event_id: str
     kind: str
     instance_id: str | None
+    #: The codec a compress, decompress or calibrate named.
+    method: str | None = None
     status: Status = "pending"
     num_tokens: int = 0
     created_at: float

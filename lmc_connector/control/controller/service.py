@@ -23,6 +23,7 @@ from typing import NoReturn
 import zmq
 
 from lmc_connector.control.controller.errors import (
+    NotYetError,
     WorkerRejectedError,
     WorkerUnavailableError,
 )
@@ -174,7 +175,8 @@ class ControllerService:
         if background is None:
             background = kind in TRANSFORM_KINDS
         started = time.perf_counter()
-        workers, operation = await asyncio.to_thread(self._begin, kind, instance_id, check)
+        method = getattr(op, "method", None)
+        workers, operation = await asyncio.to_thread(self._begin, kind, instance_id, check, method)
         event_id = operation.event_id
         prepare = cmd.Prepare(event_id, op, ttl_s=self.settings.command_timeout)
         prepared = await self._ask(workers, prepare)
@@ -210,7 +212,7 @@ class ControllerService:
         return operation
 
     def _begin(
-        self, kind: str, instance_id: str, check: Callable[[Instance], None]
+        self, kind: str, instance_id: str, check: Callable[[Instance], None], method: str | None
     ) -> tuple[list[WorkerRef], Operation]:
         state = self.state
         with state.lock:
@@ -218,6 +220,7 @@ class ControllerService:
             check(instance)
             workers = [WorkerRef(instance_id, w.rank, w.address) for w in instance.ready_workers()]
             operation = state.operations.create(kind, instance_id, [w.rank for w in workers])
+            operation.method = method
         return workers, operation
 
     def _record(
@@ -309,4 +312,6 @@ class ControllerService:
                 f"nothing was changed: {errors}",
                 operation.event_id,
             )
+        if any(isinstance(r, cmd.Failed) and r.code == "conflict" for _, _, r in problems):
+            raise NotYetError(f"{errors}; nothing was changed", operation.event_id)
         raise WorkerRejectedError(f"{errors}; nothing was changed", operation.event_id)

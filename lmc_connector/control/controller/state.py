@@ -209,6 +209,9 @@ class ControllerState:
             self.stats.ignored += 1
             return
         self.operations.finish_part(op, msg.rank, outcome=msg.outcome)
+        fitted = msg.outcome.calibration_id
+        if op.kind == "calibrate" and op.method and fitted and not msg.outcome.errors:
+            worker.spec.calibrations[op.method] = fitted
         if op.status in ("finished", "failed"):
             logger.info(
                 "%s %s on %s: %s, %d chunks in %.3f s, %d -> %d bytes",

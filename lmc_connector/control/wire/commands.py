@@ -71,7 +71,15 @@ class PullOp(msgspec.Struct, tag="pull"):
     num_tokens: int = 0
 
 
-Op = TransformOp | PinOp | UnpinOp | ClearOp | MoveOp | PullOp
+class CalibrateOp(msgspec.Struct, tag="calibrate"):
+    """Fit a calibration of `method` (a calibrated codec) on chunks this worker has cached, in
+    the background like a transform, and encode with it from then on. `num_tokens` of the
+    prepare answer: the tokens chosen as samples."""
+
+    method: Name
+
+
+Op = TransformOp | PinOp | UnpinOp | ClearOp | MoveOp | PullOp | CalibrateOp
 
 
 class Prepare(msgspec.Struct, tag=True):
@@ -113,6 +121,8 @@ class Ok(msgspec.Struct, tag=True, omit_defaults=True):
 
 
 #: "internal": the worker hit an unexpected error (logged there with its traceback).
+#: "conflict": the worker cannot do it yet (a compress needing a calibration it has not got,
+#: a calibration before enough KV is cached); the error says what to do first.
 ErrorCode = Literal[
     "bad_request",
     "unknown_location",
@@ -121,6 +131,7 @@ ErrorCode = Literal[
     "expired",
     "busy",
     "internal",
+    "conflict",
 ]
 
 

@@ -13,6 +13,7 @@ import msgspec
 
 from lmc_connector.control.wire.codec import Decoder
 from lmc_connector.control.wire.types import (
+    CalibrationId,
     Host,
     InstanceId,
     Name,
@@ -52,6 +53,11 @@ class WorkerSpec(msgspec.Struct):
     #: What every rank of the instance shares (model, world size, dtype, shape, chunk size);
     #: only instances with the same fingerprint exchange chunks.
     layout: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    #: Methods (of `methods`) that compress only once a calibration exists (POST /calibrate).
+    calibrated_methods: Annotated[list[Name], msgspec.Meta(max_length=64)] = []
+    #: Method -> id of the calibration it encodes with, as the worker registered (loaded from
+    #: its disk tier or the shared store); the controller adds those it fits later.
+    calibrations: Annotated[dict[Name, CalibrationId], msgspec.Meta(max_length=64)] = {}
 
     @property
     def peer_address(self) -> str | None:

@@ -36,3 +36,5 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 PeerAddress = Annotated[
     str, msgspec.Meta(max_length=300, pattern=r"^tcp://[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}$")
 ]
+#: A calibration's content hash (`ops.codecs.calibration_id`): 32 hex digits.
+CalibrationId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lmc_connector.cache import CacheEngine
 from lmc_connector.cache.tiers import LocalCPUBackend
 from lmc_connector.config import ConfigError
+from lmc_connector.ops.codecs import fit_calibration
 from lmc_connector.tokens import ChunkKey
 from tests.cache.conftest import CHUNK, LAYOUT, EngineFactory
 
@@ -103,3 +105,23 @@ def test_a_failing_compressor_falls_back_to_eviction(make_engine: EngineFactory)
     for p in PROMPTS[:4]:
         put_prompt(engine, p)
     assert [engine.lookup(p) for p in PROMPTS[:4]] == [0, 0, CHUNK, CHUNK]
+
+
+def test_kvtc_without_a_calibration_evicts_saying_why_once_then_compresses_once_calibrated(
+    make_engine: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = engine_of(make_engine, 4, compress_before_evict="kvtc")
+    with caplog.at_level(logging.WARNING, logger="lmc_connector.cache.transforms"):
+        for p in PROMPTS[:6]:
+            put_prompt(engine, p)
+    assert [engine.lookup(p) for p in PROMPTS[:6]] == [0, 0] + [CHUNK] * 4
+    why = [r.getMessage() for r in caplog.records if "compress_before_evict" in r.getMessage()]
+    assert len(why) == 1 and "calibrate" in why[0], why
+
+    samples = [torch.randn(WIDE.shape(CHUNK), generator=torch.Generator().manual_seed(s))
+               for s in range(2 * 256 // CHUNK + 1)]  # fmt: skip
+    engine.calibrations.adopt("kvtc", fit_calibration("kvtc", samples))
+    for p in PROMPTS[6:12]:
+        put_prompt(engine, p)
+    assert [engine.lookup(p) for p in PROMPTS[6:12]] == [CHUNK] * 6
+    assert encoded(engine, PROMPTS[6]) and not encoded(engine, PROMPTS[11])

@@ -22,6 +22,7 @@ from lmc_connector.cache.tiers.remote import RemoteBackend
 from lmc_connector.cache.tiers.remote import writer as writer_module
 from lmc_connector.config import load_config
 from lmc_connector.launch import Service
+from lmc_connector.ops.codecs import fit_calibration
 from tests.cache.conftest import CHUNK, LAYOUT, RecordingSink, make_kv
 from tests.control.harness import wait_until
 
@@ -357,3 +358,39 @@ def test_tls_store_with_a_password(tmp_path: Path, make: Factory) -> None:
         # Plain text to the TLS port, or TLS without trusting the CA: misses, never errors.
         assert make(url=f"redis://:pw@127.0.0.1:{tls_port}").lookup(TOKENS) == 0
         assert make(url=f"rediss://:pw@127.0.0.1:{tls_port}").lookup(TOKENS) == 0
+
+
+def test_a_calibration_in_the_store_lets_other_engines_decode_kvtc_values(
+    make: Factory, store: redis.Redis
+) -> None:
+    layout = ChunkLayout("m", 1, 0, "float16", 2, 4, 64, 64)
+
+    def kv(seed: int) -> torch.Tensor:
+        return torch.randn(layout.shape(64), generator=torch.Generator().manual_seed(seed)).half()
+
+    writer, early_reader = make(layout, remote_serde="kvtc"), make(layout)
+    before, after = list(range(128)), list(range(500, 628))
+    for i, key in enumerate(writer.hashes(before)):
+        writer.put(key, kv(i))  # no calibration yet: uploaded plain
+    remote(writer).flush()
+    assert [f.method for f in remote(writer).forms(writer.hashes(before)) if f] == [None, None]
+
+    calibration = writer.calibrations.adopt(
+        "kvtc", fit_calibration("kvtc", [kv(100 + s) for s in range(3)])
+    )
+    kvs = [kv(10 + i) for i in range(2)]
+    for key, value in zip(writer.hashes(after), kvs, strict=True):
+        writer.put(key, value)
+    remote(writer).flush()
+    assert [f.method for f in remote(writer).forms(writer.hashes(after)) if f] == ["kvtc"] * 2
+
+    late_reader = make(layout)  # opened after the calibration: encodes with it too
+    assert late_reader.calibrations.current_ids() == {"kvtc": calibration.id}
+    assert early_reader.calibrations.current_ids() == {}
+    for reader in (early_reader, late_reader):  # both find it in the store to decode
+        loaded = reader.get(reader.hashes(after))
+        assert len(loaded) == 2
+        for got, want in zip(loaded, kvs, strict=True):
+            assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.2
+    early_reader.clear(REMOTE)
+    assert store.exists(f"lmc:{layout.fingerprint()}:calibration:kvtc")  # not a chunk

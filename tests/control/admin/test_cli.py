@@ -76,6 +76,28 @@ def test_compress_wait_follows_the_event_and_exits_0(
     assert json.loads(capsys.readouterr().out)["status"] == "finished"
 
 
+def test_calibrate_wait_shows_each_workers_calibration_then_kvtc_compresses(
+    controller: Controller, make_instance: InstanceFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = list(range(700, 740))  # 40 tokens: enough to fit on (16 needed)
+    for w in make_instance("cli-cal"):
+        w.fill(prompt, seed=w.engine.layout.rank)
+    tokens = ",".join(map(str, prompt))
+    compress = ("compress", "--instance", "cli-cal", "--method", "kvtc", "--tokens", tokens)
+    assert admin(controller, *compress) == 2  # 409: calibrate first
+    assert "lmc-admin calibrate --instance cli-cal" in capsys.readouterr().err
+    assert admin(controller, "calibrate", "--instance", "cli-cal", "--wait") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^kind:\s+calibrate$", out, re.M)
+    assert re.search(r"^method:\s+kvtc$", out, re.M)
+    rows = re.findall(r"^\d\s+finished\s.*\s[0-9a-f]{32}$", out, re.M)
+    assert "CALIBRATION" in out and len(rows) == 2, out
+    assert admin(controller, "--json", *compress, "--wait") == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "finished"
+    assert admin(controller, "workers", "--instance", "cli-cal", "-o", "wide") == 0
+    assert "kvtc:" in capsys.readouterr().out
+
+
 def test_prompt_is_tokenized_through_vllm(
     controller: Controller,
     make_instance: InstanceFactory,

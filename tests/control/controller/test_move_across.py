@@ -177,3 +177,23 @@ def test_a_move_whose_source_dies_fails_and_says_how_far_it_got(
     assert event["status"] == "failed"
     assert "stopped after 0 chunks" in event["error"]
     assert all(w.engine.lookup(TOKENS) == len(TOKENS) for w in a)
+
+
+def test_kvtc_chunks_pulled_by_an_instance_without_their_calibration_are_misses(
+    pair: tuple[list[Worker], list[Worker]], client: httpx.Client
+) -> None:
+    a, b = pair
+
+    def ran(answer: httpx.Response) -> None:
+        assert finished(client, answer.json()["event_id"])["status"] == "finished"
+
+    ran(client.post("/calibrate", json={"instance_id": instance_id(a)}))
+    body = {"instance_id": instance_id(a), "method": "kvtc", "location": CPU, "tokens": TOKENS}
+    ran(client.post("/compress", json=body))
+    ran(move(client, a, b, should_copy=True))
+    for worker in b:  # the chunks travelled as stored; B has no shared store to find A's fit
+        keys = worker.engine.hashes(TOKENS)
+        assert [c.method for c in worker.engine.stored(keys)] == ["kvtc"] * CHUNKS
+        assert worker.engine.get(keys) == []
+        assert worker.engine.lookup(TOKENS) == 0  # the first chunk made way for recomputed KV
+    assert all(len(w.engine.get(w.engine.hashes(TOKENS))) == CHUNKS for w in a)

@@ -32,6 +32,7 @@ from tests.control.harness import (
     Controller,
     Worker,
     engine_config,
+    registered,
     start_worker,
     start_worker_process,
     wait_until,
@@ -78,6 +79,26 @@ def test_restarted_controller_rebuilds_its_index_from_agents(
         lambda: layout_of(private_controller, "restart-a") == [CPU, 12],
         what="agents to resync with the new controller",
     )
+
+
+def test_a_restarted_controller_learns_the_calibrations_fitted_before_it_went(
+    private_controller: Controller, make_instance: InstanceFactory
+) -> None:
+    prompt = list(range(800, 840))  # enough cached tokens to calibrate on
+    for w in make_instance("restart-cal", target=private_controller):
+        w.fill(prompt, seed=w.engine.layout.rank)
+    url = private_controller.url
+    event_id = httpx.post(f"{url}/calibrate", json={"instance_id": "restart-cal"}).json()
+    wait_until(
+        lambda: httpx.get(f"{url}/events/{event_id['event_id']}").json()["status"] == "finished",
+        what="the calibration",
+    )
+    private_controller.stop()
+    private_controller.start()
+    wait_until(lambda: registered(url, "restart-cal", 2), what="the workers to register again")
+    body = {"instance_id": "restart-cal", "method": "kvtc", "location": CPU, "tokens": prompt}
+    answer = httpx.post(f"{url}/compress", json=body, timeout=10)
+    assert answer.status_code == 200, answer.text  # not a 409: the registrations said so
 
 
 @pytest.fixture

@@ -170,3 +170,24 @@ def test_peer_and_locate_messages_round_trip_and_bound_their_sizes() -> None:
     bad = cmd.Prepare("e", cmd.PullOp(["tcp://h:1; rm -rf /"], "A", "B", [1]), ttl_s=1.0)
     with pytest.raises(MessageError):
         cmd.command_decoder().decode(encode(bad))
+
+
+def test_calibrations_travel_and_a_register_from_before_them_needs_none() -> None:
+    prepare = cmd.Prepare("e", cmd.CalibrateOp("kvtc"), 1.0)
+    assert cmd.command_decoder().decode(encode(prepare)) == prepare
+    refusal = cmd.Failed("conflict", "calibrate first")
+    assert cmd.reply_decoder().decode(encode(refusal)) == refusal
+    fitted = mon.JobDone("i", 0, "s", "e", JobOutcome(calibration_id="0" * 32))
+    assert decode_worker(encode(fitted)) == fitted
+    register = decode_worker(REGISTER_V1)
+    assert isinstance(register, mon.Register)
+    assert register.calibrated_methods == [] and register.calibrations == {}
+
+
+def test_a_calibration_id_that_is_not_one_is_malformed() -> None:
+    forged = msgspec.msgpack.encode(
+        {"type": "JobDone", "instance_id": "i", "rank": 0, "session": "s", "event_id": "e",
+         "outcome": {"calibration_id": "../../etc"}}
+    )  # fmt: skip
+    with pytest.raises(MessageError, match=r"calibration_id"):
+        decode_worker(forged)

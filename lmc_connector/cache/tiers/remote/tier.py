@@ -27,6 +27,7 @@ from lmc_connector.cache.tiers.remote import ops
 from lmc_connector.cache.tiers.remote.client import Client, StoreSession
 from lmc_connector.cache.tiers.remote.keys import StoreKeys
 from lmc_connector.cache.tiers.remote.ops import ChunkNames
+from lmc_connector.cache.tiers.remote.shelf import StoreShelf
 from lmc_connector.cache.tiers.remote.values import (
     Allocator,
     Assembler,
@@ -36,6 +37,7 @@ from lmc_connector.cache.tiers.remote.values import (
     to_value,
 )
 from lmc_connector.cache.tiers.remote.writer import Batch, StoreWriter
+from lmc_connector.cache.tiers.shelf import CalibrationShelf
 from lmc_connector.remote_url import StoreAddress
 from lmc_connector.tokens import ChunkKey
 
@@ -123,6 +125,10 @@ class RemoteBackend(Tier):
 
     def _call(self, action: str, bulk: bool, fn: Callable[[Client], Any]) -> Any:
         return self.session.call(action, bulk, fn)
+
+    @override
+    def calibration_shelf(self) -> CalibrationShelf:
+        return StoreShelf(self.session, self.keys.namespace)
 
     # -- queries ------------------------------------------------------------------------------
 

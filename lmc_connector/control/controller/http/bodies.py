@@ -26,6 +26,13 @@ class TransformRequest(msgspec.Struct, forbid_unknown_fields=True):
     tokens: Tokens | None = None
 
 
+class CalibrateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Fit a calibration of `method` on each worker of the instance, on KV it has cached."""
+
+    instance_id: InstanceId
+    method: str = "kvtc"
+
+
 class ScheduledResponse(msgspec.Struct):
     """`num_tokens`: tokens scheduled, the minimum over the instance's workers."""
 
@@ -212,6 +219,7 @@ class ErrorResponse(msgspec.Struct):
 
 
 __all__ = [
+    "CalibrateRequest",
     "CheckFinishRequest",
     "ClearRequest",
     "ClearResponse",

@@ -77,6 +77,7 @@ def doc(
     responses: dict[int | str, dict[str, Any]] = {
         400: {"description": "bad request"},
         404: {"description": "unknown instance or event"},
+        409: {"description": "not yet possible (e.g. compress before calibrate): do what it says"},
         503: {"description": "workers did not answer in time"},
     }
     if answer is not None:

@@ -27,6 +27,8 @@ async def _transform(
     def check(inst: Instance) -> None:
         inst.check_method(req.method)
         inst.check_location(req.location)
+        if kind == "compress":
+            inst.check_calibrated(req.method)
 
     every_chunk = req.tokens is None
     op = cmd.TransformOp(kind, req.method, req.location, req.tokens or [], every_chunk)
@@ -64,6 +66,28 @@ async def decompress(
     service: ControllerService = Service,
 ) -> Response:
     return await _transform(service, "decompress", req)
+
+
+@router.post(
+    "/calibrate",
+    summary="Calibrate a codec on cached KV",
+    **doc(bodies.CalibrateRequest, bodies.ScheduledResponse),
+)
+async def calibrate(
+    req: bodies.CalibrateRequest = Depends(body(bodies.CalibrateRequest)),  # noqa: B008
+    service: ControllerService = Service,
+) -> Response:
+    """Each worker fits a calibration of `method` on chunks it holds, in the background
+    (tracked like compress; `num_tokens`: the sample tokens), keeps it beside its tiers and
+    compresses with it from then on."""
+
+    def check(inst: Instance) -> None:
+        inst.check_method(req.method)
+        inst.check_calibrates(req.method)
+
+    op = cmd.CalibrateOp(req.method)
+    operation = await service.run("calibrate", req.instance_id, op, check, background=True)
+    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 
 
 @router.post(
