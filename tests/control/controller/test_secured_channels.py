@@ -18,6 +18,7 @@ import zmq
 from lmc_connector.config import ConfigError
 from lmc_connector.control.agent import link
 from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import encode
 from lmc_connector.control.wire.rpc import RpcClient, RpcError
 from lmc_connector.control.wire.security import ChannelSecurity
@@ -134,6 +135,44 @@ def test_commands_without_the_secret_get_no_answer_and_change_nothing(
             context.term()
     assert victim.engine.lookup(PROMPT) == 12
     assert not victim.agent._executor._prepared
+
+
+def test_the_peer_port_serves_only_holders_of_the_secret(
+    secured: Controller, make_instance: InstanceFactory, secret_file: Path
+) -> None:
+    (victim,) = make_instance(
+        "curve-p",
+        world_size=1,
+        target=secured,
+        control_secret_file=str(secret_file),
+        enable_p2p=True,
+        controller_reply_url=f"127.0.0.1:{free_port()}",  # not asked here
+        p2p_init_ports=[],
+    )
+    victim.fill(PROMPT)
+    keys = victim.engine.hashes(PROMPT)
+    layout = victim.engine.layout.instance_fingerprint()
+    address = f"tcp://127.0.0.1:{victim.agent.spec.peer_port}"
+    fetch = encode(pw.Fetch(layout, keys))
+    drop = encode(pw.Drop(layout, keys, CPU))
+
+    def ask(security: ChannelSecurity, request: bytes) -> pw.Chunks | None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        client = RpcClient(context, "peer", security)
+        client.start()
+        try:
+            return pw.chunks_decoder().decode(client.call(address, [request], 1.0)[0].buffer)
+        except RpcError:
+            return None
+        finally:
+            client.close()
+            context.term()
+
+    for security in (ChannelSecurity(), WRONG):
+        assert ask(security, fetch) is None and ask(security, drop) is None
+    assert victim.engine.lookup(PROMPT) == 12  # nothing dropped
+    answer = ask(ChannelSecurity(SECRET), fetch)
+    assert answer is not None and len(answer.chunks) == len(keys)
 
 
 def test_a_worker_without_the_secret_is_not_registered_and_says_what_to_check(
