@@ -47,6 +47,7 @@ from examples.tiny_model import write_config_only_model  # noqa: E402
 from lmc_connector import launch as services  # noqa: E402
 from lmc_connector.cache import CacheEngine, ChunkLayout  # noqa: E402
 from lmc_connector.config import load_config  # noqa: E402
+from lmc_connector.control.wire.security import ChannelSecurity  # noqa: E402
 from lmc_connector.tokens import ChunkKey  # noqa: E402
 
 LLAMA_8B = ChunkLayout("llama-3.1-8b", 1, 0, "bfloat16", 2, 32, 8 * 128, 256)
@@ -68,7 +69,7 @@ def _serve(args: argparse.Namespace) -> None:
     for key in range(1, total + 1):
         engine.put(ChunkKey(key), torch.randn(shape).to(torch.bfloat16), copy=False)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    server = PeerServer(context, engine, "tcp://127.0.0.1:0")
+    server = PeerServer(context, engine, "tcp://127.0.0.1:0", ChannelSecurity())
     server.start()
     plain = context.socket(zmq.ROUTER)
     plain_port = plain.bind_to_random_port("tcp://127.0.0.1")
@@ -129,7 +130,7 @@ def transfer(args: argparse.Namespace) -> float:
         total = args.chunks * chunk_bytes
         engine = _engine(total + chunk_bytes)
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        client = PeerClient(context, engine, timeout_s=60.0)
+        client = PeerClient(context, engine, 60.0, ChannelSecurity())
         client.start()
         plain = context.socket(zmq.DEALER)
         plain.connect(plain_url)

@@ -59,6 +59,12 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lmcache_worker_host: str = "127.0.0.1"
     #: Seconds between agent heartbeats.
     controller_heartbeat_interval: float = 2.0
+    #: File holding the secret shared with the controller (its --secret-file): CURVE
+    #: authenticates and encrypts the monitor, command and peer channels. None: plaintext,
+    #: and this worker listens on loopback only (unless control_insecure).
+    control_secret_file: str | None = None
+    #: Allow listening beyond loopback (lmcache_worker_host) without a secret (warned at start).
+    control_insecure: bool = False
     #: Address the peer server of each worker binds and other instances dial (None: 127.0.0.1).
     p2p_host: str | None = None
     #: Peer server port of each worker, indexed by tensor-parallel rank; one port P means P + rank.
@@ -356,6 +362,11 @@ def _check_requirements(config: CacheConfig) -> None:
             )
     if config.p2p_timeout_ms <= 0:
         raise ConfigError(f"p2p_timeout_ms={config.p2p_timeout_ms} must be > 0 (e.g. 2000)")
+    if config.control_secret_file is not None and not Path(config.control_secret_file).is_file():
+        raise ConfigError(
+            f"control_secret_file={config.control_secret_file!r} is not a readable file: point "
+            "it at the file holding the secret the controller reads with --secret-file"
+        )
     if config.lookup_timeout_ms <= 0:
         raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
     if config.controller_heartbeat_interval <= 0:

@@ -1,11 +1,14 @@
 """One chunk as bytes, wherever it leaves memory (disk files, shared-store values).
 
-    header   "<4sHB16sI4IQI": magic, version, encoded flag, name (dtype or codec), num_tokens,
-             shape (4 x u32; zeros when encoded), payload length, crc32 of the header fields
-             and the payload
+    header   "<4sHBQ16sI4IQI": magic, version, encoded flag, chunk key, name (dtype or codec),
+             num_tokens, shape (4 x u32; zeros when encoded), payload length, crc32 of the
+             header fields and the payload
     payload  the raw tensor bytes of a plain chunk, or the codec blob of an encoded one as is
 
-Everything is checked before a chunk is built from it; nothing is ever unpickled.
+Everything is checked before a chunk is built from it, the chunk key included: a
+valid record found under another chunk's name (a file copied or renamed, a value
+written under another key) is refused, never served as that chunk. Nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing_extensions import Buffer
 
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.layout import DTYPES, dtype_name
+from lmc_connector.tokens import ChunkKey
 
 MAGIC = b"LMCD"
-VERSION = 1
-_FIELDS = struct.Struct("<4sHB16sI4IQ")
+#: 2: the header names the chunk key (records of version 1 are refused, so recomputed).
+VERSION = 2
+_FIELDS = struct.Struct("<4sHBQ16sI4IQ")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _FIELDS.size + _CRC.size
 
@@ -40,8 +45,9 @@ def payload(chunk: Chunk) -> memoryview:
     return memoryview(kv.view(torch.uint8).numpy().data).cast("B")
 
 
-def pack_header(chunk: Chunk, data: Buffer) -> bytes:
-    """The header of `chunk` whose payload is `data` (`payload(chunk)`), checksum included."""
+def pack_header(key: ChunkKey, chunk: Chunk, data: Buffer) -> bytes:
+    """The header of chunk `key` whose payload is `data` (`payload(chunk)`), checksum
+    included."""
     if chunk.blob is not None:
         assert chunk.method is not None
         name, shape = chunk.method.encode(), (0, 0, 0, 0)
@@ -51,7 +57,7 @@ def pack_header(chunk: Chunk, data: Buffer) -> bytes:
         name, shape = dtype_name(chunk.kv.dtype).encode(), (s[0], s[1], s[2], s[3])
     view = memoryview(data)
     fields = _FIELDS.pack(
-        MAGIC, VERSION, int(chunk.encoded), name, chunk.num_tokens, *shape, view.nbytes
+        MAGIC, VERSION, int(chunk.encoded), key, name, chunk.num_tokens, *shape, view.nbytes
     )
     return fields + _CRC.pack(zlib.crc32(view, zlib.crc32(fields)))
 
@@ -106,15 +112,18 @@ class RecordHeader:
         return Chunk(self.num_tokens, kv=kv.view(dtype).view(shape))
 
 
-def parse_header(raw: Buffer, where: str) -> RecordHeader:
-    """Parse and check the first HEADER_SIZE bytes of `raw` (not the payload's checksum)."""
+def parse_header(raw: Buffer, where: str, key: ChunkKey) -> RecordHeader:
+    """Parse and check the first HEADER_SIZE bytes of `raw` as the record of chunk `key` (not
+    the payload's checksum)."""
     view = memoryview(raw)
     if view.nbytes < HEADER_SIZE:
         raise RecordFormatError(f"{where}: truncated header")
     fields = _FIELDS.unpack_from(view)
-    magic, version, encoded, name, num_tokens, s0, s1, s2, s3, payload_len = fields
+    magic, version, encoded, found, name, num_tokens, s0, s1, s2, s3, payload_len = fields
     if magic != MAGIC or version != VERSION:
         raise RecordFormatError(f"{where}: not a chunk record of format version {VERSION}")
+    if found != key:
+        raise RecordFormatError(f"{where}: holds chunk {found:016x}, not {key:016x}")
     (crc,) = _CRC.unpack_from(view, _FIELDS.size)
     return RecordHeader(
         where=where,

@@ -23,6 +23,7 @@ from lmc_connector.cache import CacheEngine
 from lmc_connector.control.wire import lookup as lk
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcClient, RpcError, RpcServer
+from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class LookupServer:
         self._reset = reset
         self._closed = False
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._server = RpcServer(self._context, address, self._handle, "lookup")
+        # Node-local IPC between vLLM's own processes: no secret needed (loopback/ipc only).
+        self._server = RpcServer(self._context, address, self._handle, "lookup", ChannelSecurity())
         self._decoder = lk.lookup_request_decoder()
 
     def start(self) -> None:
@@ -170,7 +172,7 @@ class LookupClient:
         self._addresses = list(addresses)
         self._timeout_s = timeout_ms / 1000
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._client = RpcClient(self._context, "lookup-client")
+        self._client = RpcClient(self._context, "lookup-client", ChannelSecurity())
         self._decoder = lk.lookup_reply_decoder()
         self._reset_decoder = lk.reset_reply_decoder()
 

@@ -29,6 +29,7 @@ from lmc_connector.control.agent.peer_client import PeerClient, PeerUnavailableE
 from lmc_connector.control.wire import locate as lw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import RpcClient, RpcError
+from lmc_connector.control.wire.security import worker_security
 from lmc_connector.control.wire.sockets import Throttle, parse_host_port, tcp_url
 from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.metadata import LoadSpec
@@ -60,7 +61,8 @@ class PeerLocator:
         self._instance_id = config.lmcache_instance_id
         self._timeout_s = config.lookup_timeout_ms / 1000
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._client = RpcClient(self._context, "locate-client")
+        # The controller's channel can cross hosts: secured like every such channel.
+        self._client = RpcClient(self._context, "locate-client", worker_security(config))
         self._decoder = lw.peer_found_decoder()
         self._quiet_until = 0.0
         #: Instances whose peer servers failed a fetch, and until when they are not asked.

@@ -151,9 +151,17 @@ class LMCWorker:
 
     def _start_agent(self, engine: CacheEngine) -> None:
         from lmc_connector.control.agent.agent import ControlAgent
+        from lmc_connector.control.wire.security import worker_security
 
+        # One security for every channel of this worker that can leave the host.
+        security = worker_security(self.config)
         self._agent = ControlAgent(
-            self.config, engine, self.settings.rank, self.settings.world_size, self.settings.model
+            self.config,
+            engine,
+            self.settings.rank,
+            self.settings.world_size,
+            self.settings.model,
+            security,
         )
         self._agent.start()
         if self._agent.peers is not None:

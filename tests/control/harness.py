@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -48,10 +49,22 @@ class Controller:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    #: CA of the controller's certificate: it serves HTTPS (pass --ssl-certfile in `args`).
+    cacert: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.cacert else 'http'}://127.0.0.1:{self.port}"
+
+    def http(self, **options: Any) -> httpx.Client:
+        """A client of its HTTP API (trusting its CA, with its API key if it has one)."""
+        key = self.env.get("LMC_CONTROLLER_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=self.cacert) if self.cacert else True
+        )
+        options.setdefault("timeout", 10)
+        return httpx.Client(base_url=self.url, headers=headers, verify=verify, **options)
 
     def start(self, timeout: float = 15.0) -> float:
         """Start and wait for /health; returns seconds from launch to the first answer."""
@@ -75,17 +88,13 @@ class Controller:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        headers = (
-            {"Authorization": f"Bearer {self.env['LMC_CONTROLLER_API_KEY']}"}
-            if ("LMC_CONTROLLER_API_KEY" in self.env)
-            else {}
-        )
+        with self.http(timeout=1) as client:
 
-        def up() -> bool:
-            assert self.process is not None and self.process.poll() is None, "controller exited"
-            return httpx.get(f"{self.url}/health", headers=headers, timeout=1).status_code < 500
+            def up() -> bool:
+                assert self.process is not None and self.process.poll() is None, "exited"
+                return client.get("/health").status_code < 500
 
-        wait_until(up, timeout, "the controller to answer /health")
+            wait_until(up, timeout, "the controller to answer /health")
         return time.monotonic() - launched
 
     def stop(self) -> None:

@@ -19,7 +19,7 @@ from lmc_connector.cache.tiers.diskfile import (
     HEADER_SIZE,
     DiskRecord,
     read_chunk,
-    read_record,
+    verify_file,
     write_chunk,
 )
 from lmc_connector.cache.tiers.indexed import IndexedTier
@@ -33,6 +33,15 @@ CALIBRATIONS = "calibrations"
 #: Temporary files older than this are left-overs of an interrupted write; younger ones may
 #: belong to another process writing to the same folder right now.
 STALE_TMP_S = 600.0
+#: Seconds between two progress lines while files found at start are verified.
+VERIFY_LOG_EVERY_S = 5.0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0  # gone meanwhile: verifying it fails and drops it
 
 
 def discard(path: Path) -> None:
@@ -66,26 +75,57 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
 
     @override
     def open(self) -> None:
-        """Create the folder and re-admit the files already there."""
+        """Create the folder and re-admit the files already there once each is verified."""
         self.root.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - STALE_TMP_S
         for stale in self.root.glob(f".*{SUFFIX}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 if stale.stat().st_mtime < cutoff:
                     stale.unlink()
-        found: list[tuple[ChunkKey, DiskRecord]] = []
-        for path in sorted(self.root.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
-            try:
-                found.append((ChunkKey(int(path.stem, 16)), read_record(path)))
-            except (ValueError, OSError) as e:
-                logger.warning("dropping unreadable cache file %s: %s", path, e)
-                path.unlink(missing_ok=True)
+        found = self._verified(sorted(self.root.glob(f"*{SUFFIX}"), key=_mtime))
         with self.ctx.lock:
             for key, record in found:
                 self._index.set(key, record)
             self.ctx.admitted(self.name, [key for key, _ in found])
+
+    def _verified(self, paths: list[Path]) -> list[tuple[ChunkKey, DiskRecord]]:
+        """The files of `paths` whose name, header and checksum agree; the others are deleted.
+
+        Every byte is read once, so a file that would fail its first load is never
+        reported as cached; progress is logged for large folders.
+        """
+        found: list[tuple[ChunkKey, DiskRecord]] = []
+        started = last_log = time.monotonic()
+        nbytes = 0
+        for path in paths:
+            try:
+                key = ChunkKey(int(path.stem, 16))
+                record = verify_file(path, key)
+            except (ValueError, OSError) as e:
+                logger.warning("dropping unusable cache file %s: %s", path, e)
+                discard(path)
+                continue
+            found.append((key, record))
+            nbytes += record.nbytes
+            now = time.monotonic()
+            if now - last_log >= VERIFY_LOG_EVERY_S:
+                last_log = now
+                logger.info(
+                    "disk tier %s: verified %d of %d files (%.0f MB/s)",
+                    self.root,
+                    len(found),
+                    len(paths),
+                    nbytes / (now - started) / 1e6,
+                )
         if found:
-            logger.info("disk tier %s: re-admitted %d chunks", self.root, len(found))
+            logger.info(
+                "disk tier %s: re-admitted %d chunks (%.1f GB verified in %.1f s)",
+                self.root,
+                len(found),
+                nbytes / 1e9,
+                time.monotonic() - started,
+            )
+        return found
 
     def path(self, key: ChunkKey) -> Path:
         return self.root / f"{key:016x}{SUFFIX}"
@@ -105,7 +145,7 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
         if record is None:
             return None, None
         try:
-            return record, read_chunk(self.path(key))
+            return record, read_chunk(self.path(key), key)
         except FileNotFoundError:
             reason = None
         except (RecordFormatError, OSError) as e:
@@ -160,7 +200,7 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
         """Write a chunk file and put it in place if `still_wanted()` (asked under the lock)."""
         tmp = self.root / f".{key:016x}{SUFFIX}.{uuid.uuid4().hex}.tmp"
         try:
-            record = write_chunk(tmp, chunk)
+            record = write_chunk(tmp, key, chunk)
         except OSError as e:
             discard(tmp)
             logger.error("%s: cannot write a chunk (%s); it is not cached on disk", self.name, e)

@@ -1,4 +1,8 @@
-"""On-disk form of one chunk: a chunk record (`cache/record.py`) in a file of its own."""
+"""On-disk form of one chunk: a chunk record (`cache/record.py`) in a file of its own.
+
+The record names its chunk key and every read checks it: a valid file under
+another chunk's name (copied, renamed or planted) is a miss, never that chunk.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from lmc_connector.cache.record import (
     parse_header,
     payload,
 )
+from lmc_connector.tokens import ChunkKey
 
-__all__ = ["HEADER_SIZE", "DiskFormatError", "DiskRecord", "read_chunk", "read_record"]
+__all__ = ["HEADER_SIZE", "DiskFormatError", "DiskRecord", "read_chunk", "verify_file"]
+#: Bytes read at a time when a file is verified without loading it.
+VERIFY_BLOCK = 1 << 20
 
 
 class DiskFormatError(RecordFormatError):
@@ -31,27 +38,36 @@ class DiskRecord:
     method: str | None
 
 
-def write_chunk(path: Path, chunk: Chunk) -> DiskRecord:
-    """Write a chunk file at `path` (callers write a temporary name and rename it)."""
+def write_chunk(path: Path, key: ChunkKey, chunk: Chunk) -> DiskRecord:
+    """Write the file of chunk `key` at `path` (callers write a temporary name and rename it)."""
     data = payload(chunk)
     with open(path, "wb") as f:
-        f.write(pack_header(chunk, data))
+        f.write(pack_header(key, chunk, data))
         f.write(data)
     return DiskRecord(HEADER_SIZE + data.nbytes, chunk.num_tokens, chunk.method)
 
 
-def read_record(path: Path) -> DiskRecord:
-    """Read only the header: enough to re-admit a file after a restart."""
+def verify_file(path: Path, key: ChunkKey) -> DiskRecord:
+    """Check the whole file of chunk `key` (name, size, checksum) without building the chunk.
+
+    Used at start-up, before a file found on disk is reported as cached; a
+    RecordFormatError (or OSError) when it could not be served.
+    """
     with open(path, "rb") as f:
-        header = parse_header(f.read(HEADER_SIZE), str(path))
-    if path.stat().st_size != HEADER_SIZE + header.payload_len:
-        raise DiskFormatError(f"{path}: size does not match its header")
+        header = parse_header(f.read(HEADER_SIZE), str(path), key)
+        crc, size = header.crc_start, 0
+        while block := f.read(VERIFY_BLOCK):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    if size != header.payload_len:
+        raise DiskFormatError(f"{path}: payload is {size} bytes, header says {header.payload_len}")
+    header.verify(crc)
     return DiskRecord(HEADER_SIZE + header.payload_len, header.num_tokens, header.method)
 
 
-def read_chunk(path: Path) -> Chunk:
-    """Read and verify a chunk file; raise a RecordFormatError on any mismatch."""
+def read_chunk(path: Path, key: ChunkKey) -> Chunk:
+    """Read and verify the file of chunk `key`; raise a RecordFormatError on any mismatch."""
     raw = bytearray(path.read_bytes())
-    header = parse_header(raw, str(path))
+    header = parse_header(raw, str(path), key)
     header.verify(zlib.crc32(memoryview(raw)[HEADER_SIZE:], header.crc_start))
     return header.chunk(raw, HEADER_SIZE)

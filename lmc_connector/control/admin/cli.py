@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -100,6 +101,11 @@ def _add_globals(p: argparse.ArgumentParser, top: bool) -> None:
         type=float,
         default=default(DEFAULT_TIMEOUT_S),
         help=f"seconds per HTTP call{where}",
+    )
+    p.add_argument(
+        "--cacert",
+        default=default(None),
+        help=f"PEM file of the CA that signed an https:// controller's certificate{where}",
     )
 
 
@@ -266,7 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     state: dict[str, str] = {}
     try:
-        with ControllerClient(args.url, args.api_key, args.timeout) as client:
+        client = ControllerClient(args.url, args.api_key, args.timeout, args.cacert)
+    except (OSError, ssl.SSLError) as e:
+        _error(f"--cacert {args.cacert}: cannot load it ({e})")
+        return EXIT_USAGE
+    try:
+        with client:
             return _run(client, args, state)
     except KeyboardInterrupt:
         if "event_id" in state:

@@ -6,6 +6,7 @@ saying what to do next; the response JSON is returned as plain dicts.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -50,11 +51,22 @@ class ControllerClient:
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        cacert: str | None = None,
     ) -> None:
+        """`cacert`: PEM file of the CA that signed an HTTPS controller's certificate (default:
+        the system's CAs); OSError / ssl.SSLError when it cannot be loaded."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        verify: ssl.SSLContext | bool = (
+            True if cacert is None else ssl.create_default_context(cafile=cacert)
+        )
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -72,8 +84,13 @@ class ControllerClient:
         except httpx.TimeoutException as e:
             raise ControllerUnreachableError(f"{self.url}{path}: timed out ({e})") from e
         except httpx.TransportError as e:
+            hint = (
+                " (give the CA that signed its certificate with --cacert)"
+                if "CERTIFICATE_VERIFY_FAILED" in str(e)
+                else ""
+            )
             raise ControllerUnreachableError(
-                f"cannot reach the controller at {self.url}: {e}"
+                f"cannot reach the controller at {self.url}: {e}{hint}"
             ) from e
         media = response.headers.get("content-type", "").split(";")[0].strip()
         expected = "text/plain" if path == "/metrics" else "application/json"

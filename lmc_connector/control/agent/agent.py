@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -39,12 +40,16 @@ from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.monitor import WorkerSpec
 from lmc_connector.control.wire.rpc import Call, RpcServer
+from lmc_connector.control.wire.security import ChannelSecurity, worker_security
 from lmc_connector.control.wire.sockets import Throttle, parse_host_port, tcp_url
 
 logger = logging.getLogger(__name__)
 
 #: Commands waiting for the ops thread; beyond it a command is refused as busy.
 MAX_QUEUED_COMMANDS = 256
+#: Of those, commands from one connection: a peer flooding the port cannot crowd out the
+#: controller's connection (with a secret, every peer holds it; without, loopback only).
+MAX_QUEUED_PER_PEER = 64
 #: Seconds between two warnings about malformed commands.
 BAD_COMMAND_LOG_EVERY_S = 10.0
 
@@ -68,10 +73,18 @@ class ControlAgent:
 
     Built and started by the connector's worker half on vLLM's worker thread;
     afterwards it runs on its own threads (see the module docstring).
+    `security` (from the config when not given) secures its channels; the
+    worker half passes the same object to its other channels.
     """
 
     def __init__(
-        self, config: CacheConfig, engine: CacheEngine, rank: int, world_size: int, model: str
+        self,
+        config: CacheConfig,
+        engine: CacheEngine,
+        rank: int,
+        world_size: int,
+        model: str,
+        security: ChannelSecurity | None = None,
     ) -> None:
         if config.controller_pull_url is None:
             raise ConfigError("enable_controller needs controller_pull_url (e.g. localhost:9001)")
@@ -82,6 +95,7 @@ class ControlAgent:
             raise ConfigError(str(e)) from e
         self.config = config
         self.engine = engine
+        self.security = worker_security(config) if security is None else security
         self.host = config.lmcache_worker_host
         try:
             advertised = _advertised(self.host)
@@ -118,10 +132,17 @@ class ControlAgent:
         self.peers: PeerClient | None = None
         if peer_port is not None:
             bind = tcp_url(config.peer_host, peer_port)
-            self.peer_server = PeerServer(self._context, engine, bind, f"peer-server-{rank}")
-            self.peers = PeerClient(self._context, engine, config.p2p_timeout_ms / 1000)
+            self.peer_server = PeerServer(
+                self._context, engine, bind, self.security, f"peer-server-{rank}"
+            )
+            self.peers = PeerClient(
+                self._context, engine, config.p2p_timeout_ms / 1000, self.security
+            )
         self._ops = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-ops")
         self._queued = threading.BoundedSemaphore(MAX_QUEUED_COMMANDS)
+        #: Commands queued per connection (ROUTER identity); touched by the server and ops threads.
+        self._queued_by_peer: Counter[bytes] = Counter()
+        self._peers_lock = threading.Lock()
         self._reporter = Reporter(
             self.spec,
             engine,
@@ -136,6 +157,7 @@ class ControlAgent:
             tcp_url(self.host, self.spec.port),
             self._handle,
             f"agent-{rank}",
+            self.security,
         )
         self._decoder = cmd.command_decoder()
         self._bad_commands = Throttle(BAD_COMMAND_LOG_EVERY_S)
@@ -153,6 +175,9 @@ class ControlAgent:
                 f"control agent of rank {self.spec.rank} cannot bind {self.host}:"
                 f"{self.spec.port} ({e}); choose free lmcache_worker_ports"
             ) from e
+        except ValueError as e:  # InsecureBindError: lmcache_worker_host beyond loopback
+            self._context.term()
+            raise ConfigError(f"lmcache_worker_host={self.host!r}: {e}") from e
         if self.peer_server is not None and self.peers is not None:
             try:
                 self.peer_server.start()
@@ -163,16 +188,21 @@ class ControlAgent:
                     f"peer server of rank {self.spec.rank} cannot bind {self.config.peer_host}:"
                     f"{self.spec.peer_port} ({e}); choose free p2p_init_ports"
                 ) from e
+            except ValueError as e:  # InsecureBindError: p2p_host beyond loopback
+                self._server.close()
+                self._context.destroy(linger=0)
+                raise ConfigError(f"p2p_host={self.config.peer_host!r}: {e}") from e
             self.peers.start()
-        self._reporter.start(self._context, self._controller_url)
+        self._reporter.start(self._context, self._controller_url, self.security)
         logger.info(
-            "control agent %s/%d: commands on %s:%d, reporting to %s, %s",
+            "control agent %s/%d: commands on %s:%d, reporting to %s, %s (%s)",
             self.spec.instance_id,
             self.spec.rank,
             self.host,
             self.spec.port,
             self._controller_url,
             f"serving peers on {self.spec.peer_address}" if self.peer_server else "no peers",
+            self.security.describe(),
         )
 
     def close(self) -> None:
@@ -207,8 +237,13 @@ class ControlAgent:
         if isinstance(command, cmd.Resync):
             self._reporter.request_resync()
             call.reply([encode(cmd.Ok())])
+        elif isinstance(command, cmd.Registered):
+            self._reporter.registered(command.session)
+        elif isinstance(command, cmd.RegistrationRefused):
+            self._reporter.refused(command.session, command.reason)
         elif isinstance(command, cmd.Prepare):
-            self._run(call, partial(self._executor.prepare, command, time.monotonic()))
+            received = time.monotonic()
+            self._run(call, partial(self._executor.prepare, command, received, call.identity))
         elif isinstance(command, cmd.Commit):
             self._run(call, partial(self._executor.commit, command))
         else:
@@ -225,8 +260,28 @@ class ControlAgent:
                 reply = cmd.Failed("internal", f"{type(e).__name__}: {e}")
             call.reply([encode(reply)])
 
-        if not self._submit(run):
+        peer = call.identity
+        with self._peers_lock:
+            taken = self._queued_by_peer[peer] < MAX_QUEUED_PER_PEER
+            if taken:
+                self._queued_by_peer[peer] += 1
+
+        def run_and_count() -> None:
+            try:
+                run()
+            finally:
+                self._peer_done(peer)
+
+        if not (taken and self._submit(run_and_count)):
+            if taken:
+                self._peer_done(peer)
             call.reply([encode(cmd.Failed("busy", "too many commands queued; retry later"))])
+
+    def _peer_done(self, peer: bytes) -> None:
+        with self._peers_lock:
+            self._queued_by_peer[peer] -= 1
+            if self._queued_by_peer[peer] <= 0:
+                del self._queued_by_peer[peer]
 
     def _sweep_soon(self) -> None:
         self._submit(self._executor.sweep)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,14 +21,20 @@ from lmc_connector.cache.errors import NotCalibratedError, NotEnoughKVError
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.pull import pull
 from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire.sockets import Throttle
 from lmc_connector.operations import JobOutcome
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a prepared op outlives its TTL waiting for Commit/Abort before its pins are dropped.
 PREPARED_GRACE_S = 30.0
-#: Operations held prepared at once; a Prepare beyond it is refused as busy.
+#: Operations held prepared at once, and by one connection. Beyond either, the oldest of the
+#: connection holding the most is dropped (its pins released): a flood of prepares nobody
+#: commits can neither grow the worker nor push out the controller's, which it commits at once.
 MAX_PREPARED = 1024
+MAX_PREPARED_PER_PEER = 256
+#: Seconds between two warnings about prepared operations dropped for room.
+DROPPED_LOG_EVERY_S = 10.0
 
 
 @dataclass(slots=True)
@@ -37,6 +43,8 @@ class _Prepared:
     job: TransformJob | CalibrationJob | None
     #: time.monotonic() after which the controller has given up on this op
     deadline: float
+    #: the connection that prepared it
+    owner: bytes
 
 
 class OpExecutor:
@@ -62,6 +70,8 @@ class OpExecutor:
         self._rank = rank
         self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-jobs")
+        self._dropped = 0
+        self._dropped_log = Throttle(DROPPED_LOG_EVERY_S)
 
     def close(self) -> None:
         self._jobs.shutdown(wait=False, cancel_futures=True)
@@ -70,15 +80,16 @@ class OpExecutor:
 
     # -- phase one --------------------------------------------------------------------------
 
-    def prepare(self, prepare: cmd.Prepare, received: float | None = None) -> cmd.Reply:
-        """`received`: time.monotonic() when the command arrived (default: now)."""
+    def prepare(
+        self, prepare: cmd.Prepare, received: float | None = None, owner: bytes = b""
+    ) -> cmd.Reply:
+        """`received`: time.monotonic() when the command arrived (default: now); `owner`: the
+        connection it came from."""
         now = time.monotonic()
         deadline = (now if received is None else received) + prepare.ttl_s
         if now > deadline:
             return cmd.Failed("expired", "the command expired before this worker got to it")
         self.sweep(now)
-        if prepare.event_id not in self._prepared and len(self._prepared) >= MAX_PREPARED:
-            return cmd.Failed("busy", f"{MAX_PREPARED} operations already prepared; retry later")
         op, engine = prepare.op, self._engine
         try:
             job: TransformJob | CalibrationJob | None = None
@@ -108,7 +119,8 @@ class OpExecutor:
         except ValueError as e:
             return cmd.Failed("bad_request", str(e))
         self._release(prepare.event_id)
-        self._prepared[prepare.event_id] = _Prepared(op, job, deadline)
+        self._make_room(owner)
+        self._prepared[prepare.event_id] = _Prepared(op, job, deadline, owner)
         tokens = 0 if job is None else job.outcome.num_tokens
         if isinstance(op, cmd.PullOp):
             tokens = op.num_tokens
@@ -170,10 +182,34 @@ class OpExecutor:
     def sweep(self, now: float | None = None) -> None:
         """Drop prepared ops nobody committed or aborted (the controller gave up on them)."""
         now = time.monotonic() if now is None else now
-        for event_id, prepared in list(self._prepared.items()):
-            if now > prepared.deadline + PREPARED_GRACE_S:
-                logger.warning("event %s was prepared but never committed: dropped", event_id)
-                self._release(event_id)
+        stale = [e for e, p in self._prepared.items() if now > p.deadline + PREPARED_GRACE_S]
+        for event_id in stale:
+            self._release(event_id)
+        if stale:
+            logger.warning(
+                "%d operations were prepared but never committed (e.g. event %s): dropped",
+                len(stale),
+                stale[0],
+            )
+
+    def _make_room(self, owner: bytes) -> None:
+        """Drop the oldest op of the connection holding the most when a bound is reached."""
+        held = Counter(p.owner for p in self._prepared.values())
+        if held[owner] >= MAX_PREPARED_PER_PEER:
+            victim = owner
+        elif len(self._prepared) >= MAX_PREPARED:
+            victim = held.most_common(1)[0][0]
+        else:
+            return
+        self._release(next(e for e, p in self._prepared.items() if p.owner == victim))
+        self._dropped += 1
+        if self._dropped_log.ready():
+            logger.warning(
+                "too many operations prepared but not committed (%d): dropped the oldest of the "
+                "connection holding the most (%d so far)",
+                len(self._prepared),
+                self._dropped,
+            )
 
     def _release(self, event_id: str) -> None:
         prepared = self._prepared.pop(event_id, None)

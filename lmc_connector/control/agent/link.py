@@ -4,7 +4,9 @@ A PUSH socket queues messages while nobody listens, so without this a worker
 whose `controller_pull_url` is wrong (or whose controller is down) would
 believe it registered and say nothing. ZeroMQ's socket monitor reports the
 connection's ups and downs; this logs them, and warns while the controller
-stays unreachable.
+stays unreachable. The connection counts once its handshake succeeded: a
+controller that refuses the handshake (another secret, or a secret on one
+side only) is warned about as such.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ logger = logging.getLogger(__name__)
 #: Seconds without a connection before the first warning, and between two warnings.
 UNREACHABLE_WARN_S = 10.0
 REPEAT_WARN_S = 60.0
-EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+#: Handshake outcomes count, not bare TCP connections (a refused handshake connects first).
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
 
 
 class ControllerLink:
@@ -35,6 +43,8 @@ class ControllerLink:
         self._url = url
         self._who = who
         self.connected = False
+        #: The controller answered but refused the handshake (since the last success).
+        self.refused = False
         self._since = time.monotonic()
         self._warnings = Throttle(REPEAT_WARN_S)
 
@@ -44,8 +54,11 @@ class ControllerLink:
         came = False
         while self.socket.poll(0):
             event = recv_monitor_message(self.socket)["event"]
-            if event == zmq.EVENT_CONNECTED and not self.connected:
+            if event & HANDSHAKE_FAILED:
+                self.refused = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self.connected:
                 self.connected = came = True
+                self.refused = False
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
                 self._since = time.monotonic()
@@ -60,6 +73,16 @@ class ControllerLink:
         """Warn (throttled) while the controller has been unreachable for a while."""
         down = now - self._since
         if self.connected or down < UNREACHABLE_WARN_S or not self._warnings.ready():
+            return
+        if self.refused:
+            logger.warning(
+                "%s: the controller at %s refuses this worker's handshake for %.0f s: "
+                "control_secret_file must hold the secret of the controller's --secret-file "
+                "(or neither side has one); the worker serves on and registers once it may",
+                self._who,
+                self._url,
+                down,
+            )
             return
         logger.warning(
             "%s: the controller at %s has not answered for %.0f s: check that "

@@ -19,6 +19,7 @@ from lmc_connector.cache.received import chunk_from_bytes
 from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import RpcClient, RpcError
+from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,16 @@ class PeerClient:
     """
 
     def __init__(
-        self, context: zmq.Context[zmq.Socket[bytes]], engine: CacheEngine, timeout_s: float
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        engine: CacheEngine,
+        timeout_s: float,
+        security: ChannelSecurity,
     ) -> None:
         self._layout = engine.layout
         self.timeout_s = timeout_s
         self.fingerprint = engine.layout.instance_fingerprint()
-        self._client = RpcClient(context, "peer-client")
+        self._client = RpcClient(context, "peer-client", security)
         self._replies = pw.chunks_decoder()
         layout = engine.layout
         plain = layout.torch_dtype.itemsize

@@ -18,6 +18,7 @@ from lmc_connector.cache import CacheEngine, Chunk, UnknownLocationError
 from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcServer
+from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.control.wire.sockets import Throttle
 from lmc_connector.tokens import ChunkKey
 
@@ -49,11 +50,12 @@ class PeerServer:
         context: zmq.Context[zmq.Socket[bytes]],
         engine: CacheEngine,
         bind_url: str,
+        security: ChannelSecurity,
         name: str = "peer-server",
     ) -> None:
         self._engine = engine
         self.fingerprint = engine.layout.instance_fingerprint()
-        self._server = RpcServer(context, bind_url, self._handle, name)
+        self._server = RpcServer(context, bind_url, self._handle, name, security)
         self._decoder = pw.peer_request_decoder()
         self._warn = Throttle(WARN_EVERY_S)
         self.served_chunks = 0

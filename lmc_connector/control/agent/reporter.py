@@ -5,7 +5,8 @@ only append to a buffer that the reporter thread flushes every
 `EVENT_FLUSH_S` or `EVENT_BATCH_KEYS` keys. A snapshot (with a fresh
 registration) is sent at start, when the controller asks for a resync (it
 restarted and does not know this worker), and after a batch of events had to
-be dropped because the controller was not reading.
+be dropped because the controller was not reading. A registration is sent
+again until the controller answers it (`registration.Registration`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import zmq
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.control.agent.link import ControllerLink
+from lmc_connector.control.agent.registration import UNANSWERED_WARN_S, Registration
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import encode
-from lmc_connector.control.wire.sockets import WakePipe, new_socket
+from lmc_connector.control.wire.security import ChannelSecurity
+from lmc_connector.control.wire.sockets import Throttle, WakePipe
 from lmc_connector.operations import JobOutcome
 from lmc_connector.tokens import ChunkKey
 
@@ -46,7 +49,7 @@ class Reporter:
 
     `spec` describes this worker (sent in every registration); `on_beat` is
     called on the reporter thread at every heartbeat and must not block.
-    Construct, `start(context, url)`, `close()`.
+    Construct, `start(context, url, security)`, `close()`.
     """
 
     def __init__(
@@ -71,24 +74,32 @@ class Reporter:
         self._closed = False
         self._push: zmq.Socket[bytes] | None = None
         self._link: ControllerLink | None = None
-        #: Chunks of a registration sent before the controller connected (logged when it does).
-        self._unannounced: int | None = None
-        self._registered = False
+        self._registration = Registration(
+            f"control agent {spec.instance_id}/{spec.rank}", spec.session, "", ""
+        )
+        self._dropped_outcomes = 0
+        self._dropped_log = Throttle(UNANSWERED_WARN_S)
         self._thread = threading.Thread(
             target=self._run, name=f"lmc-reporter-{spec.rank}", daemon=True
         )
 
     @property
-    def _who(self) -> tuple[str, int]:
-        return self.spec.instance_id, self.spec.rank
-
-    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def start(self, context: zmq.Context[zmq.Socket[bytes]], url: str) -> None:
-        push = new_socket(context, zmq.PUSH)
-        who = f"control agent {self.spec.instance_id}/{self.spec.rank}"
+    @property
+    def acknowledged(self) -> bool:
+        """Whether the controller answered this worker's last registration (any thread)."""
+        return self._registration.acknowledged and not self._resync
+
+    def start(
+        self, context: zmq.Context[zmq.Socket[bytes]], url: str, security: ChannelSecurity
+    ) -> None:
+        spec = self.spec
+        who = f"control agent {spec.instance_id}/{spec.rank}"
+        command = f"{spec.host}:{spec.port}"
+        self._registration = Registration(who, spec.session, url, command)
+        push = security.client_socket(context, zmq.PUSH)
         self._link = ControllerLink(push, url, who)  # before connect: it sees the first one
         push.connect(url)
         self._push = push
@@ -112,6 +123,16 @@ class Reporter:
         self._resync = True
         self._wake.wake()
 
+    def registered(self, session: str) -> None:
+        """The controller took the registration of `session` (any thread)."""
+        self._registration.answer(session, True)
+        self._wake.wake()
+
+    def refused(self, session: str, reason: str) -> None:
+        """The controller refused the registration of `session` (any thread)."""
+        self._registration.answer(session, False, reason)
+        self._wake.wake()
+
     def job_done(self, event_id: str, outcome: JobOutcome) -> None:
         """Report a finished job (any thread)."""
         spec = self.spec
@@ -119,11 +140,20 @@ class Reporter:
         try:
             self._outbox.put_nowait(encode(done))
         except queue.Full:
-            logger.warning(
-                "job outcome of event %s dropped: the controller is not reading", event_id
-            )
+            self._outcome_dropped(event_id)
             return
         self._wake.wake()
+
+    def _outcome_dropped(self, event_id: str) -> None:
+        """Count (and now and then log) a job outcome that could not be sent; the controller
+        fails its operation as lost."""
+        self._dropped_outcomes += 1
+        if self._dropped_log.ready():
+            logger.warning(
+                "job outcome of event %s dropped: the controller is not reading (%d so far)",
+                event_id,
+                self._dropped_outcomes,
+            )
 
     # -- chunk events (called under the engine lock: append only) ----------------------------
 
@@ -166,11 +196,14 @@ class Reporter:
                 due = next_beat
                 if self._pending:
                     due = min(due, self._pending_since + EVENT_FLUSH_S)
+                due = min(due, self._registration.due() or due)
                 poller.poll(max(0, int((due - now) * 1000) + 1))
                 self._wake.drain()
                 if link.drain():
-                    self._announce()
+                    self._registration.reconnected()
                 self._send_outbox(push)
+                if self._registration.follow(time.monotonic(), link.connected):
+                    self._resync = True
                 if self._resync:
                     self._send_snapshot(push)
                 now = time.monotonic()
@@ -204,7 +237,7 @@ class Reporter:
             except queue.Empty:
                 return
             if not self._send(push, data):
-                logger.warning("dropped a job outcome: the controller is not reading")
+                self._outcome_dropped("?")
 
     def _send_snapshot(self, push: zmq.Socket[bytes]) -> None:
         spec = self.spec
@@ -222,19 +255,7 @@ class Reporter:
             self._send(push, encode(register)) and self._send(push, encode(snapshot))
         )
         if not self._resync:
-            self._unannounced = sum(len(k) for k in keys.values())
-            if self._link is not None and self._link.connected:
-                self._announce()
-
-    def _announce(self) -> None:
-        """Log the registration once the controller is connected (PUSH queues until then)."""
-        if self._unannounced is None:
-            if self._registered:  # before the first registration, that one says it
-                logger.info("control agent %s/%d: connected to the controller again", *self._who)
-            return
-        logger.info("control agent %s/%d registered with %d chunks", *self._who, self._unannounced)
-        self._unannounced = None
-        self._registered = True
+            self._registration.sent(sum(len(k) for k in keys.values()))
 
     def _flush(self, push: zmq.Socket[bytes]) -> None:
         spec = self.spec

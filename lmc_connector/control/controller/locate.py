@@ -16,6 +16,7 @@ from lmc_connector.control.controller.state import ControllerState
 from lmc_connector.control.wire import locate as lw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcServer
+from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.control.wire.sockets import Throttle
 from lmc_connector.tokens import ChunkKey
 
@@ -31,10 +32,14 @@ class LocateServer:
     """
 
     def __init__(
-        self, context: zmq.Context[zmq.Socket[bytes]], state: ControllerState, bind_url: str
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        state: ControllerState,
+        bind_url: str,
+        security: ChannelSecurity,
     ) -> None:
         self._state = state
-        self._server = RpcServer(context, bind_url, self._handle, "locate")
+        self._server = RpcServer(context, bind_url, self._handle, "locate", security)
         self._decoder = lw.find_peer_decoder()
         self._warn = Throttle(WARN_EVERY_S)
         self.answered = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import sys
 import time
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 
 from lmc_connector.control.controller.service import ControllerService
 from lmc_connector.control.controller.settings import Settings, SettingsError, build_settings
-from lmc_connector.control.wire.sockets import resolve_host
+from lmc_connector.control.wire.security import is_local
+from lmc_connector.control.wire.sockets import resolve_host, tcp_url
 
 logger = logging.getLogger("lmc_connector.control")
 
@@ -52,6 +54,43 @@ def _http_socket(settings: Settings) -> socket.socket:
     return sock
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; returns the limit.
+
+    Each worker the controller talks to costs descriptors (a socket while commands run),
+    and a fleet of thousands would exhaust the common default of 1024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            logger.warning("cannot raise the open-files limit from %d: %s", soft, e)
+    return soft
+
+
+def _warn_exposed_http(settings: Settings) -> None:
+    """Warn at every start about an HTTP API reachable beyond this host without protection."""
+    if is_local(tcp_url(settings.host, settings.port)):
+        return
+    if settings.api_key is None:
+        logger.warning(
+            "the HTTP API on %s:%d has no --api-key: anyone who reaches it can look up, pin, "
+            "clear, move and compress cached KV",
+            settings.host,
+            settings.port,
+        )
+    if settings.ssl_certfile is None:
+        logger.warning(
+            "the HTTP API on %s:%d is plain HTTP: the API key and the prompts' token ids "
+            "travel in clear text (give --ssl-certfile and --ssl-keyfile)",
+            settings.host,
+            settings.port,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the controller until interrupted; returns the process exit code."""
     started = time.perf_counter()
@@ -69,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lmc_connector.control.controller.http.app import create_app
 
+    files = raise_open_files_limit()
     try:
         http_socket = _http_socket(settings)
     except OSError as e:
@@ -79,12 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         service = ControllerService(settings)
-    except ValueError as e:  # the host stopped resolving since the settings were checked
+    except ValueError as e:  # the host or the secret file changed since the settings were checked
         http_socket.close()
-        print(f"lmc-controller: --host: {e}", file=sys.stderr)
+        print(f"lmc-controller: {e}", file=sys.stderr)
         return 2
+    _warn_exposed_http(settings)
     try:
         service.start()
+    except ValueError as e:  # InsecureBindError: checked in the settings too
+        print(f"lmc-controller: {e}", file=sys.stderr)
+        service.close()
+        http_socket.close()
+        return 2
     except zmq.ZMQError as e:
         # The monitor binds first: if its thread runs, the reply port was the one taken.
         flag, port = "--monitor-port", settings.monitor_port
@@ -100,17 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             create_app(service),
             log_level=settings.log_level,
             access_log=False,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
         )
         server = uvicorn.Server(config)
         logger.info(
-            "controller starting: http://%s:%d (monitor %s:%d, peer lookups %s, auth %s), "
-            "%.0f ms since launch",
+            "controller starting: %s://%s:%d (monitor %s:%d, peer lookups %s, auth %s, "
+            "workers: %s, %d open files allowed), %.0f ms since launch",
+            "https" if settings.ssl_certfile else "http",
             settings.host,
             settings.port,
             settings.host,
             settings.monitor_port,
             f"on port {settings.reply_port}" if settings.reply_port else "off",
             "on" if settings.api_key else "off",
+            service.security.describe(),
+            files,
             (time.perf_counter() - started) * 1000,
         )
         server.run(sockets=[http_socket])

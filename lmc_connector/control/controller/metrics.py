@@ -36,6 +36,7 @@ INGEST = {
     "malformed": ("malformed_messages", "Malformed worker messages dropped."),
     "ignored": ("ignored_messages", "Messages from unknown worker sessions ignored."),
     "refused": ("refused_registrations", "Worker registrations refused."),
+    "failed": ("failed_messages", "Worker messages whose handling failed (a bug; logged)."),
     "lookups": ("lookups", "Lookups answered (POST /lookup)."),
 }
 

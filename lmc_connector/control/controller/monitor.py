@@ -2,9 +2,10 @@
 
 One thread owns the PULL socket. Every message is decoded with one typed
 decoder; a malformed one is counted and logged (rate-limited) and the loop
-goes on. Workers asking for a resync and workers that are gone (silent,
-deregistered, or re-registered at another address) are handed to callbacks
-(the command loop), never handled on this thread.
+goes on. What the state answers (registration acknowledgments and refusals,
+resync requests) and workers that are gone (silent, deregistered, or
+re-registered at another address) are handed to callbacks (the command
+client), never sent from this thread.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from collections.abc import Callable
 
 import zmq
 
-from lmc_connector.control.controller.state import ControllerState, WorkerRef
+from lmc_connector.control.controller.state import ControllerState, Notice, WorkerRef
+from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import MessageError
-from lmc_connector.control.wire.sockets import Throttle, new_socket
+from lmc_connector.control.wire.security import ChannelSecurity
+from lmc_connector.control.wire.sockets import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,8 @@ RCVHWM = 100_000
 class MonitorLoop:
     """Owns the PULL socket and the thread that drains it into the controller's state.
 
-    Construct, `start` (binds: a taken port raises in the caller), `close`.
+    `security` authenticates the workers pushing to it. Construct, `start`
+    (binds: a taken port or an insecure address raises in the caller), `close`.
     """
 
     def __init__(
@@ -44,30 +48,28 @@ class MonitorLoop:
         context: zmq.Context[zmq.Socket[bytes]],
         state: ControllerState,
         bind_url: str,
-        on_resync: Callable[[WorkerRef], None],
+        security: ChannelSecurity,
+        on_notice: Callable[[Notice], None],
         on_gone: Callable[[WorkerRef], None],
     ) -> None:
         self._context = context
         self._state = state
         self._bind_url = bind_url
-        self._on_resync = on_resync
+        self._security = security
+        self._on_notice = on_notice
         self._on_gone = on_gone
         self._decoder = mon.worker_message_decoder()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmc-monitor", daemon=True)
         self._sock: zmq.Socket[bytes] | None = None
         self._malformed_log = Throttle(MALFORMED_LOG_EVERY_S)
+        self._failed_log = Throttle(MALFORMED_LOG_EVERY_S)
+        self._resync_log = Throttle(MALFORMED_LOG_EVERY_S)
+        self._resyncs = 0
 
     def start(self) -> None:
         """Bind now (so a taken port fails here, in the caller) and start the thread."""
-        sock = new_socket(self._context, zmq.PULL)
-        sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        try:
-            sock.bind(self._bind_url)
-        except zmq.ZMQError:
-            sock.close(linger=0)  # an open socket would make Context.term() wait forever
-            raise
-        self._sock = sock
+        self._sock = self._security.listen(self._context, zmq.PULL, self._bind_url, RCVHWM)
         self._thread.start()
 
     @property
@@ -110,12 +112,24 @@ class MonitorLoop:
             if self._malformed_log.ready():
                 logger.warning("%s (dropped; %d so far)", e, self._state.stats.malformed)
             return
-        resync = self._state.handle(msg)
-        if resync is not None:
-            logger.info(
-                "unknown worker %s/%d at %s: asking it to resync",
-                resync.instance_id,
-                resync.rank,
-                resync.address,
-            )
-            self._on_resync(resync)
+        try:
+            notice = self._state.handle(msg)
+        except Exception:  # boundary: this message is lost (a bug); the monitor serves on
+            self._state.stats.failed += 1
+            if self._failed_log.ready():
+                logger.exception("a %s message could not be applied", type(msg).__name__)
+            return
+        if notice is None:
+            return
+        ref, command = notice
+        if isinstance(command, cmd.Resync):
+            self._resyncs += 1
+            if self._resync_log.ready():
+                logger.info(
+                    "unknown worker %s/%d at %s: asking it to resync (%d asked so far)",
+                    ref.instance_id[:80],
+                    ref.rank,
+                    ref.address,
+                    self._resyncs,
+                )
+        self._on_notice(notice)

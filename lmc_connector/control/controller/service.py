@@ -34,11 +34,12 @@ from lmc_connector.control.controller.metrics import build_registry
 from lmc_connector.control.controller.monitor import MonitorLoop
 from lmc_connector.control.controller.operations import Operation
 from lmc_connector.control.controller.settings import Settings
-from lmc_connector.control.controller.state import ControllerState, WorkerRef
+from lmc_connector.control.controller.state import ControllerState, Notice, WorkerRef
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import RpcClient, RpcError
-from lmc_connector.control.wire.sockets import tcp_url
+from lmc_connector.control.wire.security import ChannelSecurity
+from lmc_connector.control.wire.sockets import RateLimit, tcp_url
 from lmc_connector.operations import TRANSFORM_KINDS
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ logger = logging.getLogger(__name__)
 ASK_MARGIN_S = 1.0
 #: Failure codes that mean "the worker could not take part", not "the request is wrong".
 UNAVAILABLE_CODES = ("expired", "busy", "internal")
+#: Notifications (registration answers, resync requests) sent per second at most, each to
+#: its own address: bounds the sockets that forged reports naming endless addresses can
+#: make the controller open (and still flush) at once. A worker whose notice is dropped
+#: asks again (it re-registers, or heartbeats).
+NOTICES_PER_S = 500
 
 Answer = cmd.Reply | BaseException
 
@@ -72,41 +78,49 @@ class ControllerService:
 
     `run` is called by HTTP handlers on the event loop; it takes the state's
     lock only in worker threads (`asyncio.to_thread`), never on the loop.
-    Construct, `start`, `close`.
+    `security` (from the settings' secret file when not given) secures the
+    monitor, command and reply (locate) channels. Construct, `start`, `close`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, security: ChannelSecurity | None = None) -> None:
         self.settings = settings
         monitor_url = tcp_url(settings.host, settings.monitor_port)  # ValueError: unknown host
+        if security is None:  # SecretError: the file became unreadable since the settings
+            security = ChannelSecurity.from_file(settings.secret_file, insecure=settings.insecure)
+        self.security = security
         self.state = ControllerState(settings.worker_timeout)
         self.latency = KindHistogram()
         self.metrics = build_registry(self.state, self.latency)
+        self._notices = RateLimit(NOTICES_PER_S, NOTICES_PER_S)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.commands = RpcClient(self._context, "commands")
+        self.commands = RpcClient(self._context, "commands", security)
         self._replies = cmd.reply_decoder()
         self.monitor = MonitorLoop(
             self._context,
             self.state,
             monitor_url,
-            on_resync=self.resync,
+            security,
+            on_notice=self.notify,
             on_gone=lambda ref: self.commands.forget(ref.address),
         )
         self.locate: LocateServer | None = None
         if settings.reply_port is not None:
             reply_url = tcp_url(settings.host, settings.reply_port)
-            self.locate = LocateServer(self._context, self.state, reply_url)
+            self.locate = LocateServer(self._context, self.state, reply_url, security)
 
     def start(self) -> None:
-        """Bind the monitor and reply ports (raises zmq.ZMQError if taken), start the threads."""
+        """Bind the monitor and reply ports (raises zmq.ZMQError if taken, InsecureBindError if
+        one would be exposed without a secret) and start the threads."""
         self.monitor.start()
         if self.locate is not None:
             self.locate.start()
         self.commands.start()
         logger.info(
-            "controller monitoring workers on %s:%d (worker timeout %.1f s)",
+            "controller monitoring workers on %s:%d (worker timeout %.1f s; %s)",
             self.settings.host,
             self.settings.monitor_port,
             self.settings.worker_timeout,
+            self.security.describe(),
         )
 
     def close(self) -> None:
@@ -123,9 +137,12 @@ class ControllerService:
             threads["locate"] = self.locate.alive
         return [name for name, alive in threads.items() if not alive]
 
-    def resync(self, ref: WorkerRef) -> None:
-        """Ask a worker the controller does not know to register and resend its chunks."""
-        self.commands.notify(ref.address, [encode(cmd.Resync())])
+    def notify(self, notice: Notice) -> None:
+        """Send a notification (resync request, registration answer) to a worker's command port
+        (monitor thread); dropped beyond `NOTICES_PER_S`."""
+        ref, command = notice
+        if self._notices.take():
+            self.commands.notify(ref.address, [encode(command)])
 
     # -- two-phase operations -----------------------------------------------------------------
 

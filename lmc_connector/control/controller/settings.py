@@ -12,6 +12,7 @@ import argparse
 import difflib
 import json
 import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import msgspec
 import yaml
 
 from lmc_connector.control import API_KEY_ENV
-from lmc_connector.control.wire.sockets import resolve_host
+from lmc_connector.control.wire.security import FIX_INSECURE, SecretError, is_local, read_secret
+from lmc_connector.control.wire.sockets import resolve_host, tcp_url
+from lmc_connector.control.wire.types import MAX_WIRE_TOKENS
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -39,6 +42,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Seconds each worker has to answer one command phase.
     command_timeout: float = 5.0
     log_level: str = "info"
+    #: File holding the secret shared with the workers (their `control_secret_file`): CURVE
+    #: authenticates and encrypts the monitor and command channels. None: loopback only.
+    secret_file: str | None = None
+    #: Allow a --host beyond loopback without a secret (warned at every start).
+    insecure: bool = False
+    #: PEM certificate (chain) and private key: the HTTP API speaks HTTPS. Both or neither.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    #: Largest HTTP request body accepted; larger ones get 413.
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: Most token ids one HTTP request may carry; more get 413.
+    max_tokens: int = 1 << 20
 
 
 class SettingsError(ValueError):
@@ -53,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--host",
-        help="address to bind both sockets (default 127.0.0.1); workers pushing to the monitor "
-        "port are not authenticated: expose it only on trusted networks",
+        help="address to bind both sockets (default 127.0.0.1); beyond loopback it needs "
+        "--secret-file (or --insecure)",
     )
     p.add_argument("--port", type=int, help="HTTP API port (default 9000)")
     p.add_argument("--monitor-port", type=int, help="port workers push to (default 9001)")
@@ -77,6 +92,24 @@ def _parser() -> argparse.ArgumentParser:
         "--command-timeout", type=float, help="seconds a worker has to answer a command (5)"
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--secret-file",
+        help="file holding the secret shared with the workers (their control_secret_file): "
+        "authenticates and encrypts the monitor and command channels",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow --host beyond loopback without --secret-file: anyone who reaches the "
+        "monitor port can pose as a worker (trusted networks only)",
+    )
+    p.add_argument("--ssl-certfile", help="PEM certificate: serve the HTTP API over HTTPS")
+    p.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
+    p.add_argument(
+        "--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB)"
+    )
+    p.add_argument("--max-tokens", type=int, help="most token ids in one request (default 1048576)")
     lmcache = p.add_argument_group(
         "LMCache's flags", "accepted so that LMCache's controller command lines run unchanged"
     )
@@ -148,23 +181,35 @@ def build_settings(
     merged: dict[str, Any] = {}
     if args.config is not None:
         merged.update(_file_settings(args.config))
-    if env.get(API_KEY_ENV):
+    if API_KEY_ENV in env:
         merged["api_key"] = env[API_KEY_ENV]
     if args.monitor_ports is not None:
         merged.update(_monitor_ports(args.monitor_ports))
     if args.worker_timeout_alias is not None:
         merged["worker_timeout"] = args.worker_timeout_alias
-    names = ("host", "port", "monitor_port", "reply_port", "api_key", "worker_timeout")
-    for name in (*names, "command_timeout"):
-        value = getattr(args, name)
+    for name in Settings.__struct_fields__:
+        value = getattr(args, name, None)
         if value is not None:
             merged[name] = value
-    if args.log_level is not None:
-        merged["log_level"] = args.log_level
+    if merged.get("api_key") is not None and not str(merged["api_key"]).strip():
+        where = (
+            "--api-key"
+            if args.api_key is not None
+            else (API_KEY_ENV if API_KEY_ENV in env else f"api_key in {args.config}")
+        )
+        raise SettingsError(
+            f"{where} is empty: give a key (e.g. `openssl rand -hex 16`), or leave it out to "
+            "run without one"
+        )
     try:
         settings = msgspec.convert(merged, Settings)
     except msgspec.ValidationError as e:
         raise SettingsError(f"invalid setting: {e}") from e
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
     ports = {"port": settings.port, "monitor_port": settings.monitor_port}
     if settings.reply_port is not None:
         ports["reply_port"] = settings.reply_port
@@ -180,4 +225,32 @@ def build_settings(
     for name in ("worker_timeout", "command_timeout"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{name} must be > 0")
-    return settings
+    if settings.max_body_bytes < 1024:
+        raise SettingsError(f"max_body_bytes={settings.max_body_bytes} must be at least 1024")
+    if not 0 < settings.max_tokens <= MAX_WIRE_TOKENS:
+        raise SettingsError(f"max_tokens={settings.max_tokens} must be in 1..{MAX_WIRE_TOKENS}")
+    _check_security(settings)
+
+
+def _check_security(settings: Settings) -> None:
+    if settings.secret_file is not None:
+        try:
+            read_secret(settings.secret_file)
+        except SecretError as e:
+            raise SettingsError(f"--secret-file: {e}") from e
+    elif not settings.insecure and not is_local(tcp_url(settings.host, settings.monitor_port)):
+        raise SettingsError(
+            f"--host {settings.host} would expose the monitor port without authentication: "
+            f"{FIX_INSECURE}"
+        )
+    cert, key = settings.ssl_certfile, settings.ssl_keyfile
+    if (cert is None) != (key is None):
+        raise SettingsError("give both --ssl-certfile and --ssl-keyfile, or neither")
+    if cert is not None and key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as e:
+            raise SettingsError(
+                f"--ssl-certfile/--ssl-keyfile: cannot load {cert} and {key} ({e}); "
+                "give a PEM certificate and its private key"
+            ) from e

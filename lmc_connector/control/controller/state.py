@@ -18,6 +18,7 @@ from lmc_connector.control.controller.errors import UnknownInstanceError
 from lmc_connector.control.controller.index import ChunkIndex, IndexFullError
 from lmc_connector.control.controller.instances import Instance, Worker
 from lmc_connector.control.controller.operations import OperationStore
+from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.sockets import Throttle
 
@@ -40,6 +41,10 @@ class WorkerRef:
     address: str
 
 
+#: A notification for one worker's command port: what the state answers a worker message with.
+Notice = tuple[WorkerRef, cmd.Command]
+
+
 @dataclass(slots=True)
 class IngestStats:
     messages: int = 0
@@ -47,6 +52,8 @@ class IngestStats:
     ignored: int = 0
     refused: int = 0
     malformed: int = 0
+    #: Messages whose handling failed unexpectedly (a bug; logged with its traceback).
+    failed: int = 0
     lookups: int = 0
 
 
@@ -56,8 +63,11 @@ class ControllerState:
     Registration rules: a live worker (heard from within `worker_timeout`) is
     never replaced by a registration of another session, and an instance's
     `world_size` and `chunk_size` are those of its first worker while any
-    worker is registered. Messages of a session the controller does not know
-    are ignored.
+    worker is registered. A registration is answered (`Registered`, or
+    `RegistrationRefused` with the reason) on the worker's command port; a
+    worker re-sends it until answered, so one of the same session is taken
+    again without dropping anything. Messages of a session the controller
+    does not know are ignored.
     """
 
     def __init__(self, worker_timeout: float = 10.0) -> None:
@@ -74,8 +84,8 @@ class ControllerState:
 
     # -- worker messages (monitor thread) ---------------------------------------------------
 
-    def handle(self, msg: mon.WorkerMessage, now: float | None = None) -> WorkerRef | None:
-        """Apply one worker message; returns a worker to ask for a resync, if any."""
+    def handle(self, msg: mon.WorkerMessage, now: float | None = None) -> Notice | None:
+        """Apply one worker message; returns what to tell the worker, if anything."""
         now = time.monotonic() if now is None else now
         with self.lock:
             self.stats.messages += 1
@@ -84,7 +94,7 @@ class ControllerState:
             elif isinstance(msg, mon.Heartbeat):
                 return self._heartbeat(msg, now)
             elif isinstance(msg, mon.Register):
-                self._register(msg, now)
+                return self._register(msg, now)
             elif isinstance(msg, mon.Snapshot):
                 self._snapshot(msg, now)
             elif isinstance(msg, mon.JobDone):
@@ -98,7 +108,7 @@ class ControllerState:
         worker = None if instance is None else instance.workers.get(rank)
         return worker if worker is not None and worker.spec.session == session else None
 
-    def _refuse(self, msg: mon.Register, why: str) -> None:
+    def _refuse(self, msg: mon.Register, why: str) -> Notice:
         self.stats.refused += 1
         if self._refusals.ready():
             logger.warning(
@@ -110,14 +120,24 @@ class ControllerState:
                 why,
                 self.stats.refused,
             )
+        ref = WorkerRef(msg.instance_id, msg.rank, f"tcp://{msg.host}:{msg.port}")
+        return ref, cmd.RegistrationRefused(msg.session, why[:1000])
 
-    def _register(self, msg: mon.Register, now: float) -> None:
+    def _register(self, msg: mon.Register, now: float) -> Notice:
         instance = self.instances.get(msg.instance_id)
         if instance is not None and instance.workers:
             old = instance.workers.get(msg.rank)
-            live = old is not None and now - old.last_seen <= self.worker_timeout
-            if live and old is not None and old.spec.session != msg.session:
-                return self._refuse(msg, f"rank {msg.rank} is held by a live worker")
+            if old is not None and old.spec.session == msg.session:
+                return self._registered_again(old, msg, now)
+            if old is not None and now - old.last_seen <= self.worker_timeout:
+                return self._refuse(
+                    msg,
+                    f"rank {msg.rank} of instance '{msg.instance_id[:80]}' is held by a live "
+                    f"worker (pid {old.spec.pid} at {old.spec.host}:{old.spec.port}, heard "
+                    f"{now - old.last_seen:.1f} s ago); two vLLM instances may share this "
+                    "lmcache_instance_id (give each its own), or the old worker has not been "
+                    f"silent for {self.worker_timeout:g} s yet (retrying)",
+                )
             shape = (instance.world_size, instance.chunk_size)
             if shape != (msg.world_size, msg.chunk_size):
                 return self._refuse(
@@ -143,7 +163,7 @@ class ControllerState:
             self._drop(instance, msg.rank, "worker re-registered", keep_instance=True)
             self._departed.append(WorkerRef(msg.instance_id, msg.rank, old.address))
         instance.model = msg.model
-        instance.workers[msg.rank] = Worker(msg, now, time.time(), now)
+        worker = instance.workers[msg.rank] = Worker(msg, now, time.time(), now)
         self._resync_asked.pop((msg.instance_id, msg.rank, msg.session), None)
         logger.info(
             "worker %s/%d registered from %s:%d (pid %d, chunk_size %d, locations %s)",
@@ -155,8 +175,15 @@ class ControllerState:
             msg.chunk_size,
             ",".join(msg.locations),
         )
+        return WorkerRef(msg.instance_id, msg.rank, worker.address), cmd.Registered(msg.session)
 
-    def _heartbeat(self, msg: mon.Heartbeat, now: float) -> WorkerRef | None:
+    def _registered_again(self, worker: Worker, msg: mon.Register, now: float) -> Notice:
+        """A registration re-sent by a registered worker (its answer was late or lost): the
+        same agent, so the same spec; its snapshot follows and replaces its chunks."""
+        worker.last_seen = now
+        return WorkerRef(msg.instance_id, msg.rank, worker.address), cmd.Registered(msg.session)
+
+    def _heartbeat(self, msg: mon.Heartbeat, now: float) -> Notice | None:
         worker = self._worker(msg.instance_id, msg.rank, msg.session)
         if worker is not None:
             worker.last_seen = now
@@ -168,7 +195,7 @@ class ControllerState:
             return None
         if len(self._resync_asked) < MAX_RESYNC_ASKED:
             self._resync_asked[key] = now
-        return WorkerRef(msg.instance_id, msg.rank, f"tcp://{msg.host}:{msg.port}")
+        return WorkerRef(msg.instance_id, msg.rank, f"tcp://{msg.host}:{msg.port}"), cmd.Resync()
 
     def _chunk_events(self, msg: mon.ChunkEvents, now: float) -> None:
         worker = self._worker(msg.instance_id, msg.rank, msg.session)

@@ -3,8 +3,9 @@
 Requests and replies travel over the request/reply transport (`rpc.py`),
 which matches them; the messages carry no request ids. Every command runs in
 two phases: `Prepare` validates and holds an op (a transform also pins its
-chunks), `Commit` carries it out, `Abort` forgets it. Schema evolution as in
-`monitor.py`.
+chunks), `Commit` carries it out, `Abort` forgets it. `Resync`, `Registered`
+and `RegistrationRefused` are notifications (no reply). Schema evolution as
+in `monitor.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from lmc_connector.control.wire.codec import Decoder
-from lmc_connector.control.wire.types import MAX_WORLD_SIZE, Name, PeerAddress, TokenId
+from lmc_connector.control.wire.types import MAX_WORLD_SIZE, Name, PeerAddress, TokenList
 from lmc_connector.operations import JobOutcome, TransformKind
 
 #: Longest time a worker holds a prepared op for the controller (its `--command-timeout` is
@@ -29,19 +30,19 @@ class TransformOp(msgspec.Struct, tag="transform"):
     kind: TransformKind
     method: Name
     location: Name
-    tokens: list[TokenId]
+    tokens: TokenList
     every_chunk: bool = False
 
 
 class PinOp(msgspec.Struct, tag="pin"):
     """Pin the cached prefix in `location` (any location when None)."""
 
-    tokens: list[TokenId]
+    tokens: TokenList
     location: Name | None = None
 
 
 class UnpinOp(msgspec.Struct, tag="unpin"):
-    tokens: list[TokenId]
+    tokens: TokenList
 
 
 class ClearOp(msgspec.Struct, tag="clear"):
@@ -53,7 +54,7 @@ class ClearOp(msgspec.Struct, tag="clear"):
 class MoveOp(msgspec.Struct, tag="move"):
     source: Name
     destination: Name
-    tokens: list[TokenId]
+    tokens: TokenList
 
 
 class PullOp(msgspec.Struct, tag="pull"):
@@ -66,7 +67,7 @@ class PullOp(msgspec.Struct, tag="pull"):
     sources: Annotated[list[PeerAddress], msgspec.Meta(max_length=MAX_WORLD_SIZE)]
     source_location: Name
     location: Name
-    tokens: list[TokenId]
+    tokens: TokenList
     remove_source: bool = False
     num_tokens: int = 0
 
@@ -111,7 +112,20 @@ class Resync(msgspec.Struct, tag=True):
     """The controller does not know this worker (it restarted): register and send a snapshot."""
 
 
-Command = Prepare | Commit | Abort | Resync
+class Registered(msgspec.Struct, tag=True):
+    """The controller took the registration of this worker's `session`: stop re-sending it."""
+
+    session: str
+
+
+class RegistrationRefused(msgspec.Struct, tag=True):
+    """The controller refused the registration of `session`; `reason` says how to fix it."""
+
+    session: str
+    reason: Annotated[str, msgspec.Meta(max_length=1000)]
+
+
+Command = Prepare | Commit | Abort | Resync | Registered | RegistrationRefused
 
 
 class Ok(msgspec.Struct, tag=True, omit_defaults=True):

@@ -4,7 +4,9 @@ Threading model: every socket is created, used and closed by one thread (the
 thread that owns the loop it belongs to). Other threads hand work to that
 thread through a queue and wake it through a `WakePipe`, whose file
 descriptor the owning thread polls beside its sockets. Every socket is made
-by `new_socket`, so every channel gets the same options.
+by `new_socket`, so every channel gets the same options; the sockets of
+channels are made through a `security.ChannelSecurity` (`listen` / `dial`),
+which adds the channel's authentication on top.
 """
 
 from __future__ import annotations
@@ -72,6 +74,28 @@ class Throttle:
             self.suppressed += 1
             return False
         self._last = now
+        return True
+
+
+class RateLimit:
+    """A token bucket: `take` says yes at most `rate` times per second on average, `burst` at
+    once. Thread-safe enough for counters (one caller thread per instance)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self.refused = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self.refused += 1
+            return False
+        self._tokens -= 1
         return True
 
 

@@ -13,6 +13,9 @@ import msgspec
 from lmc_connector.tokens import MAX_TOKEN_ID, ChunkKey
 
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+#: Most token ids one message may carry (16M); the controller's `--max-tokens` stays below.
+MAX_WIRE_TOKENS = 1 << 24
+TokenList = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_WIRE_TOKENS)]
 #: A chained 64-bit chunk hash (msgspec decodes up to 2**64 - 1).
 WireChunkKey = Annotated[ChunkKey, msgspec.Meta(ge=0)]
 MAX_WORLD_SIZE = 256

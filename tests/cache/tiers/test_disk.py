@@ -143,3 +143,34 @@ def test_put_of_a_chunk_whose_file_is_corrupt_does_not_raise(
     path = chunk_files(tmp_path)[0]
     path.write_bytes(path.read_bytes()[:-1] + b"x")
     assert engine.put(keys[0], make_kv())
+
+
+def test_a_valid_file_under_another_chunks_name_is_a_miss_never_served(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    (a,) = put_prompt(engine, [1, 2, 3, 4], seed=0)
+    (b,) = put_prompt(engine, [5, 6, 7, 8], seed=1)
+    disk = engine.tier(DISK)
+    assert isinstance(disk, LocalDiskBackend)
+    disk.path(b).write_bytes(disk.path(a).read_bytes())  # a planted copy: valid, wrong key
+    assert engine.get([b]) == []
+    assert engine.lookup([5, 6, 7, 8]) == 0
+    assert torch.equal(engine.get([a])[0], make_kv(CHUNK, 0))
+
+
+def test_a_file_found_at_restart_is_reported_cached_only_once_verified(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    keys = put_prompt(engine, [1, 2, 3, 4, 5, 6, 7, 8])
+    files = {p.stem: p for p in chunk_files(tmp_path)}
+    corrupt = files[f"{keys[1]:016x}"]
+    data = bytearray(corrupt.read_bytes())
+    data[-3] ^= 0xFF  # same size, valid header: only the checksum can tell
+    corrupt.write_bytes(bytes(data))
+    renamed = files[f"{keys[0]:016x}"]
+    renamed.rename(renamed.with_name(f"{0xABCDEF:016x}.kvc"))  # a valid file, another name
+    restarted = make_engine(local_cpu=False, disk_chunks=4)
+    assert restarted.tier(DISK).chunk_keys() == []
+    assert chunk_files(tmp_path) == []

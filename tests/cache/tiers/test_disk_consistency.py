@@ -8,6 +8,7 @@ from lmc_connector.cache import CacheEngine, Chunk
 from lmc_connector.cache.tiers import LocalDiskBackend
 from lmc_connector.cache.tiers import disk as disk_module
 from lmc_connector.cache.tiers.diskfile import DiskRecord
+from lmc_connector.tokens import ChunkKey
 from tests.cache.conftest import CHUNK, EngineFactory, RecordingSink, put_prompt, run_in_threads
 
 DISK = "LocalDiskBackend"
@@ -47,7 +48,7 @@ def test_decompress_without_room_leaves_file_and_index_as_they_were(
     make_engine: EngineFactory,
 ) -> None:
     # Room for two plain chunks and an fp8 one, not three plain ones.
-    engine = make_engine(local_cpu=False, disk_chunks=2.85)
+    engine = make_engine(local_cpu=False, disk_chunks=2.95)
     for p in PROMPTS[:2]:
         put_prompt(engine, p)
     engine.compress(PROMPTS[0], "fp8", DISK)
@@ -69,8 +70,8 @@ def test_chunk_removed_while_it_spills_to_disk_stays_removed(
     put_prompt(engine, PROMPTS[0])
     real_write = disk_module.write_chunk
 
-    def write_while_removed(path: Path, chunk: Chunk) -> DiskRecord:
-        written = real_write(path, chunk)
+    def write_while_removed(path: Path, key: ChunkKey, chunk: Chunk) -> DiskRecord:
+        written = real_write(path, key, chunk)
         engine.remove(PROMPTS[0])
         return written
 

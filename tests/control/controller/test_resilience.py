@@ -25,6 +25,7 @@ from lmc_connector.control.controller.settings import Settings
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire.codec import encode
 from lmc_connector.control.wire.rpc import RpcClient
+from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.launch import free_port
 from tests.control.conftest import InstanceFactory, new_controller
 from tests.control.harness import (
@@ -233,7 +234,7 @@ def test_an_unexpected_worker_error_is_answered_as_internal_and_logged(
 ) -> None:
     rank0, _ = make_instance("crash-a")
 
-    def crash(prepare: cmd.Prepare, received: float | None = None) -> cmd.Reply:
+    def crash(prepare: cmd.Prepare, received: float | None = None, owner: bytes = b"") -> cmd.Reply:
         raise RuntimeError("engine exploded")
 
     rank0.agent._executor.prepare = crash
@@ -267,7 +268,7 @@ def test_prepare_ttl_is_relative_to_the_workers_clock_and_capped(
 ) -> None:
     (worker,) = make_instance("ttl-a", world_size=1)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    client = RpcClient(context, "test")
+    client = RpcClient(context, "test", ChannelSecurity())
     client.start()
     address = f"tcp://127.0.0.1:{worker.agent.spec.port}"
     decoder = cmd.reply_decoder()
@@ -330,3 +331,24 @@ def test_http_handlers_never_wait_for_the_controller_lock_on_the_event_loop() ->
         service.close()
     assert stalled < 1.0, f"the event loop stalled {stalled:.2f} s behind the lock"
     assert worst == 200
+
+
+def test_health_reports_an_internal_thread_that_stopped() -> None:
+    service = ControllerService(Settings(port=free_port(), monitor_port=free_port()))
+    service.start()
+    app = create_app(service)
+
+    async def health() -> dict[str, object]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://controller") as client:
+            return dict((await client.get("/health")).json())
+
+    try:
+        assert asyncio.run(health())["status"] == "ok"
+        # A fake for a crash that cannot be caused on purpose: the command thread ends.
+        service.commands.close()
+        answer = asyncio.run(health())
+    finally:
+        service.close()
+    assert answer["status"] == "degraded"
+    assert "internal thread 'commands' stopped" in str(answer["problems"])

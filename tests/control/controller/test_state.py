@@ -6,6 +6,8 @@ from lmc_connector import tokens as tok
 from lmc_connector.control.controller.index import ChunkIndex
 from lmc_connector.control.controller.operations import OperationStore
 from lmc_connector.control.controller.state import ControllerState as Controller
+from lmc_connector.control.controller.state import Notice
+from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as m
 from lmc_connector.operations import JobOutcome
 
@@ -22,8 +24,8 @@ def register(
     world_size: int = 2,
     port: int | None = None,
     chunk_size: int = 4,
-) -> None:
-    c.handle(
+) -> Notice | None:
+    return c.handle(
         m.Register(
             instance,
             rank,
@@ -91,7 +93,8 @@ def test_heartbeat_from_an_unknown_worker_asks_for_a_resync_once_per_interval() 
     c = Controller()
     beat = m.Heartbeat("i", 0, "new", "127.0.0.1", 8000)
     first = c.handle(beat, 10.0)
-    assert first is not None and first.address == "tcp://127.0.0.1:8000"
+    assert first is not None and first[0].address == "tcp://127.0.0.1:8000"
+    assert isinstance(first[1], cmd.Resync)
     assert c.handle(beat, 10.1) is None
     assert c.handle(beat, 12.0) is not None
 
@@ -177,13 +180,16 @@ def test_prefix_prefers_the_first_registered_location_on_a_tie() -> None:
     assert index.prefix("i", [1, 2, 3], [0]) == (CPU, 2)
 
 
-def test_the_only_worker_re_registering_keeps_its_instance_and_takes_its_snapshot() -> None:
+def test_a_registration_sent_again_is_acknowledged_again_and_loses_nothing() -> None:
     c = Controller()
     register(c, 0, world_size=1)
     admit(c, 0, [1, 2, 3])
-    register(c, 0, world_size=1)  # the same session resyncs after dropped chunk events
-    assert c.index.size("i") == 0
-    c.handle(m.Snapshot("i", 0, "s0", {CPU: [1, 2, 3, 4]}), 0.0)
+    running = c.operations.create("compress", "i", [0])
+    c.operations.start(running)
+    answer = register(c, 0, world_size=1)  # the same session: its answer was late or lost
+    assert answer is not None and answer[1] == cmd.Registered("s0")
+    assert running.status == "running" and c.index.count("i", 0, CPU) == 3
+    c.handle(m.Snapshot("i", 0, "s0", {CPU: [1, 2, 3, 4]}), 0.0)  # sent after each Register
     assert c.instances["i"].workers[0].spec.session == "s0"
     assert c.index.count("i", 0, CPU) == 4
 
@@ -201,13 +207,14 @@ def test_departed_workers_are_handed_over_once_unless_their_address_is_reused() 
     c = Controller(worker_timeout=5)
     register(c, 0)
     register(c, 1)
-    register(c, 0, port=9000)  # rank 0 moved: its old address is gone
+    c.handle(m.Heartbeat("i", 1, "s1", "127.0.0.1", 8001), 6.0)
+    register(c, 0, session="moved", port=9000, now=6.0)  # a new life at another address
     assert [r.address for r in c.take_departed()] == ["tcp://127.0.0.1:8000"]
-    register(c, 0, port=9000)  # same address again: the socket stays
-    c.handle(m.Deregister("i", 1, "s1"), 0.0)
+    register(c, 0, session="again", port=9000, now=12.0)  # same address again: it stays
+    c.handle(m.Deregister("i", 1, "s1"), 12.0)
     assert [r.address for r in c.take_departed()] == ["tcp://127.0.0.1:8001"]
     assert c.take_departed() == []
-    c.expire(10.0)
+    c.expire(20.0)
     assert [r.address for r in c.take_departed()] == ["tcp://127.0.0.1:9000"]
 
 

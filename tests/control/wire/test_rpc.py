@@ -10,10 +10,12 @@ import zmq
 
 from lmc_connector.control.wire.rpc import Call, RpcClient, RpcSendError, RpcServer, RpcTimeout
 from lmc_connector.control.wire.rpc import client as rpc_client
+from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.launch import free_port
 from tests.control.harness import wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
+LOCAL = ChannelSecurity()
 
 
 @pytest.fixture
@@ -25,14 +27,14 @@ def context() -> Iterator[Context]:
 
 @pytest.fixture
 def client(context: Context) -> Iterator[RpcClient]:
-    c = RpcClient(context, "test-client")
+    c = RpcClient(context, "test-client", LOCAL)
     c.start()
     yield c
     c.close()
 
 
 def serve(context: Context, handler: object) -> RpcServer:
-    server = RpcServer(context, f"tcp://127.0.0.1:{free_port()}", handler, "test-server")  # type: ignore[arg-type]
+    server = RpcServer(context, f"tcp://127.0.0.1:{free_port()}", handler, "test-server", LOCAL)  # type: ignore[arg-type]
     server.start()
     return server
 

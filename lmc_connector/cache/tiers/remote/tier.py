@@ -148,9 +148,9 @@ class RemoteBackend(Tier):
         names = [self.keys.head(k) for k in keys]
         heads = self._call("read heads", False, lambda c: ops.read_heads(c, names))
         out: list[ChunkForm | None] = []
-        for name, head in zip(names, heads or [None] * len(keys), strict=True):
+        for key, name, head in zip(keys, names, heads or [None] * len(keys), strict=True):
             try:
-                header = parse_header(head, name) if isinstance(head, bytes) else None
+                header = parse_header(head, name, key) if isinstance(head, bytes) else None
             except RecordFormatError:
                 header = None
             out.append(None if header is None else ChunkForm(header.num_tokens, header.method))
@@ -228,7 +228,7 @@ class RemoteBackend(Tier):
         if head is None:
             self._forget([key])
             return None, None
-        assembler = Assembler(head, name, self.allocate or empty_cpu)
+        assembler = Assembler(head, name, key, self.allocate or empty_cpu)
         if assembler.count > self._max_pieces:
             raise ValueError(f"{assembler.count} pieces is more than this layout's chunks need")
         pending: list[Future[None]] = []
@@ -328,14 +328,14 @@ class RemoteBackend(Tier):
         if self.serde != "naive" and plain:
             encoded = self._encode([chunk for _, chunk in plain])
             coded = {key: chunk for (key, _), chunk in zip(plain, encoded, strict=True)}
-        return [(key, to_value(coded.get(key, chunk))) for key, chunk in chunks]
+        return [(key, to_value(key, coded.get(key, chunk))) for key, chunk in chunks]
 
     @override
     def replace(self, key: ChunkKey, marker: Marker, chunk: Chunk) -> bool | None:
         """Swap the value for `chunk` (as given) if it still holds what `marker` saw."""
         if not isinstance(marker, bytes):
             return None
-        value = to_value(chunk)
+        value = to_value(key, chunk)
         if len(value.pieces) > self._max_pieces:
             return False
         staging = self.keys.staging(key)

@@ -1,6 +1,6 @@
 """A chunk's value in the shared store: a chunk record as a head key and piece keys.
 
-    <chunk name>        the record header (`cache/record.py`): dtype or codec, shape,
+    <chunk name>        the record header (`cache/record.py`): chunk key, dtype or codec, shape,
                         payload length, crc32 over header and payload
     <chunk name>:<i>    the payload, in pieces of PIECE_BYTES (the last one shorter)
 
@@ -25,6 +25,7 @@ import torch
 
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.record import RecordFormatError, pack_header, parse_header, payload
+from lmc_connector.tokens import ChunkKey
 
 #: Just under 1 MiB, so a piece with Redis's own string header stays in jemalloc's 1 MiB
 #: size class (a piece of exactly 1 MiB would take 1.25 MiB of the store's memory).
@@ -55,12 +56,12 @@ class StoreValue:
         return len(self.header) + sum(p.nbytes for p in self.pieces)
 
 
-def to_value(chunk: Chunk) -> StoreValue:
-    """The value of `chunk` as it is (plain or encoded); keep `chunk` alive until written."""
+def to_value(key: ChunkKey, chunk: Chunk) -> StoreValue:
+    """The value of chunk `key` as it is (plain or encoded); keep `chunk` alive until written."""
     data = payload(chunk)
     count = pieces_for(data.nbytes)
     pieces = [data[i * PIECE_BYTES : (i + 1) * PIECE_BYTES] for i in range(count)]
-    return StoreValue(pack_header(chunk, data), pieces)
+    return StoreValue(pack_header(key, chunk, data), pieces)
 
 
 class Assembler:
@@ -73,8 +74,10 @@ class Assembler:
     matching its checksum.
     """
 
-    def __init__(self, head: bytes, where: str, allocate: Allocator = empty_cpu) -> None:
-        self.header = parse_header(head, where)
+    def __init__(
+        self, head: bytes, where: str, key: ChunkKey, allocate: Allocator = empty_cpu
+    ) -> None:
+        self.header = parse_header(head, where, key)
         self.count = pieces_for(self.header.payload_len)
         self._where = where
         self._crc = self.header.crc_start

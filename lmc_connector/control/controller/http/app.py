@@ -35,7 +35,8 @@ def create_app(service: ControllerService) -> FastAPI:
     """The FastAPI app serving `service`; the caller starts and closes the service."""
     bearer = HTTPBearer(auto_error=False, description="the controller's --api-key")
 
-    def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+    # async: checked on the event loop (a plain def would cost a worker-thread round trip)
+    async def authorize(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         key = service.settings.api_key
         if key is None:
             return

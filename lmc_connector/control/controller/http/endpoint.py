@@ -3,7 +3,9 @@
 Bodies are decoded straight from the request bytes with the route's Struct:
 one validation library for the wire and the API, error messages that name
 the field (`$.tokens[3]`), and 32K-token bodies parsed in microseconds.
-Errors are JSON `{"detail": ..., "event_id": ...}`.
+Bodies larger than `--max-body-bytes` and token lists longer than
+`--max-tokens` get 413 before any work is done. Errors are JSON
+`{"detail": ..., "event_id": ...}`.
 """
 
 from __future__ import annotations
@@ -35,10 +37,37 @@ def error_response(status: int, detail: str, event_id: str | None = None) -> Res
     return json_response(bodies.ErrorResponse(detail, event_id), status)
 
 
-def service_of(request: Request) -> ControllerService:
-    """The service the app was created for (a FastAPI dependency)."""
+async def service_of(request: Request) -> ControllerService:
+    """The service the app was created for (a FastAPI dependency; async, so that FastAPI
+    calls it on the event loop instead of handing it to a worker thread)."""
     service: ControllerService = request.app.state.service
     return service
+
+
+def _refusal(status: int, message: str) -> BodyError:
+    error = BodyError(message)
+    error.status = status
+    return error
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = _refusal(
+        413,
+        f"the request body exceeds the limit of {limit} bytes (lmc-controller "
+        "--max-body-bytes); send fewer tokens per request",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def body(kind: type[B]) -> Callable[[Request], Awaitable[B]]:
@@ -47,21 +76,27 @@ def body(kind: type[B]) -> Callable[[Request], Awaitable[B]]:
     async def decode(request: Request) -> B:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
-            error = BodyError(
+            raise _refusal(
+                415,
                 f"send the body as JSON with 'Content-Type: application/json' (got "
-                f"{media or 'no content type'!r})"
+                f"{media or 'no content type'!r})",
             )
-            error.status = 415
-            raise error
-        data = await request.body()
+        settings = (await service_of(request)).settings
+        data = await _read_body(request, settings.max_body_bytes)
         try:
-            return msgspec.json.decode(data, type=kind)
+            decoded = msgspec.json.decode(data, type=kind)
         except msgspec.ValidationError as e:
-            error = BodyError(f"invalid request body: {e}")
-            error.status = 422
-            raise error from None
+            raise _refusal(422, f"invalid request body: {e}") from None
         except msgspec.DecodeError as e:
             raise BodyError(f"request body is not valid JSON: {e}") from None
+        tokens = getattr(decoded, "tokens", None)
+        if tokens is not None and len(tokens) > settings.max_tokens:
+            raise _refusal(
+                413,
+                f"tokens: {len(tokens)} token ids exceed the limit of {settings.max_tokens} "
+                "(lmc-controller --max-tokens)",
+            )
+        return decoded
 
     return decode
 
@@ -76,6 +111,8 @@ def doc(
     """Route options documenting a msgspec body and answer in the OpenAPI schema."""
     responses: dict[int | str, dict[str, Any]] = {
         400: {"description": "bad request"},
+        413: {"description": "body or token list over the controller's limits"},
+        415: {"description": "body not sent as application/json"},
         404: {"description": "unknown instance or event"},
         409: {"description": "not yet possible (e.g. compress before calibrate): do what it says"},
         503: {"description": "workers did not answer in time"},

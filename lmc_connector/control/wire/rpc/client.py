@@ -25,13 +25,21 @@ from lmc_connector.control.wire.rpc.envelope import (
     RpcSendError,
     RpcTimeout,
 )
-from lmc_connector.control.wire.sockets import Throttle, WakePipe, new_socket
+from lmc_connector.control.wire.security import ChannelSecurity
+from lmc_connector.control.wire.sockets import Throttle, WakePipe
 
 logger = logging.getLogger(__name__)
 
 #: DEALER sockets a client keeps open. The least recently used idle ones are closed beyond
-#: this, so a fleet of thousands of servers costs descriptors only for those in use.
+#: this (after flushing what they queued, for at most `EVICTED_LINGER_MS`), so a fleet of
+#: thousands of servers costs descriptors only for those in use.
 MAX_OPEN_SOCKETS = 256
+#: Milliseconds a socket closed for room may still flush its queue: long enough for a
+#: connection to a fresh address to be set up on a busy host (200 ms lost some).
+EVICTED_LINGER_MS = 1000
+#: ZMQ sockets one client's context may hold: the open ones, those still flushing after
+#: close, and the servers' of the same context.
+CONTEXT_MAX_SOCKETS = 8192
 
 
 def _settle(future: Future[list[zmq.Frame]], result: list[zmq.Frame] | RpcError) -> None:
@@ -58,12 +66,18 @@ class RpcClient:
 
     Owns one thread and its DEALER sockets (one per server address, at most
     `MAX_OPEN_SOCKETS` open), the requests in flight and their deadlines.
+    `security` authenticates it to the servers (see `security.ChannelSecurity`).
     Construct, `start`, use from any thread, `close`.
     """
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], name: str) -> None:
+    def __init__(
+        self, context: zmq.Context[zmq.Socket[bytes]], name: str, security: ChannelSecurity
+    ) -> None:
         self._context = context
         self._name = name
+        self._security = security
+        if context.get(zmq.MAX_SOCKETS) < CONTEXT_MAX_SOCKETS:
+            context.set(zmq.MAX_SOCKETS, CONTEXT_MAX_SOCKETS)
         self._inbox: queue.Queue[_Outgoing | str] = queue.Queue(MAX_QUEUED)
         self._wake = WakePipe()
         self._ids = itertools.count(1)
@@ -75,12 +89,16 @@ class RpcClient:
         self._deadlines: list[tuple[float, int]] = []
         self._poller = zmq.Poller()
         self._bad_frames = Throttle(WARN_EVERY_S)
+        self._socket_errors = Throttle(WARN_EVERY_S)
 
     def start(self) -> None:
         self._poller.register(self._wake.fileno(), zmq.POLLIN)
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the thread and close the socket(s); a second call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake.wake()
         if self._thread.is_alive():
@@ -90,6 +108,11 @@ class RpcClient:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def open_sockets(self) -> int:
+        """Servers this client holds a socket to now (read from any thread, approximate)."""
+        return len(self._sockets)
 
     def request(self, address: str, frames: Payload, timeout: float) -> Future[list[zmq.Frame]]:
         """Send `frames` to the server at `address`; the future resolves to its reply frames
@@ -128,21 +151,32 @@ class RpcClient:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                wait_ms = IDLE_POLL_MS
-                if self._deadlines:
-                    due = int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1
-                    wait_ms = max(0, min(wait_ms, due))
-                for item, _ in self._poller.poll(wait_ms):
-                    if isinstance(item, zmq.Socket):
-                        self._receive(item)
-                self._wake.drain()
-                self._take_inbox()
-                self._expire()
+                try:
+                    self._step()
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.ETERM:
+                        return
+                    # Boundary: one socket failed (e.g. out of descriptors); its requests time
+                    # out by their deadlines and the thread serves on.
+                    if self._socket_errors.ready():
+                        logger.exception("%s: socket error; serving on", self._name)
         finally:
             for _, future in self._pending.values():
                 _settle(future, RpcTimeout(f"{self._name}: shutting down"))
             for sock in self._sockets.values():
                 sock.close(linger=0)
+
+    def _step(self) -> None:
+        wait_ms = IDLE_POLL_MS
+        if self._deadlines:
+            due = int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1
+            wait_ms = max(0, min(wait_ms, due))
+        for item, _ in self._poller.poll(wait_ms):
+            if isinstance(item, zmq.Socket):
+                self._receive(item)
+        self._wake.drain()
+        self._take_inbox()
+        self._expire()
 
     def _take_inbox(self) -> None:
         while True:
@@ -151,7 +185,7 @@ class RpcClient:
             except queue.Empty:
                 return
             if isinstance(item, str):
-                self._close_socket(item)
+                self._close_socket(item, linger=0)
             else:
                 self._send(item)
 
@@ -167,6 +201,10 @@ class RpcClient:
             if out.future is not None:
                 _settle(out.future, RpcSendError(f"server at {out.address} is not reading"))
             return
+        except zmq.ZMQError as e:
+            if out.future is not None:
+                _settle(out.future, RpcSendError(f"cannot send to {out.address}: {e}"))
+            return
         if out.future is not None:
             self._pending[out.request_id] = (out.address, out.future)
             self._in_flight[out.address] = self._in_flight.get(out.address, 0) + 1
@@ -177,25 +215,23 @@ class RpcClient:
         if sock is not None:
             self._sockets.move_to_end(address)
             return sock
-        sock = new_socket(self._context, zmq.DEALER)
+        if len(self._sockets) >= MAX_OPEN_SOCKETS:
+            idle = next((a for a in self._sockets if not self._in_flight.get(a)), None)
+            if idle is not None:
+                self._close_socket(idle, linger=EVICTED_LINGER_MS)
         try:
-            sock.connect(address)
+            sock = self._security.dial(self._context, zmq.DEALER, address)
         except zmq.ZMQError as e:
-            sock.close(linger=0)
             return RpcSendError(f"cannot connect to {address}: {e}")
         self._sockets[address] = sock
         self._poller.register(sock, zmq.POLLIN)
-        if len(self._sockets) > MAX_OPEN_SOCKETS:
-            idle = next((a for a in self._sockets if not self._in_flight.get(a)), None)
-            if idle is not None and idle != address:
-                self._close_socket(idle)
         return sock
 
-    def _close_socket(self, address: str) -> None:
+    def _close_socket(self, address: str, linger: int) -> None:
         sock = self._sockets.pop(address, None)
         if sock is not None:
             self._poller.unregister(sock)
-            sock.close(linger=0)
+            sock.close(linger=linger)
 
     def _receive(self, sock: zmq.Socket[bytes]) -> None:
         while True:

@@ -17,7 +17,8 @@ from lmc_connector.control.wire.rpc.envelope import (
     WARN_EVERY_S,
     Payload,
 )
-from lmc_connector.control.wire.sockets import Throttle, WakePipe, new_socket
+from lmc_connector.control.wire.security import ChannelSecurity
+from lmc_connector.control.wire.sockets import Throttle, WakePipe
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class RpcServer:
     Owns one thread and the socket. `handler(call)` runs on that thread for
     every well-formed request; it answers at once (`call.reply`) or hands the
     call to another thread that answers later. A request never answered times
-    out at its client. Construct, `start` (binds, or raises `zmq.ZMQError`),
-    `close`.
+    out at its client. `security` authenticates its clients (see
+    `security.ChannelSecurity`). Construct, `start` (binds, or raises
+    `zmq.ZMQError` / `InsecureBindError`), `close`.
     """
 
     def __init__(
@@ -60,8 +62,10 @@ class RpcServer:
         bind_url: str,
         handler: Callable[[Call], None],
         name: str,
+        security: ChannelSecurity,
     ) -> None:
         self._context = context
+        self._security = security
         self.bind_url = bind_url
         self._handler = handler
         self._name = name
@@ -85,16 +89,13 @@ class RpcServer:
         return self._thread.is_alive()
 
     def start(self) -> None:
-        sock = new_socket(self._context, zmq.ROUTER)
-        try:
-            sock.bind(self.bind_url)
-        except zmq.ZMQError:
-            sock.close(linger=0)  # an open socket would make Context.term() wait forever
-            raise
-        self._sock = sock
+        self._sock = self._security.listen(self._context, zmq.ROUTER, self.bind_url)
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the thread and close the socket(s); a second call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake.wake()
         if self._thread.is_alive():
