@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -87,6 +89,13 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: host:port of the controller's request/reply socket (its --reply-port), asked which peer
     #: instance holds a prefix.
     controller_reply_url: str | None = None
+    #: Address each worker's lookup server also binds on TCP (a free port, announced to the
+    #: scheduler), for ranks on another host than the scheduler; None: node-local IPC only, and
+    #: ranks on other hosts are not asked. Loopback only until the channel is authenticated.
+    lookup_host: str | None = None
+    #: Chunks a worker may have waiting to be copied into the cache in the background; a save
+    #: beyond it is dropped and counted (a future miss), never waited for.
+    save_queue_chunks: int = 256
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -144,14 +153,18 @@ _TYPES = _field_types()
 LIST_VALUED = frozenset(key for key, info in _TYPES.items() if _is_list(info))
 
 
+def _likeness(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 def _suggest(key: str) -> str:
     """A hint for an unknown key: the closest of ours or LMCache's, else where keys are listed."""
     ours = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
+    theirs = difflib.get_close_matches(key, sorted(LMCACHE_KEYS), n=1, cutoff=0.75)
+    if theirs and (not ours or _likeness(key, theirs[0]) > _likeness(key, ours[0])):
+        return f"did you mean {theirs[0]}? (an LMCache key lmc_connector ignores)"
     if ours:
         return f"did you mean {ours[0]}?"
-    theirs = difflib.get_close_matches(key, sorted(LMCACHE_KEYS), n=1, cutoff=0.75)
-    if theirs:
-        return f"did you mean {theirs[0]}? (an LMCache key lmc_connector ignores)"
     return "not a key of lmc_connector nor of LMCache (the README's Configuration lists the keys)"
 
 
@@ -354,6 +367,12 @@ def _check_requirements(config: CacheConfig) -> None:
             )
     if config.p2p_timeout_ms <= 0:
         raise ConfigError(f"p2p_timeout_ms={config.p2p_timeout_ms} must be > 0 (e.g. 2000)")
+    if config.save_queue_chunks <= 0:
+        raise ConfigError(
+            f"save_queue_chunks={config.save_queue_chunks} must be a positive number of chunks"
+        )
+    if config.lookup_host is not None:
+        _check_lookup_host(config.lookup_host)
     if config.lookup_timeout_ms <= 0:
         raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
     if config.controller_heartbeat_interval <= 0:
@@ -391,6 +410,20 @@ def _check_remote(config: CacheConfig) -> None:
                 f"remote_serde={config.remote_serde!r} is not a serde{hint}; use one of "
                 f"{', '.join(valid)}"
             )
+
+
+def _check_lookup_host(host: str) -> None:
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"lookup_host={host!r} does not resolve to an address: {e}") from e
+    if not address.is_loopback:
+        raise ConfigError(
+            f"lookup_host={host!r} is not a loopback address: the lookup channel is not "
+            "authenticated, so anyone on the network could pin chunks and read prompts' chunk "
+            "keys; use 127.0.0.1 (same-host tests) or leave it unset (ranks on other hosts "
+            "are then not asked, and their misses are recomputed)"
+        )
 
 
 def load_config(

@@ -313,3 +313,16 @@ def test_enable_p2p_names_each_missing_key(missing: str) -> None:
 def test_p2p_timeout_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="p2p_timeout_ms=0 must be > 0"):
         load_config({"p2p_timeout_ms": 0}, env={})
+
+
+def test_lookup_host_must_be_loopback_until_the_channel_is_authenticated() -> None:
+    assert load_config({"lookup_host": "127.0.0.1"}, env={}).lookup_host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="is not a loopback address"):
+        load_config({"lookup_host": "192.0.2.7"}, env={})
+
+
+def test_save_queue_must_hold_at_least_one_chunk() -> None:
+    assert load_config(env={}).save_queue_chunks == 256
+    assert load_config({"save_queue_chunks": 8}, env={}).save_queue_chunks == 8
+    with pytest.raises(ConfigError, match="save_queue_chunks=0 must be a positive"):
+        load_config({"save_queue_chunks": 0}, env={})

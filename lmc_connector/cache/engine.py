@@ -86,6 +86,12 @@ class CacheEngine:
         method = config.compress_before_evict
         if method is not None:
             _check_method("compress_before_evict", method)
+            if not layout.codable:
+                raise ConfigError(
+                    f"compress_before_evict={method}: this worker's KV cache is "
+                    f"{layout.cache_dtype}, whose chunks are quantized bytes no codec codes; "
+                    "unset compress_before_evict, or serve with a float16/bfloat16 KV cache"
+                )
         self.tiers = build_tiers(
             config,
             layout,
@@ -116,6 +122,11 @@ class CacheEngine:
     # -- introspection ---------------------------------------------------------------------
 
     @property
+    def codec_device(self) -> torch.device:
+        """Where compression runs and where the load path decodes (`codec_device`)."""
+        return self._transforms.device
+
+    @property
     def locations(self) -> list[str]:
         return [t.name for t in self.tiers]
 
@@ -130,7 +141,8 @@ class CacheEngine:
         return list(self.tiers) if locations is None else [self.tier(n) for n in locations]
 
     def hashes(self, tokens: Sequence[int]) -> list[ChunkKey]:
-        return tok.chunk_hashes(tokens, self.layout.chunk_size)
+        """The chunk keys of a prompt (keyed under its scope when it is a `tokens.Prompt`)."""
+        return tok.chunk_hashes(tokens, self.layout.chunk_size, tok.scope_of(tokens))
 
     def snapshot(self) -> dict[str, list[ChunkKey]]:
         """Every key per location, for a full resync with the controller."""
@@ -237,10 +249,7 @@ class CacheEngine:
             return True
         home = self.tiers[0]
         if copy or kv.device.type != "cpu" or not kv.is_contiguous():
-            if isinstance(home, LocalCPUBackend):
-                kv = home.buffer(tuple(kv.shape), kv.dtype).copy_(kv)
-            else:
-                kv = kv.detach().to("cpu", copy=True).contiguous()
+            kv = self.new_buffer(tuple(kv.shape), kv.dtype).copy_(kv)
         chunk = Chunk(kv.shape[2], kv=kv)
         stored = home.store(key, chunk)
         if stored:
@@ -249,15 +258,27 @@ class CacheEngine:
             tier.saved(key, chunk)
         return stored
 
+    def new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous CPU tensor to build a chunk in before `put(copy=False)`; reuses the
+        memory of a removed chunk where the nearest tier keeps such buffers."""
+        home = self.tiers[0]
+        if isinstance(home, LocalCPUBackend):
+            return home.buffer(shape, dtype)
+        return torch.empty(shape, dtype=dtype)
+
     def get(
         self, keys: Sequence[ChunkKey], device: torch.device | str | None = None
     ) -> list[torch.Tensor]:
-        """The plain chunks of the cached prefix of `keys`, stopping at the first miss.
+        """The plain chunks of the cached prefix of `keys`, stopping at the first miss,
+        encoded ones decoded on `device`; the tensors must not be modified."""
+        return to_tensors(self.read(keys), device)
 
-        Encoded chunks are decoded on `device` on the way; the tensors must not
-        be modified. Local tiers are read one chunk at a time; the rest is
-        asked of the farther tiers in turn, many chunks per request. A chunk
-        found beyond the nearest tier is promoted into it.
+    def read(self, keys: Sequence[ChunkKey]) -> list[Chunk]:
+        """The chunks of the cached prefix of `keys` as stored, stopping at the first miss.
+
+        Local tiers are read one chunk at a time; the rest is asked of the farther
+        tiers in turn, many chunks per request. A chunk found beyond the nearest
+        tier is promoted into it.
         """
         chunks: list[Chunk] = []
         for key in keys:
@@ -274,7 +295,7 @@ class CacheEngine:
                     break
                 self.tiers[0].store(key, chunk)
                 chunks.append(chunk)
-        return to_tensors(chunks, device)
+        return chunks
 
     def _read_near(self, key: ChunkKey) -> Chunk | None:
         for depth, tier in enumerate(self._near):
@@ -388,8 +409,14 @@ class CacheEngine:
 
         The chunks are the cached prefix of `tokens`, or every chunk in `location` when
         `tokens` is None. Raises `StoredMethodError` for a decompress with a method none
-        of those chunks was encoded with.
+        of those chunks was encoded with, ValueError for a compress of quantized bytes.
         """
+        if kind == "compress" and not self.layout.codable:
+            raise ValueError(
+                f"this worker's KV cache is {self.layout.cache_dtype} ({self.layout.dtype}): "
+                "its chunks are already quantized bytes and are stored as they are; "
+                "compression needs a float16/bfloat16/float32 KV cache"
+            )
         tier = self.tier(location)
         if tokens is None:
             return self._transforms.schedule(kind, tier, tier.chunk_keys(), method, prefix=False)

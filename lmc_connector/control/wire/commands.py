@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from lmc_connector.control.wire.codec import Decoder
-from lmc_connector.control.wire.types import MAX_WORLD_SIZE, Name, PeerAddress, TokenId
+from lmc_connector.control.wire.types import MAX_WORLD_SIZE, Name, PeerAddress, PromptScope, TokenId
 from lmc_connector.operations import JobOutcome, TransformKind
 
 #: Longest time a worker holds a prepared op for the controller (its `--command-timeout` is
@@ -31,6 +31,8 @@ class TransformOp(msgspec.Struct, tag="transform"):
     location: Name
     tokens: list[TokenId]
     every_chunk: bool = False
+    #: The prompt's salt and adapter (hashed into its chunk keys); None for plain tokens.
+    scope: PromptScope | None = None
 
 
 class PinOp(msgspec.Struct, tag="pin"):
@@ -38,10 +40,12 @@ class PinOp(msgspec.Struct, tag="pin"):
 
     tokens: list[TokenId]
     location: Name | None = None
+    scope: PromptScope | None = None
 
 
 class UnpinOp(msgspec.Struct, tag="unpin"):
     tokens: list[TokenId]
+    scope: PromptScope | None = None
 
 
 class ClearOp(msgspec.Struct, tag="clear"):
@@ -54,6 +58,7 @@ class MoveOp(msgspec.Struct, tag="move"):
     source: Name
     destination: Name
     tokens: list[TokenId]
+    scope: PromptScope | None = None
 
 
 class PullOp(msgspec.Struct, tag="pull"):
