@@ -161,7 +161,7 @@ def check_worker(device: torch.device, args: argparse.Namespace) -> None:
     kv_bytes = buffer[:blocks_needed].numel() * buffer.element_size()
     config = load_config({"chunk_size": CHUNK, "max_local_cpu_size": 3 * kv_bytes / 1e9}, env={})
     address = f"ipc://{tempfile.mkdtemp()}/gpu-check.sock"
-    worker = LMCWorker(config, WorkerSettings("llama-8b-shape", 0, 1, BLOCK, address, "auto"))
+    worker = LMCWorker(config, WorkerSettings("llama-8b-shape", 0, 1, BLOCK, address))
     worker.register_kv_caches(caches, KVFormat.PACKED, "CHECK")
     try:
         _time_worker(worker, device, args, kv_bytes, blocks_needed)

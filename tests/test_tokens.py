@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lmc_connector.tokens import KeyScope, chunk_bounds, chunk_hashes
+from lmc_connector.tokens import KeyScope, Prompt, chunk_bounds, chunk_hashes, scope_of
 
 
 def test_trailing_partial_chunk_gets_a_hash() -> None:
@@ -96,3 +96,10 @@ def test_a_scope_hashes_the_same_every_time() -> None:
     assert [chunk_hashes(PROMPT, 16, s) for s in again] == [
         chunk_hashes(PROMPT, 16, s) for s in SCOPES
     ]
+
+
+def test_a_prompt_is_its_token_ids_carrying_its_scope() -> None:
+    scope = KeyScope(cache_salt="tenant-a")
+    prompt = Prompt(PROMPT, scope)
+    assert prompt == PROMPT and len(prompt) == len(PROMPT)
+    assert scope_of(prompt) is scope and scope_of(PROMPT) is None

@@ -127,10 +127,12 @@ class Worker:
         under `scope` (a `tokens.KeyScope`: the request's salt, adapter, images)."""
         import torch
 
+        from lmc_connector.tokens import Prompt
+
         engine = self.engine
         size = engine.layout.chunk_size
         generator = torch.Generator().manual_seed(seed)
-        for i, key in enumerate(engine.hashes(tokens, scope)):
+        for i, key in enumerate(engine.hashes(Prompt(tokens, scope))):
             n = min(size, len(tokens) - i * size)
             kv = torch.randn(engine.layout.shape(n), generator=generator)
             assert engine.put(key, kv.to(engine.layout.torch_dtype))

@@ -57,7 +57,9 @@ def make_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     ) -> LMCWorker:
         config = load_config({"chunk_size": CHUNK, **extra}, env={})
         address = f"ipc://{tmp_path}/lookup-{len(workers)}.sock"
-        worker = LMCWorker(config, WorkerSettings("m", 0, 1, BLOCK, address, cache_dtype))
+        worker = LMCWorker(
+            config, WorkerSettings("m", 0, 1, BLOCK, address, cache_dtype=cache_dtype)
+        )
         worker.register_kv_caches(caches, fmt, "TEST_BACKEND")
         workers.append(worker)
         return worker

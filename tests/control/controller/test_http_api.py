@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from lmc_connector.tokens import KeyScope
+from lmc_connector.tokens import KeyScope, Prompt
 from tests.control.conftest import InstanceFactory
 from tests.control.harness import CPU, DISK, Controller, registered, wait_until
 
@@ -233,5 +233,5 @@ def test_a_salted_or_adapted_prompt_is_named_by_its_cache_salt_and_lora_fields(
     event = wait_event(http, http.post("/compress", json=compress).json()["event_id"])
     assert event["status"] == "finished" and event["num_tokens"] == 12
     tier = worker.engine.tier(CPU)
-    chunks = [tier.load(key)[1] for key in worker.engine.hashes(prompt, salted)]
+    chunks = [tier.load(key)[1] for key in worker.engine.hashes(Prompt(prompt, salted))]
     assert [c is not None and c.encoded for c in chunks] == [True, True, True]
