@@ -1,17 +1,23 @@
-"""Time to first token with and without the connector, and the throughput cost of saving.
+"""Time to first token against its floor and its peers, and what saving costs, in one run.
 
-One run measures, for a long prompt (4K tokens by default) on a config-only
-Llama served with `--load-format dummy` (random weights; prefill dominates on
-a CPU):
+For a long prompt (4K tokens by default) on a config-only Llama served with
+`--load-format dummy` (random weights; prefill dominates on a CPU), side by
+side in one run:
 
-* TTFT without the connector;
-* TTFT with the connector on a cold cache (compute + save);
-* TTFT with the connector on a warm cache (load + one token);
+* recompute: TTFT with no cache at all;
+* vLLM's own prefix cache: TTFT of a repeated prompt (a hit in vLLM's blocks);
+* vLLM's `ExampleConnector` (its in-tree connector, saving to disk): warm TTFT;
+* this connector: cold TTFT (compute + hand the save over) and warm TTFT (load + one token);
+* the floor: one decode step at the same context length (what any hit must still pay),
+  plus the prompt's KV bytes at this machine's memcpy speed;
+* how long vLLM's worker was blocked in `wait_for_save` for the saved prompt, and the
+  background copy it no longer waits for;
+* generation throughput on a workload with no reuse (distinct prompts), without and
+  with this connector (every prompt saved, none loaded).
 
-and the generation throughput on a workload with no reuse (distinct prompts),
-without and with the connector (every prompt is saved, none is ever loaded).
-Each configuration runs in its own child process so the two vLLM engines never
-share memory. Prints figures; asserts nothing.
+Each configuration runs in its own child process (two vLLM engines never share
+memory), alternately, twice; the best of each counts. Prints a table; asserts
+nothing. Timings on a shared machine are noisy: compare within one run.
 
     python benchmarks/ttft.py            # hidden 1024, 8 layers, 4K-token prompt
     python benchmarks/ttft.py --quick    # hidden 512, 4 layers, 2K-token prompt
@@ -36,12 +42,15 @@ sys.path.insert(0, str(ROOT))
 from examples.tiny_model import write_config_only_model  # noqa: E402
 
 FULL = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "intermediate": 2816}
+QUICK = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1408}
 #: Rounds of the no-reuse workload per child (the best counts).
 WORK_ROUNDS = 3
-#: Baseline and connector children run alternately this many times (the best counts), so
-#: drifts of a shared machine hit both sides alike.
+#: Children of each kind run alternately this many times (the best counts), so drifts of a
+#: shared machine hit every side alike.
 CHILD_ROUNDS = 2
-QUICK = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1408}
+#: Tokens generated to time decode steps at the prompt's context length.
+DECODE_STEPS = 8
+KINDS = ("baseline", "prefix", "example", "connector")
 
 
 def _ids(seed: int, n: int) -> list[int]:
@@ -49,9 +58,25 @@ def _ids(seed: int, n: int) -> list[int]:
     return [rng.randrange(3, 1024) for _ in range(n)]
 
 
-def _child(args: argparse.Namespace) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+class ConnectorProbe:
+    """vLLM worker extension: this connector's worker-side timings (`lmc_stats`)."""
 
+    def lmc_stats(self) -> dict[str, float]:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        worker = get_kv_transfer_group().worker  # type: ignore[attr-defined]
+        assert worker.saver is not None and worker.saver.drain()
+        saver = worker.saver.stats
+        return {
+            "save_calls": saver.handoff_steps,
+            "save_seconds": saver.handoff_seconds,
+            "stored": saver.stored,
+            "copy_seconds": saver.copy_seconds,
+            "dropped": saver.dropped_full + saver.dropped_preempted + saver.failed,
+        }
+
+
+def _engine_kwargs(args: argparse.Namespace, kind: str, tmp: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=args.model,
         load_format="dummy",
@@ -59,31 +84,62 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         enforce_eager=True,
         block_size=32,
         max_model_len=args.prompt_len + 64,
-        enable_prefix_caching=False,
+        enable_prefix_caching=kind == "prefix",
         max_num_batched_tokens=args.prompt_len + 64,
     )
-    if args.child == "connector":
+    if kind == "connector":
+        kwargs["worker_extension_cls"] = "ttft.ConnectorProbe"
         kwargs["kv_transfer_config"] = {
             "kv_connector": "LMCConnectorV1",
             "kv_connector_module_path": "lmc_connector.v1",
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"chunk_size": 256, "max_local_cpu_size": 4},
         }
-    llm = LLM(**kwargs)
-    one = SamplingParams(max_tokens=1, temperature=0.0)
+    if kind == "example":
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": tmp},
+        }
+    return kwargs
 
-    def ttft(ids: list[int]) -> float:
+
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    tmp = tempfile.mkdtemp(prefix="ttft-example-")
+    llm = LLM(**_engine_kwargs(args, args.child, tmp))
+
+    def timed(ids: list[int], tokens: int = 1) -> float:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)
+        llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
         return time.perf_counter() - start
 
-    ttft(_ids(99, 256))  # warm-up
+    timed(_ids(99, 256))  # warm-up
     prompt = _ids(1, args.prompt_len)
-    result: dict[str, Any] = {"first": ttft(prompt)}
+    before = llm.collective_rpc("lmc_stats")[0] if args.child == "connector" else {}
+    result: dict[str, Any] = {"first": timed(prompt)}
     if args.child == "connector":
-        result["second"] = ttft(prompt)
-    # No-reuse workload: distinct prompts (seeds unused above), a few output tokens each;
-    # the best of a few rounds, each with fresh prompts, so one-off warm-ups do not count.
+        # What saving this one prompt cost vLLM's worker, and what ran in the background.
+        after = llm.collective_rpc("lmc_stats")[0]
+        result["stats"] = {key: after[key] - before[key] for key in after}
+    if args.child != "baseline":
+        result["second"] = timed(prompt)
+    if args.child == "prefix":
+        # Both served from vLLM's prefix cache: the difference is the decode steps alone.
+        one, more = timed(prompt), timed(prompt, 1 + DECODE_STEPS)
+        result["decode_step"] = (more - one) / DECODE_STEPS
+    if args.child in ("baseline", "connector"):
+        result.update(_no_reuse_throughput(llm, args))
+    return result
+
+
+def _no_reuse_throughput(llm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Distinct prompts, a few output tokens each; the best of a few rounds, each with fresh
+    prompts, so one-off warm-ups do not count."""
+    from vllm import SamplingParams
+
     gen = SamplingParams(max_tokens=args.work_out, temperature=0.0, ignore_eos=True)
     rates, cached = [], 0
     for round_ in range(WORK_ROUNDS):
@@ -95,9 +151,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         tokens = sum(len(o.prompt_token_ids or []) + len(o.outputs[0].token_ids) for o in outs)
         rates.append(tokens / elapsed)
         cached += sum(o.num_cached_tokens or 0 for o in outs)
-    result["throughput"] = max(rates)
-    result["cached_in_workload"] = cached
-    return result
+    return {"throughput": max(rates), "cached_in_workload": cached}
 
 
 def _run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -109,14 +163,78 @@ def _run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     # vLLM on CPU reserves one more core when any KV connector is configured; on a 2-core
-    # machine that silently gives the worker both cores. Same binding on both sides.
+    # machine that silently gives the worker both cores. Same binding on every side.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    paths = (str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT ") :]))
     raise RuntimeError(f"{kind} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _memcpy_gbs() -> float:
+    """Best of a few copies of 256 MiB on this machine, in GB/s."""
+    import torch
+
+    src = torch.ones(256 * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return src.numel() / best / 1e9
+
+
+def _kv_bytes(shape: dict[str, int], prompt_len: int, dtype: str) -> int:
+    head = shape["hidden"] // shape["heads"]
+    element = 4 if dtype == "float32" else 2
+    return 2 * shape["layers"] * shape["kv_heads"] * head * prompt_len * element
+
+
+def _best(results: list[dict[str, Any]]) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        if key == "stats":
+            best[key] = min(values, key=lambda s: s["save_seconds"])
+        else:
+            best[key] = (max if key == "throughput" else min)(values)
+    return best
+
+
+def _report(args: argparse.Namespace, shape: dict[str, int], runs: dict[str, Any]) -> None:
+    base, prefix, example, conn = (_best(runs[k]) for k in KINDS)
+    kv = _kv_bytes(shape, args.prompt_len, args.dtype)
+    copy_gbs = _memcpy_gbs()
+    floor = prefix["decode_step"] + kv / (copy_gbs * 1e9)
+    rows = [
+        ("recompute (no cache)", base["first"]),
+        ("vLLM prefix-cache hit", prefix["second"]),
+        ("vLLM ExampleConnector, warm", example["second"]),
+        ("lmc_connector, cold (compute + save)", conn["first"]),
+        ("lmc_connector, warm", conn["second"]),
+        ("floor: one decode step", prefix["decode_step"]),
+        (f"floor + {kv / 1e6:.0f} MB of KV at {copy_gbs:.1f} GB/s", floor),
+    ]
+    print(f"{'time to first token':42s} {'ms':>9s} {'x floor':>8s}")
+    for name, seconds in rows:
+        print(f"{name:42s} {seconds * 1000:9.1f} {seconds / floor:8.2f}")
+    stats = conn["stats"]
+    print(
+        f"saving the {args.prompt_len}-token prompt blocked vLLM's worker "
+        f"{stats['save_seconds'] * 1000:.3f} ms in wait_for_save ({stats['save_calls']:.0f} "
+        f"steps); {stats['stored']:.0f} chunks were copied in the background in "
+        f"{stats['copy_seconds'] * 1000:.1f} ms ({stats['dropped']:.0f} dropped)"
+    )
+    cost = 1 - conn["throughput"] / base["throughput"]
+    print(
+        f"throughput, no reuse: {base['throughput']:.1f} tok/s without, "
+        f"{conn['throughput']:.1f} tok/s with the connector (saving costs {cost:.1%}; "
+        f"cached tokens in workload: {conn['cached_in_workload']})"
+    )
 
 
 def main() -> None:
@@ -128,7 +246,7 @@ def main() -> None:
     parser.add_argument("--work-len", type=int, default=512)
     parser.add_argument("--work-out", type=int, default=16)
     parser.add_argument("--model", default=None, help="model directory (default: written here)")
-    parser.add_argument("--child", choices=["baseline", "connector"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 2048 if args.quick else 4096
@@ -147,27 +265,11 @@ def main() -> None:
         f"prompt: {args.prompt_len} tokens; no-reuse workload: {args.work_reqs} x "
         f"{args.work_len} prompt + {args.work_out} output tokens"
     )
-    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "connector": []}
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for _ in range(CHILD_ROUNDS):
         for kind, results in runs.items():
             results.append(_run_child(args, kind))
-    base, conn = (
-        {key: (max if key == "throughput" else min)(r[key] for r in results) for key in results[0]}
-        for results in runs.values()
-    )
-    print(f"TTFT without connector : {base['first'] * 1000:9.1f} ms")
-    print(f"TTFT connector, cold   : {conn['first'] * 1000:9.1f} ms")
-    print(f"TTFT connector, warm   : {conn['second'] * 1000:9.1f} ms")
-    print(
-        f"warm/cold ratio        : {conn['second'] / conn['first']:9.3f}"
-        f"  (speed-up vs no connector: {base['first'] / conn['second']:.1f}x)"
-    )
-    cost = 1 - conn["throughput"] / base["throughput"]
-    print(
-        f"throughput, no reuse   : {base['throughput']:9.1f} tok/s without, "
-        f"{conn['throughput']:.1f} tok/s with the connector (saving costs {cost:.1%}; "
-        f"cached tokens in workload: {conn['cached_in_workload']})"
-    )
+    _report(args, shape, runs)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -95,6 +97,13 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: host:port of the controller's request/reply socket (its --reply-port), asked which peer
     #: instance holds a prefix.
     controller_reply_url: str | None = None
+    #: Address each worker's lookup server also binds on TCP (a free port, announced to the
+    #: scheduler), for ranks on another host than the scheduler; None: node-local IPC only, and
+    #: ranks on other hosts are not asked. Beyond loopback only with control_secret_file.
+    lookup_host: str | None = None
+    #: Chunks a worker may have waiting to be copied into the cache in the background; a save
+    #: beyond it is dropped and counted (a future miss), never waited for.
+    save_queue_chunks: int = 256
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -152,14 +161,18 @@ _TYPES = _field_types()
 LIST_VALUED = frozenset(key for key, info in _TYPES.items() if _is_list(info))
 
 
+def _likeness(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
 def _suggest(key: str) -> str:
     """A hint for an unknown key: the closest of ours or LMCache's, else where keys are listed."""
     ours = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
+    theirs = difflib.get_close_matches(key, sorted(LMCACHE_KEYS), n=1, cutoff=0.75)
+    if theirs and (not ours or _likeness(key, theirs[0]) > _likeness(key, ours[0])):
+        return f"did you mean {theirs[0]}? (an LMCache key lmc_connector ignores)"
     if ours:
         return f"did you mean {ours[0]}?"
-    theirs = difflib.get_close_matches(key, sorted(LMCACHE_KEYS), n=1, cutoff=0.75)
-    if theirs:
-        return f"did you mean {theirs[0]}? (an LMCache key lmc_connector ignores)"
     return "not a key of lmc_connector nor of LMCache (the README's Configuration lists the keys)"
 
 
@@ -367,6 +380,12 @@ def _check_requirements(config: CacheConfig) -> None:
             f"control_secret_file={config.control_secret_file!r} is not a readable file: point "
             "it at the file holding the secret the controller reads with --secret-file"
         )
+    if config.save_queue_chunks <= 0:
+        raise ConfigError(
+            f"save_queue_chunks={config.save_queue_chunks} must be a positive number of chunks"
+        )
+    if config.lookup_host is not None:
+        _check_lookup_host(config)
     if config.lookup_timeout_ms <= 0:
         raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
     if config.controller_heartbeat_interval <= 0:
@@ -408,6 +427,26 @@ def _check_codec(key: str, value: str, what: str, extra: list[str]) -> None:
         close = difflib.get_close_matches(value, valid, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"{key}={value!r} {what}{hint}; use one of {', '.join(valid)}")
+
+
+def _check_lookup_host(config: CacheConfig) -> None:
+    """A lookup_host beyond loopback needs the channel authenticated (or an explicit
+    control_insecure)."""
+    host = config.lookup_host
+    if host is None or config.control_secret_file is not None or config.control_insecure:
+        return
+    try:
+        address = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"lookup_host={host!r} does not resolve to an address: {e}") from e
+    if not address.is_loopback:
+        raise ConfigError(
+            f"lookup_host={host!r} is not a loopback address and no control_secret_file is "
+            "set: anyone on the network could pin chunks and read prompts' chunk keys; set "
+            "control_secret_file (the lookup channel is then authenticated and encrypted), "
+            "use 127.0.0.1, or leave it unset (ranks on other hosts are then not asked, and "
+            "their misses are recomputed)"
+        )
 
 
 def load_config(

@@ -319,3 +319,20 @@ def test_enable_p2p_names_each_missing_key(missing: str) -> None:
 def test_p2p_timeout_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="p2p_timeout_ms=0 must be > 0"):
         load_config({"p2p_timeout_ms": 0}, env={})
+
+
+def test_lookup_host_beyond_loopback_needs_the_secret(tmp_path: Path) -> None:
+    assert load_config({"lookup_host": "127.0.0.1"}, env={}).lookup_host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="not a loopback address.*set control_secret_file"):
+        load_config({"lookup_host": "192.0.2.7"}, env={})
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    with_secret = {"lookup_host": "192.0.2.7", "control_secret_file": str(secret)}
+    assert load_config(with_secret, env={}).lookup_host == "192.0.2.7"
+
+
+def test_save_queue_must_hold_at_least_one_chunk() -> None:
+    assert load_config(env={}).save_queue_chunks == 256
+    assert load_config({"save_queue_chunks": 8}, env={}).save_queue_chunks == 8
+    with pytest.raises(ConfigError, match="save_queue_chunks=0 must be a positive"):
+        load_config({"save_queue_chunks": 0}, env={})

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lmc_connector.tokens import chunk_bounds, chunk_hashes
+from lmc_connector.tokens import KeyScope, Prompt, chunk_bounds, chunk_hashes, scope_of
 
 
 def test_trailing_partial_chunk_gets_a_hash() -> None:
@@ -43,7 +43,9 @@ def test_invalid_token_ids_are_rejected(bad: list[object]) -> None:
 
 def test_identical_across_processes_with_different_hash_seeds() -> None:
     code = (
-        "from lmc_connector.tokens import chunk_hashes;print(chunk_hashes(list(range(3000)), 256))"
+        "from lmc_connector.tokens import KeyScope, chunk_hashes;"
+        "print(chunk_hashes(list(range(3000)), 256), "
+        "chunk_hashes([1, 2], 256, KeyScope('salt', 'lora', '/p', (('img', 0, 2),))))"
     )
     outputs = set()
     for seed in ("0", "12345"):
@@ -58,4 +60,46 @@ def test_identical_across_processes_with_different_hash_seeds() -> None:
         )
         outputs.add(result.stdout)
     assert len(outputs) == 1
-    assert str(chunk_hashes(list(range(3000)), 256)) == outputs.pop().strip()
+    scoped = chunk_hashes([1, 2], 256, KeyScope("salt", "lora", "/p", (("img", 0, 2),)))
+    assert f"{chunk_hashes(list(range(3000)), 256)} {scoped}" == outputs.pop().strip()
+
+
+PROMPT = list(range(40))
+SCOPES = [
+    KeyScope(cache_salt="tenant-a"),
+    KeyScope(cache_salt="tenant-b"),
+    KeyScope(lora_name="sql", lora_path="/adapters/sql"),
+    KeyScope(lora_name="sql", lora_path="/adapters/sql-v2"),
+    KeyScope(lora_name="chat", lora_path="/adapters/sql"),
+    KeyScope(multimodal=(("image-1", 3, 10),)),
+    KeyScope(multimodal=(("image-2", 3, 10),)),
+    KeyScope(multimodal=(("image-1", 4, 10),)),
+    KeyScope(cache_salt="tenant-a", lora_name="sql", lora_path="/adapters/sql"),
+]
+
+
+def test_an_empty_scope_keeps_the_plain_token_chain() -> None:
+    """Caches written before scopes existed, and prompts with nothing but tokens, still hit."""
+    assert chunk_hashes(PROMPT, 16, KeyScope()) == chunk_hashes(PROMPT, 16)
+    assert chunk_hashes(PROMPT, 16, KeyScope(cache_salt="")) == chunk_hashes(PROMPT, 16)
+
+
+def test_every_salt_adapter_and_image_gets_keys_of_its_own() -> None:
+    """Same tokens under another salt, adapter or image never share a single chunk."""
+    chains = [chunk_hashes(PROMPT, 16)] + [chunk_hashes(PROMPT, 16, s) for s in SCOPES]
+    keys = [k for chain in chains for k in chain]
+    assert len(set(keys)) == len(keys)
+
+
+def test_a_scope_hashes_the_same_every_time() -> None:
+    again = [KeyScope(s.cache_salt, s.lora_name, s.lora_path, s.multimodal) for s in SCOPES]
+    assert [chunk_hashes(PROMPT, 16, s) for s in again] == [
+        chunk_hashes(PROMPT, 16, s) for s in SCOPES
+    ]
+
+
+def test_a_prompt_is_its_token_ids_carrying_its_scope() -> None:
+    scope = KeyScope(cache_salt="tenant-a")
+    prompt = Prompt(PROMPT, scope)
+    assert prompt == PROMPT and len(prompt) == len(PROMPT)
+    assert scope_of(prompt) is scope and scope_of(PROMPT) is None

@@ -31,7 +31,7 @@ from lmc_connector.cache.tiers import (
 )
 from lmc_connector.cache.tiers.base import leading
 from lmc_connector.cache.transforms import TransformJob, TransformRunner, codec_device
-from lmc_connector.config import CacheConfig
+from lmc_connector.config import CacheConfig, ConfigError
 from lmc_connector.operations import TransformKind
 from lmc_connector.tokens import ChunkKey
 
@@ -79,6 +79,13 @@ class CacheEngine:
         self.calibrations = CalibrationBook()
         runner = TransformRunner(self.ctx, codec_device(config, device), self.calibrations)
         self._transforms = runner
+        method = config.compress_before_evict
+        if method is not None and not layout.codable:
+            raise ConfigError(
+                f"compress_before_evict={method}: this worker's KV cache is "
+                f"{layout.cache_dtype}, whose chunks are quantized bytes no codec codes; "
+                "unset compress_before_evict, or serve with a float16/bfloat16 KV cache"
+            )
         self.tiers = build_tiers(
             config,
             layout,
@@ -114,6 +121,11 @@ class CacheEngine:
     # -- introspection ---------------------------------------------------------------------
 
     @property
+    def codec_device(self) -> torch.device:
+        """Where compression runs and where the load path decodes (`codec_device`)."""
+        return self._transforms.device
+
+    @property
     def locations(self) -> list[str]:
         return [t.name for t in self.tiers]
 
@@ -128,7 +140,8 @@ class CacheEngine:
         return list(self.tiers) if locations is None else [self.tier(n) for n in locations]
 
     def hashes(self, tokens: Sequence[int]) -> list[ChunkKey]:
-        return tok.chunk_hashes(tokens, self.layout.chunk_size)
+        """The chunk keys of a prompt (keyed under its scope when it is a `tokens.Prompt`)."""
+        return tok.chunk_hashes(tokens, self.layout.chunk_size, tok.scope_of(tokens))
 
     def snapshot(self) -> dict[str, list[ChunkKey]]:
         """Every key per location, for a full resync with the controller."""
@@ -235,10 +248,7 @@ class CacheEngine:
             return True
         home = self.tiers[0]
         if copy or kv.device.type != "cpu" or not kv.is_contiguous():
-            if isinstance(home, LocalCPUBackend):
-                kv = home.buffer(tuple(kv.shape), kv.dtype).copy_(kv)
-            else:
-                kv = kv.detach().to("cpu", copy=True).contiguous()
+            kv = self.new_buffer(tuple(kv.shape), kv.dtype).copy_(kv)
         chunk = Chunk(kv.shape[2], kv=kv)
         stored = home.store(key, chunk)
         if stored:
@@ -247,18 +257,49 @@ class CacheEngine:
             tier.saved(key, chunk)
         return stored
 
+    def new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous CPU tensor to build a chunk in before `put(copy=False)`; reuses the
+        memory of a removed chunk where the nearest tier keeps such buffers."""
+        home = self.tiers[0]
+        if isinstance(home, LocalCPUBackend):
+            return home.buffer(shape, dtype)
+        return torch.empty(shape, dtype=dtype)
+
     def get(
         self, keys: Sequence[ChunkKey], device: torch.device | str | None = None
     ) -> list[torch.Tensor]:
-        """The plain chunks of the cached prefix of `keys`, stopping at the first miss.
+        """The plain chunks of the cached prefix of `keys`, stopping at the first miss,
+        encoded ones decoded on `device`; the tensors must not be modified."""
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        return [t.to(target) for t in self.tensors(keys, self.read(keys), target)]
 
-        Encoded chunks are decoded on `device` on the way; the tensors must not
-        be modified. Local tiers are read one chunk at a time; the rest is
-        asked of the farther tiers in turn, many chunks per request. A chunk
-        found beyond the nearest tier is promoted into it. A chunk that does not
-        decode (damaged, or its calibration found nowhere) is a miss: the prefix
-        ends before it and its local copies are dropped, so that recomputed KV
-        takes its place.
+    def tensors(
+        self, keys: Sequence[ChunkKey], chunks: Sequence[Chunk], device: torch.device
+    ) -> list[torch.Tensor]:
+        """The tensor form of `chunks` (what `read(keys)` returned): plain ones as stored,
+        encoded ones decoded together on `device`.
+
+        A chunk that does not decode (damaged, or its calibration found nowhere)
+        is a miss: the result ends before it and its local copies are dropped,
+        so that recomputed KV takes its place.
+        """
+        at = [i for i, c in enumerate(chunks) if c.encoded]
+        decoded, error = decoded_prefix([chunks[i] for i in at], device, self.calibrations.store)
+        if error is not None:
+            end = at[len(decoded)]
+            bad = keys[end]
+            dropped = sum(tier.remove([bad]) for tier in self._near)
+            self._transforms.undecodable(bad, error, dropped)
+            chunks = chunks[:end]
+        plain = iter(decoded)
+        return [c.kv if c.kv is not None else next(plain) for c in chunks]
+
+    def read(self, keys: Sequence[ChunkKey]) -> list[Chunk]:
+        """The chunks of the cached prefix of `keys` as stored, stopping at the first miss.
+
+        Local tiers are read one chunk at a time; the rest is asked of the farther
+        tiers in turn, many chunks per request. A chunk found beyond the nearest
+        tier is promoted into it.
         """
         chunks: list[Chunk] = []
         for key in keys:
@@ -275,12 +316,7 @@ class CacheEngine:
                     break
                 self.tiers[0].store(key, chunk)
                 chunks.append(chunk)
-        tensors, error = decoded_prefix(chunks, device, self.calibrations.store)
-        if error is not None:
-            bad = keys[len(tensors)]
-            dropped = sum(tier.remove([bad]) for tier in self._near)
-            self._transforms.undecodable(bad, error, dropped)
-        return tensors
+        return chunks
 
     def _read_near(self, key: ChunkKey) -> Chunk | None:
         for depth, tier in enumerate(self._near):
@@ -361,8 +397,14 @@ class CacheEngine:
 
         The chunks are the cached prefix of `tokens`, or every chunk in `location` when
         `tokens` is None. Raises `StoredMethodError` for a decompress with a method none
-        of those chunks was encoded with.
+        of those chunks was encoded with, ValueError for a compress of quantized bytes.
         """
+        if kind == "compress" and not self.layout.codable:
+            raise ValueError(
+                f"this worker's KV cache is {self.layout.cache_dtype} ({self.layout.dtype}): "
+                "its chunks are already quantized bytes and are stored as they are; "
+                "compression needs a float16/bfloat16/float32 KV cache"
+            )
         tier = self.tier(location)
         if tokens is None:
             return self._transforms.schedule(kind, tier, tier.chunk_keys(), method, prefix=False)

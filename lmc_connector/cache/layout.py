@@ -7,14 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
+#: Element types a chunk tensor may have: floats a codec can code, and bytes (every other KV
+#: cache type travels as its raw bytes, see `ops.paged.storage_dtype`).
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
     "uint8": torch.uint8,
 }
+#: KV cache types whose chunks hold the numbers themselves (vLLM's `--kv-cache-dtype` values).
+CODABLE_CACHE_DTYPES = frozenset({"auto", "float16", "bfloat16", "float32", "half", "float"})
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -25,9 +27,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ChunkLayout:
     """Shape of a chunk tensor `[planes, layers, tokens, channels]` and whose it is.
 
-    planes is 2 (K then V) or 1 (an MLA latent); channels is kv_heads x head_size
-    of this worker's shard. Together with the model and rank it forms the key
-    namespace: chunks of another model or rank never match.
+    planes is 2 (K then V) or 1 (an MLA latent, or an opaque quantized page);
+    channels is kv_heads x head_size of this worker's shard (bytes for an opaque
+    page). Every field is part of the key namespace (`fingerprint`): chunks of
+    another model, rank, KV cache type (e4m3 and e5m2 are both bytes) or
+    attention backend (each lays K and V out its own way) never match.
     """
 
     model: str
@@ -38,6 +42,17 @@ class ChunkLayout:
     layers: int
     channels: int
     chunk_size: int
+    #: vLLM's KV cache type (`--kv-cache-dtype`: "auto", "fp8_e4m3", "int8_per_token_head"...).
+    cache_dtype: str = "auto"
+    #: The attention backend that wrote the pages ("FLASH_ATTN", "CPU_ATTN", ...).
+    backend: str = ""
+
+    @property
+    def codable(self) -> bool:
+        """Whether codecs can compress these chunks (numbers, not quantized bytes)."""
+        return self.dtype in ("float16", "bfloat16", "float32") and (
+            self.cache_dtype in CODABLE_CACHE_DTYPES
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -59,6 +74,8 @@ class ChunkLayout:
                 self.layers,
                 self.channels,
                 self.chunk_size,
+                self.cache_dtype,
+                self.backend,
             )
         )
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
@@ -76,6 +93,8 @@ class ChunkLayout:
                 self.layers,
                 self.channels,
                 self.chunk_size,
+                self.cache_dtype,
+                self.backend,
             )
         )
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

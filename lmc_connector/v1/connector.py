@@ -1,16 +1,23 @@
 """`LMCConnectorV1`: vLLM's KV connector hooks, switched on role.
 
 The constructor builds the project config once (`load_config` over YAML,
-`LMCACHE_*` and `kv_connector_extra_config`) and either an `LMCScheduler`
-(SCHEDULER role, engine-core process) or an `LMCWorker` (WORKER role, each
-worker process). Every hook asserts its side exists and forwards. This module
-and `config.py` are the only ones that read `VllmConfig`.
+`LMCACHE_*` and `kv_connector_extra_config`), refuses vLLM configurations this
+cache would get wrong (`settings.check_supported`), and builds either an
+`LMCScheduler` (SCHEDULER role, engine-core process) or an `LMCWorker` (WORKER
+role, each worker process). Every hook asserts its side exists and forwards.
+This module, `settings.py` and `config.py` are the only ones that read
+`VllmConfig`; `requests.py` reads vLLM's per-request objects.
 
 vLLM 0.32 / 0.33 differences handled here:
-* `CachedRequestData.resumed_req_ids` (a set, 0.32+) vs `resumed_from_preemption`
-  (a list of bools, older releases).
-* `SchedulerOutput.preempted_req_ids` may be absent or None.
 * `kv_cache_config` may be omitted by older callers (the constructor defaults it).
+* 0.33 asks the connector to let go of the KV cache before sleep mode
+  (`unregister_kv_caches`): pending background saves are drained.
+* The workers' handshake reaches the scheduler as `set_xfer_handshake_metadata_pp_aware`
+  (keyed by pipeline and tensor rank) or, from older engines, keyed by tensor rank.
+
+Saves are copied in the background (`v1/saver.py`): `request_finished` holds a
+request's blocks until `get_finished` reports its saves done, and
+`handle_preemptions` stops reading a preempted request's blocks before the forward.
 
 What vLLM sees of the connector: statistics (`get_kv_connector_stats` from each
 half, `build_kv_connector_stats` and `build_prom_metrics` in vLLM's API
@@ -27,15 +34,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 
 from lmc_connector.config import load_config
-from lmc_connector.ops.paged import KVFormat
+from lmc_connector.control.wire.security import worker_security
+from lmc_connector.v1 import requests as rq
+from lmc_connector.v1 import settings as vs
 from lmc_connector.v1.events import EventDescriber, LMCKVEvents
 from lmc_connector.v1.logs import follow_vllm_logging, log_startup
-from lmc_connector.v1.lookup import LookupClient, channel_path
+from lmc_connector.v1.lookup import LookupClient
+from lmc_connector.v1.lookup_addresses import LookupHandshake, channel_path, plan_addresses
 from lmc_connector.v1.metadata import LMCConnectorMetadata
 from lmc_connector.v1.peers import PeerLocator
 from lmc_connector.v1.scheduler import LMCScheduler
@@ -66,16 +77,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _world(vllm_config: VllmConfig) -> int:
-    parallel = vllm_config.parallel_config
-    return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-
-
 def _addresses(vllm_config: VllmConfig) -> list[str]:
-    assert vllm_config.kv_transfer_config is not None
-    engine_id = str(vllm_config.kv_transfer_config.engine_id)
-    dp_rank = int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)
-    return [channel_path(engine_id, dp_rank, r) for r in range(_world(vllm_config))]
+    engine_id, dp_rank = vs.engine_id(vllm_config), vs.data_parallel_rank(vllm_config)
+    return [channel_path(engine_id, dp_rank, r) for r in range(vs.world_size(vllm_config))]
 
 
 def _worker_rank() -> int:
@@ -95,15 +99,6 @@ def _worker_rank() -> int:
 def _kv_events(vllm_config: VllmConfig) -> bool:
     events = vllm_config.kv_events_config
     return bool(events is not None and events.enable_kv_cache_events)
-
-
-def _layer_format(vllm_config: VllmConfig, layer_name: str) -> KVFormat:
-    if vllm_config.model_config.use_mla:
-        return KVFormat.MLA
-    layer = vllm_config.compilation_config.static_forward_context.get(layer_name)
-    backend = getattr(layer, "attn_backend", None)
-    name = backend.get_name() if backend is not None else ""
-    return KVFormat.CPU_PAGED if name.startswith("CPU") else KVFormat.PACKED
 
 
 class LMCConnectorV1(KVConnectorBase_V1):
@@ -126,9 +121,11 @@ class LMCConnectorV1(KVConnectorBase_V1):
         if scheduler:  # once per engine; the worker processes build the same config
             note_untested_vllm()
         self.config = load_config(transfer.kv_connector_extra_config, warn_ignored=scheduler)
+        self.facts = vs.check_supported(vllm_config, kv_cache_config)
         self.scheduler: LMCScheduler | None = None
         self.worker: LMCWorker | None = None
-        block_size = vllm_config.cache_config.block_size
+        self._lookup: LookupClient | None = None
+        block_size = self.facts.block_size
         kv_events = _kv_events(vllm_config)
         log_startup(self.config, role.name.lower(), kv_events)
         if scheduler:
@@ -136,7 +133,12 @@ class LMCConnectorV1(KVConnectorBase_V1):
             if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
                 logger.info("lmc_connector: setting kv_load_failure_policy=recompute")
                 transfer.kv_load_failure_policy = "recompute"
-            client = LookupClient(_addresses(vllm_config), self.config.lookup_timeout_ms)
+            client = LookupClient(
+                _addresses(vllm_config),
+                self.config.lookup_timeout_ms,
+                worker_security(self.config),
+            )
+            self._lookup = client
             events = EventDescriber(self.config.chunk_size) if kv_events else None
             locator = PeerLocator(self.config) if self.config.enable_p2p else None
             self.scheduler = LMCScheduler(
@@ -148,10 +150,11 @@ class LMCConnectorV1(KVConnectorBase_V1):
             settings = WorkerSettings(
                 model=str(vllm_config.model_config.model),
                 rank=rank,
-                world_size=_world(vllm_config),
+                world_size=vs.world_size(vllm_config),
                 block_size=block_size,
                 lookup_address=_addresses(vllm_config)[rank],
                 kv_events=kv_events,
+                cache_dtype=self.facts.cache_dtype,
             )
             self.worker = LMCWorker(self.config, settings)
 
@@ -164,8 +167,32 @@ class LMCConnectorV1(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.worker is not None
-        formats = {name: _layer_format(self._vllm_config, name) for name in kv_caches}
-        self.worker.register_kv_caches(kv_caches, formats)
+        backends = {vs.attention_backend(self._vllm_config, name) for name in kv_caches}
+        if len(backends) != 1:
+            raise vs.UnsupportedConfiguration(
+                f"layers run on several attention backends {sorted(backends)}: "
+                "lmc_connector needs one KV layout for all layers"
+            )
+        backend = backends.pop()
+        fmt = vs.layer_format(self._vllm_config, backend, self.facts)
+        self.worker.register_kv_caches(kv_caches, fmt, backend)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        """Where this worker's lookup server listens (collected by vLLM for the scheduler)."""
+        assert self.worker is not None
+        return self.worker.handshake()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before preempted requests' blocks are reused: stop reading them."""
+        assert self.worker is not None
+        assert isinstance(kv_connector_metadata, LMCConnectorMetadata)
+        self.worker.before_forward(kv_connector_metadata)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, LMCConnectorMetadata):
+            # Also before the forward where a vLLM release has no `handle_preemptions`.
+            self.worker.before_forward(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self.worker is not None
@@ -184,19 +211,23 @@ class LMCConnectorV1(KVConnectorBase_V1):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        """Saves run once per step in `wait_for_save`, over all layers."""
+        """Saves are handed over once per step in `wait_for_save`, for all layers."""
         return
 
     def wait_for_save(self) -> None:
+        """Hands this step's saves to the background copier and returns; their blocks stay
+        allocated until `get_finished` reports the request."""
         assert self.worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, LMCConnectorMetadata)
         self.worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Peer loads that ended: their requests may run (saves are synchronous: none)."""
+        """Finished requests whose background saves are done (their blocks may be freed), and
+        peer loads that ended (their requests may run)."""
         assert self.worker is not None
-        return None, self.worker.finished_loads(finished_req_ids) or None
+        saved = self.worker.finished_saves(finished_req_ids)
+        return saved or None, self.worker.finished_loads(finished_req_ids) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.worker is not None
@@ -227,6 +258,11 @@ class LMCConnectorV1(KVConnectorBase_V1):
     ) -> KVConnectorPromMetrics:
         return LMCPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
+    def unregister_kv_caches(self) -> None:
+        """vLLM 0.33 sleep mode: finish reading the paged cache before it is released."""
+        if self.worker is not None:
+            self.worker.drain_saves()
+
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.close()
@@ -235,13 +271,35 @@ class LMCConnectorV1(KVConnectorBase_V1):
 
     # -- scheduler side --------------------------------------------------------------------
 
+    def set_xfer_handshake_metadata_pp_aware(
+        self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
+    ) -> None:
+        """The workers' lookup addresses, keyed by (pipeline rank, tensor rank)."""
+        assert self._lookup is not None
+        tp = self._vllm_config.parallel_config.tensor_parallel_size
+        shakes = {
+            pp * tp + rank: meta
+            for (pp, rank), meta in metadata.items()
+            if isinstance(meta, LookupHandshake)
+        }
+        self._lookup.set_addresses(plan_addresses(_addresses(self._vllm_config), shakes))
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        self.set_xfer_handshake_metadata_pp_aware({(0, r): m for r, m in metadata.items()})
+
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         assert self.scheduler is not None
-        prompt = request.prompt_token_ids
+        if not rq.has_token_ids(request):
+            return 0, False  # prompt embeddings: never keyed, never cached
         return self.scheduler.num_new_matched_tokens(
-            request.request_id, prompt, num_computed_tokens
+            request.request_id,
+            request.prompt_token_ids,
+            num_computed_tokens,
+            rq.key_scope(request),
         )
 
     def update_state_after_alloc(
@@ -253,31 +311,9 @@ class LMCConnectorV1(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.scheduler is not None
-        new = [
-            (r.req_id, r.num_computed_tokens, list(r.block_ids[0]))
-            for r in scheduler_output.scheduled_new_reqs
-        ]
-        cached = scheduler_output.scheduled_cached_reqs
-        resumed_ids = getattr(cached, "resumed_req_ids", None)
-        resumed_flags = getattr(cached, "resumed_from_preemption", None)
-        rows: list[tuple[str, int, list[int] | None, bool]] = []
-        for i, req_id in enumerate(cached.req_ids):
-            if resumed_ids is not None:
-                resumed = req_id in resumed_ids
-            else:
-                resumed = bool(resumed_flags[i]) if resumed_flags is not None else False
-            new_blocks = cached.new_block_ids[i]
-            rows.append(
-                (
-                    req_id,
-                    cached.num_computed_tokens[i],
-                    None if new_blocks is None else list(new_blocks[0]),
-                    resumed,
-                )
-            )
-        preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        rows = rq.step_rows(scheduler_output)
         return self.scheduler.build_meta(
-            new, rows, scheduler_output.num_scheduled_tokens, preempted
+            rows.new, rows.cached, scheduler_output.num_scheduled_tokens, rows.preempted
         )
 
     def get_external_cache_hit_sources(
@@ -295,6 +331,10 @@ class LMCConnectorV1(KVConnectorBase_V1):
             self.scheduler.add_events(events.get_all_events())
         received = set(connector_output.finished_recving or ())
         self.scheduler.transfers_done(received, set(connector_output.invalid_block_ids or ()))
+        self.scheduler.saves_reported(set(connector_output.finished_sending or ()))
+
+    def has_pending_block_frees(self) -> bool:
+        return self.scheduler is not None and self.scheduler.pending_block_frees
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         assert self.scheduler is not None
@@ -308,6 +348,6 @@ class LMCConnectorV1(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        """Delays the release of the request's blocks while its saves are being copied."""
         assert self.scheduler is not None
-        self.scheduler.finished(request.request_id)
-        return False, None
+        return self.scheduler.finished(request.request_id), None

@@ -1,20 +1,24 @@
 """The scheduler's lookup channel to the caches living in its worker processes.
 
 Each worker serves lookups on a local IPC path derived from the engine id,
-the data-parallel rank and its own rank; the scheduler asks every rank over
-the shared request/reply transport and takes the minimum. Every wait is
-bounded: a lookup that gets no answer within the timeout counts as a miss.
+the data-parallel rank and its own rank, and optionally on TCP for a
+scheduler on another host (`lookup_addresses.py` says which the scheduler
+uses); the scheduler asks every reachable rank over the shared
+request/reply transport and takes the minimum. Every wait is bounded: a
+lookup that gets no answer within the timeout counts as a miss.
+
+Both ends take the worker's `ChannelSecurity` (`control_secret_file`): with
+a secret every lookup connection, IPC and TCP, is CURVE-authenticated and
+encrypted, and `lookup_host` may name any address; without one the TCP
+endpoint binds loopback only (or beyond with `control_insecure`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import zmq
@@ -24,15 +28,11 @@ from lmc_connector.control.wire import lookup as lk
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcClient, RpcError, RpcServer
 from lmc_connector.control.wire.security import ChannelSecurity
+from lmc_connector.control.wire.sockets import tcp_url
 from lmc_connector.tokens import ChunkKey
+from lmc_connector.v1.lookup_addresses import live_socket_holds
 
 logger = logging.getLogger(__name__)
-
-
-def channel_path(engine_id: str, dp_rank: int, rank: int) -> str:
-    """The IPC address worker `rank` of an engine binds (short: socket paths are limited)."""
-    digest = hashlib.blake2b(engine_id.encode(), digest_size=6).hexdigest()
-    return f"ipc://{Path(tempfile.gettempdir()) / f'lmc-{digest}-{dp_rank}-{rank}.sock'}"
 
 
 def source_runs(sources: Sequence[str]) -> list[tuple[str, int]]:
@@ -98,34 +98,67 @@ class PinRegistry:
 
 class LookupServer:
     """Answers `Lookup`, `Unpin` and `Reset` for one worker's cache, on its request/reply
-    server thread.
+    server threads: one on the IPC `address`, one more on TCP (a free port of `tcp_host`)
+    if given.
 
-    Owns its ZMQ context and server; `reset` empties the cache (the worker half's
-    `reset`). Construct, `start`, `close`.
+    Owns its ZMQ context and servers; `reset` empties the cache (the worker half's
+    `reset`). Construct, `start` (refuses an IPC path a live server holds), `close`.
     """
 
-    def __init__(self, address: str, pins: PinRegistry, reset: Callable[[bool], int]) -> None:
+    def __init__(
+        self,
+        address: str,
+        pins: PinRegistry,
+        reset: Callable[[bool], int],
+        tcp_host: str | None = None,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.address = address
         self._pins = pins
         self._reset = reset
         self._closed = False
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        # Node-local IPC between vLLM's own processes: no secret needed (loopback/ipc only).
-        self._server = RpcServer(self._context, address, self._handle, "lookup", ChannelSecurity())
+        security = ChannelSecurity() if security is None else security
+        self._servers = [RpcServer(self._context, address, self._handle, "lookup", security)]
+        if tcp_host is not None:
+            url = tcp_url(tcp_host, 0)
+            self._servers.append(
+                RpcServer(self._context, url, self._handle, "lookup-tcp", security)
+            )
         self._decoder = lk.lookup_request_decoder()
+        #: The TCP address a scheduler on another host asks (after `start`), if any.
+        self.tcp_address: str | None = None
 
     def start(self) -> None:
-        try:
-            self._server.start()
-        except zmq.ZMQError as e:
+        """Bind and serve; RuntimeError naming the cause when an address is taken."""
+        if live_socket_holds(self.address):
+            self._closed = True
             self._context.term()
-            raise RuntimeError(f"lookup server could not bind {self.address}: {e}") from e
+            raise RuntimeError(
+                f"another vLLM server on this host already serves lookups at {self.address}: "
+                "two servers share a kv_transfer_config engine_id (and data-parallel rank); "
+                "give each server its own engine_id, or leave it unset"
+            )
+        started: list[RpcServer] = []
+        for server in self._servers:
+            try:
+                server.start()
+            except zmq.ZMQError as e:
+                for running in started:
+                    running.close()
+                self._closed = True
+                self._context.term()
+                raise RuntimeError(f"lookup server could not bind {server.bind_url}: {e}") from e
+            started.append(server)
+        if len(self._servers) > 1:
+            self.tcp_address = self._servers[1].endpoint
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._server.close()
+        for server in self._servers:
+            server.close()
         self._context.term()
 
     def _handle(self, call: Call) -> None:
@@ -163,16 +196,24 @@ class LookupServer:
 
 
 class LookupClient:
-    """The scheduler's side: ask every rank, take the minimum, treat silence as a miss.
+    """The scheduler's side: ask every reachable rank, take the minimum, treat silence as a
+    miss.
 
-    Owns its ZMQ context and request/reply client; used from the scheduler's thread.
+    Owns its ZMQ context and request/reply client and the address of each rank
+    (None for a rank it cannot reach); used from the scheduler's thread.
     """
 
-    def __init__(self, addresses: Sequence[str], timeout_ms: int) -> None:
-        self._addresses = list(addresses)
+    def __init__(
+        self,
+        addresses: Sequence[str | None],
+        timeout_ms: int,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        self._addresses = [a for a in addresses if a is not None]
         self._timeout_s = timeout_ms / 1000
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._client = RpcClient(self._context, "lookup-client", ChannelSecurity())
+        security = ChannelSecurity() if security is None else security
+        self._client = RpcClient(self._context, "lookup-client", security)
         self._decoder = lk.lookup_reply_decoder()
         self._reset_decoder = lk.reset_reply_decoder()
 
@@ -182,6 +223,16 @@ class LookupClient:
     def close(self) -> None:
         self._client.close()
         self._context.term()
+
+    def set_addresses(self, addresses: Sequence[str | None]) -> None:
+        """Replace the ranks' addresses (after the workers' handshake); None: not asked."""
+        for gone in set(self._addresses) - {a for a in addresses if a is not None}:
+            self._client.forget(gone)
+        self._addresses = [a for a in addresses if a is not None]
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._addresses)
 
     def lookup(
         self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool = True

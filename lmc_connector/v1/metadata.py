@@ -37,7 +37,9 @@ class LoadSpec:
 class SaveSpec:
     """Gather chunks of a request from its blocks (after this step's forward) and cache them.
 
-    `keys[i]` covers tokens `bounds[i]`; the last chunk of a prompt may be partial.
+    `keys[i]` covers tokens `bounds[i]`; the last chunk of a prompt may be partial. The
+    worker copies them in the background and reports the request in `get_finished` once
+    its saves are done (the scheduler half holds its blocks until then).
     """
 
     req_id: str
@@ -50,3 +52,6 @@ class SaveSpec:
 class LMCConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    #: Requests preempted this step: their blocks go to others, so their saves still queued
+    #: are cancelled (and one in progress waited for) before the forward.
+    preempted: list[str] = field(default_factory=list)

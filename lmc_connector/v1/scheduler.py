@@ -3,7 +3,9 @@
 Runs in vLLM's engine-core process on the scheduler thread; all methods are
 called from that thread. The cache itself lives in the worker processes and
 is asked through `LookupClient` (a timeout means no hit); the same channel
-relays vLLM's cache reset. Also keeps the scheduler's share of the
+relays vLLM's cache reset. Chunk keys are computed here, once per request
+(with the request's adapter, images and salt, `tokens.KeyScope`), and travel
+to the workers in the metadata: one place hashes. Also keeps the scheduler's share of the
 connector's statistics and turns the workers' chunk events into vLLM's KV
 events (`v1/events.py`).
 """
@@ -19,7 +21,7 @@ from vllm.distributed.kv_events import KVCacheEvent
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmc_connector import tokens as tok
-from lmc_connector.tokens import ChunkKey
+from lmc_connector.tokens import ChunkKey, KeyScope
 from lmc_connector.v1.events import EventDescriber
 from lmc_connector.v1.lookup import LookupClient
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
@@ -55,6 +57,9 @@ class RequestTracker:
     load: tuple[int, int] | None = None
     #: Workers may hold lookup pins for this request (released by a load or an unpin).
     pinned: bool = False
+    #: Saves were planned: the workers copy them in the background, so the request's blocks
+    #: are released only once they report it (see `finished`).
+    saving: bool = False
     block_ids: list[int] = field(default_factory=list)
     #: Where the last lookup's hit chunks are: runs of (vLLM cache-hit source, chunks).
     sources: list[tuple[str, int]] = field(default_factory=list)
@@ -95,6 +100,8 @@ class LMCScheduler:
         self._stats = LMCConnectorStats()
         #: Requests whose asynchronous (peer) load is planned but not yet sent to the workers.
         self._fetches: list[str] = []
+        #: Finished requests whose blocks vLLM holds until the workers report their saves.
+        self._releasing: set[str] = set()
 
     def start(self) -> None:
         self._client.start()
@@ -111,11 +118,16 @@ class LMCScheduler:
         return self._requests
 
     def num_new_matched_tokens(
-        self, req_id: str, prompt: Sequence[int] | None, num_computed_tokens: int
+        self,
+        req_id: str,
+        prompt: Sequence[int] | None,
+        num_computed_tokens: int,
+        scope: KeyScope | None = None,
     ) -> tuple[int, bool]:
         """Tokens beyond `num_computed_tokens` loadable from the cache, leaving one to compute,
         and whether they load asynchronously (from a peer instance).
 
+        `scope` (the request's adapter, images and salt) is hashed into its keys.
         Pins the hit chunks on every worker; a repeated call for the same
         request replaces its pins instead of adding to them.
         """
@@ -123,7 +135,7 @@ class LMCScheduler:
             return 0, False
         tracker = self._requests.get(req_id)
         if tracker is None:
-            keys = tok.chunk_hashes(prompt, self.chunk_size)
+            keys = tok.chunk_hashes(prompt, self.chunk_size, scope)
             tracker = RequestTracker(req_id, len(prompt), keys)
             self._requests[req_id] = tracker
             if self._events is not None:
@@ -214,7 +226,7 @@ class LMCScheduler:
         `cached_reqs`: (req_id, num_computed_tokens, new block ids, resumed) of the others,
         where a resumed request's block ids replace the old ones.
         """
-        meta = LMCConnectorMetadata()
+        meta = LMCConnectorMetadata(preempted=sorted(preempted))
         for req_id in self._fetches:
             tracker = self._requests.get(req_id)
             if tracker is not None and tracker.load is not None:
@@ -264,6 +276,7 @@ class LMCScheduler:
                 )
             )
             tracker.saved_chunks = first + len(bounds)
+            tracker.saving = True
 
     def take_stats(self) -> LMCConnectorStats | None:
         """The scheduler's statistics since the last call (lookups), or None."""
@@ -301,8 +314,27 @@ class LMCScheduler:
         tracker.load, tracker.pinned, tracker.peers = None, False, []
         return spec
 
-    def finished(self, req_id: str) -> None:
-        """Forget the request; release pins a load did not consume (abort, no blocks)."""
+    def finished(self, req_id: str) -> bool:
+        """Forget the request and release pins a load did not consume (abort, no blocks).
+
+        True when its blocks must stay allocated until every worker reports its
+        background saves done (vLLM's delayed release, `get_finished`).
+        """
         tracker = self._requests.pop(req_id, None)
-        if tracker is not None and tracker.pinned:
+        if tracker is None:
+            return False
+        if tracker.pinned:
             self._client.unpin(req_id)
+        if tracker.saving:
+            self._releasing.add(req_id)
+        return tracker.saving
+
+    def saves_reported(self, req_ids: set[str]) -> None:
+        """Every worker reported these requests' saves done: vLLM frees their blocks now."""
+        self._releasing -= req_ids
+
+    @property
+    def pending_block_frees(self) -> bool:
+        """Blocks are about to come free (saves finishing), so vLLM may wait for them
+        instead of preempting a request."""
+        return bool(self._releasing)

@@ -1,12 +1,15 @@
 """The worker half: owns this rank's chunk cache, loads before the forward, saves after it.
 
 Runs in each vLLM worker process, on vLLM's model-runner thread; the lookup
-server thread (`lookup.py`) and the control agent share the cache engine,
-which is thread-safe. Local loads and saves are synchronous: `start_load` returns
-once the chunks are in the paged cache, `save` once they are in the cache. Loads from a
-peer instance are asynchronous (`peers.PeerLoads`): fetched on a background thread and
-scattered into the paged cache on the model-runner thread in `finished_loads`. Once per
-step vLLM collects this worker's statistics (`take_stats`) and, with KV events on, its
+server thread (`lookup.py`), the save thread (`saver.py`) and the control
+agent share the cache engine, which is thread-safe. Local loads are
+synchronous: `start_load` returns once the chunks are in the paged cache, one
+chunk at a time through staging (`loader.py`). Saves are handed to the save
+thread and `save` returns at once; `finished_saves` tells vLLM when a finished
+request's blocks may be freed. Loads from a peer instance are asynchronous
+(`peers.PeerLoads`): fetched on a background thread and scattered into the
+paged cache on the model-runner thread in `finished_loads`. Once per step vLLM
+collects this worker's statistics (`take_stats`) and, with KV events on, its
 chunk events (`take_events`).
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,12 +26,15 @@ import torch
 from lmc_connector.cache import CacheEngine, ChunkLayout
 from lmc_connector.cache.layout import dtype_name
 from lmc_connector.config import CacheConfig
-from lmc_connector.ops import paged
-from lmc_connector.ops.paged import KVFormat
+from lmc_connector.control.wire.security import ChannelSecurity, worker_security
+from lmc_connector.ops.paged import KVFormat, PagedKV
 from lmc_connector.v1.events import ChunkEventBuffer, LMCKVEvents
+from lmc_connector.v1.loader import ChunkLoader
 from lmc_connector.v1.lookup import LookupServer, PinRegistry
-from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
+from lmc_connector.v1.lookup_addresses import LookupHandshake, host_identity
+from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec
 from lmc_connector.v1.peers import PeerLoads
+from lmc_connector.v1.saver import ChunkSaver, SaveJob
 from lmc_connector.v1.stats import LMCConnectorStats
 
 if TYPE_CHECKING:
@@ -49,18 +55,20 @@ class WorkerSettings:
     #: This worker's rank among `world_size` (tensor x pipeline parallel).
     rank: int
     world_size: int
-    #: Tokens per scheduler block (block ids in the metadata count these).
+    #: Tokens per scheduler block (block ids in the metadata count these), from the KV spec.
     block_size: int
     #: IPC address the lookup server binds.
     lookup_address: str
     #: vLLM publishes KV events (`--kv-events-config`): rank 0 reports its chunk events.
     kv_events: bool = False
+    #: vLLM's KV cache type (`--kv-cache-dtype`): part of the key namespace.
+    cache_dtype: str = "auto"
 
 
 class LMCWorker:
-    """Owns this rank's cache engine, its lookup server and control agent, and the views of
-    vLLM's paged KV caches. Loads and saves run on vLLM's model-runner thread; the lookup
-    server and the agent run on their own threads over the (thread-safe) engine.
+    """Owns this rank's cache engine, the view of vLLM's paged KV cache, the loader, the save
+    thread, the lookup server, the control agent and peer loads. Hooks run on vLLM's
+    model-runner thread; the others run on their own threads over the (thread-safe) engine.
 
     Construct, `register_kv_caches` (starts serving), `close`.
     """
@@ -69,15 +77,14 @@ class LMCWorker:
         self.config = config
         self.settings = settings
         self.engine: CacheEngine | None = None
+        self.paged: PagedKV | None = None
         self.pins: PinRegistry | None = None
-        self.layer_names: list[str] = []
-        self._layers: list[list[torch.Tensor]] = []
-        #: vLLM's per-layer views as registered (whole-block copies use them directly).
-        self._raw: list[torch.Tensor] = []
-        self._kernel_block_size = settings.block_size
-        #: Copies are rounded up to multiples of this many tokens (a kernel block for formats
-        #: whose pages are not token rows; 1 otherwise).
-        self._align = 1
+        self.saver: ChunkSaver | None = None
+        self._loader: ChunkLoader | None = None
+        #: Requests that had saves handed to the save thread, and those of them vLLM finished
+        #: (reported back in `finished_saves` once their saves are done).
+        self._saving: set[str] = set()
+        self._finishing: set[str] = set()
         self._server: LookupServer | None = None
         self._agent: ControlAgent | None = None
         self._peer_loads: PeerLoads | None = None
@@ -89,72 +96,67 @@ class LMCWorker:
     # -- lifecycle -------------------------------------------------------------------------
 
     def register_kv_caches(
-        self, kv_caches: Mapping[str, torch.Tensor], formats: Mapping[str, KVFormat]
+        self, kv_caches: Mapping[str, torch.Tensor], fmt: KVFormat, backend: str = ""
     ) -> None:
         """Work out the chunk layout from vLLM's per-layer views, open the cache, start serving."""
-        if not kv_caches:
-            raise ValueError("vLLM registered no KV cache layers")
-        kinds = {formats[name] for name in kv_caches}
-        if len(kinds) != 1:
-            raise ValueError(f"layers mix KV formats {sorted(k.value for k in kinds)}")
-        fmt = kinds.pop()
-        self.layer_names = list(kv_caches)
-        self._layers = [paged.plane_views(kv_caches[n], fmt) for n in self.layer_names]
-        self._raw = [kv_caches[n] for n in self.layer_names]
-        first = self._layers[0][0]
-        shapes = {tuple(p.shape[1:]) for planes in self._layers for p in planes}
-        if len(shapes) != 1:
-            raise ValueError(f"layers have different per-block shapes {sorted(shapes)}")
-        _, heads, self._kernel_block_size, head_size = first.shape
-        if fmt.whole_blocks:
-            self._align = self._kernel_block_size
-            if self.config.chunk_size % self._align:
-                raise ValueError(
-                    f"chunk_size={self.config.chunk_size} must be a multiple of the KV block size "
-                    f"{self._align} for the {fmt.value} layout: set chunk_size accordingly"
-                )
+        paged = PagedKV(list(kv_caches.values()), fmt, self.settings.block_size)
+        if self.config.chunk_size % paged.align:
+            raise ValueError(
+                f"chunk_size={self.config.chunk_size} must be a multiple of the KV block size "
+                f"{paged.align} for the {fmt.value} layout: set chunk_size accordingly"
+            )
         layout = ChunkLayout(
             model=self.settings.model,
             world_size=self.settings.world_size,
             rank=self.settings.rank,
-            dtype=dtype_name(first.dtype),
-            planes=fmt.planes,
-            layers=len(self._layers),
-            channels=heads * head_size,
+            dtype=dtype_name(paged.dtype),
+            planes=paged.planes,
+            layers=len(paged.layers),
+            channels=paged.channels,
             chunk_size=self.config.chunk_size,
+            cache_dtype=self.settings.cache_dtype,
+            backend=backend,
         )
-        self.engine = CacheEngine(self.config, layout, device=first.device)
+        self.paged = paged
+        self.engine = CacheEngine(self.config, layout, device=paged.device)
         self.engine.open()
         tiers = ", ".join(
             f"{name} {u.used_bytes / 1e9:.2f}/{u.capacity_bytes / 1e9:.2f} GB ({u.chunks} chunks)"
             for name, u in self.engine.usage().items()
         )
         logger.info(
-            "lmc_connector worker %d/%d: %d layers, %s, %d kv heads x %d, block %d; tiers: %s",
+            "lmc_connector worker %d/%d: %d layers, %s (%s, %s), %d kv heads x %d, block %d; "
+            "tiers: %s",
             self.settings.rank,
             self.settings.world_size,
             layout.layers,
             fmt.value,
-            heads,
-            head_size,
-            self._kernel_block_size,
+            backend or "unknown backend",
+            self.settings.cache_dtype,
+            paged.heads,
+            paged.plane_width,
+            paged.kernel_block_size,
             tiers,
         )
         if self.settings.kv_events and self.settings.rank == 0:
             self._events = ChunkEventBuffer({t.name: t.event_medium for t in self.engine.tiers})
             self.engine.subscribe(self._events)
+        self._loader = ChunkLoader(self.engine, paged, self.engine.codec_device)
+        self.saver = ChunkSaver(self.engine, paged, self.config.save_queue_chunks)
+        self.saver.start()
         self.pins = PinRegistry(self.engine)
-        self._server = LookupServer(self.settings.lookup_address, self.pins, self.reset)
-        self._server.start()
-        if self.config.enable_controller:
-            self._start_agent(self.engine)
-
-    def _start_agent(self, engine: CacheEngine) -> None:
-        from lmc_connector.control.agent.agent import ControlAgent
-        from lmc_connector.control.wire.security import worker_security
-
         # One security for every channel of this worker that can leave the host.
         security = worker_security(self.config)
+        self._server = LookupServer(
+            self.settings.lookup_address, self.pins, self.reset, self.config.lookup_host, security
+        )
+        self._server.start()
+        if self.config.enable_controller:
+            self._start_agent(self.engine, security)
+
+    def _start_agent(self, engine: CacheEngine, security: ChannelSecurity) -> None:
+        from lmc_connector.control.agent.agent import ControlAgent
+
         self._agent = ControlAgent(
             self.config,
             engine,
@@ -167,7 +169,20 @@ class LMCWorker:
         if self._agent.peers is not None:
             self._peer_loads = PeerLoads(engine, self._agent.peers, self.settings.rank)
 
+    def handshake(self) -> LookupHandshake | None:
+        """Where this worker's lookup server listens, for the scheduler (None before start)."""
+        if self._server is None:
+            return None
+        return LookupHandshake(host_identity(), self._server.address, self._server.tcp_address)
+
+    def drain_saves(self) -> None:
+        """Finish every queued save (before vLLM puts the KV cache to sleep)."""
+        if self.saver is not None and not self.saver.drain():
+            logger.error("saves still pending before the KV cache sleeps; they may be lost")
+
     def close(self) -> None:
+        if self.saver is not None:
+            self.saver.close()
         if self._peer_loads is not None:
             self._peer_loads.close()
             self._peer_loads = None
@@ -182,16 +197,27 @@ class LMCWorker:
 
     # -- per step --------------------------------------------------------------------------
 
+    def before_forward(self, meta: LMCConnectorMetadata) -> None:
+        """Release what preempted requests' saves still read: their blocks go to others."""
+        if meta.preempted and self.saver is not None:
+            self.saver.cancel(set(meta.preempted))
+
     def start_load(self, meta: LMCConnectorMetadata) -> None:
         """Scatter every local load of this step into the paged cache before the forward;
         start the fetches of loads from a peer instance."""
+        local = []
         for spec in meta.loads:
             if spec.peers and self._peer_loads is not None:
                 self._peer_loads.submit(spec)
-                continue
+            else:
+                local.append(spec)
+        if not local:
+            return
+        tables = self._tables([spec.block_ids for spec in local], on_device=True)
+        for spec, table in zip(local, tables, strict=True):
             started = time.perf_counter()
             try:
-                self._load(spec)
+                self._load(spec, table)
             finally:
                 if self.pins is not None:
                     self.pins.release(spec.req_id)
@@ -207,7 +233,7 @@ class LMCWorker:
         for spec in self._peer_loads.take_finished():
             try:
                 if spec.req_id not in finished_req_ids:
-                    self._load(spec)
+                    self._load(spec, self._tables([spec.block_ids], on_device=True)[0])
             except Exception:
                 # Boundary of vLLM's load path: chunks from another instance that do not fit
                 # this worker's blocks are recomputed, never served.
@@ -220,33 +246,16 @@ class LMCWorker:
             done.add(spec.req_id)
         return done
 
-    def _load(self, spec: LoadSpec) -> None:
-        engine = self.engine
-        assert engine is not None, "load before register_kv_caches"
-        chunk = self.config.chunk_size
-        base = spec.first_chunk * chunk
-        device = self._layers[0][0].device
+    def _load(self, spec: LoadSpec, table: torch.Tensor) -> None:
+        assert self._loader is not None, "load before register_kv_caches"
         try:
-            chunks = engine.get(spec.keys, device=device)
+            loaded = self._loader.load(spec, table)
         except Exception:
             # Boundary of vLLM's load path: the tokens are recomputed, never served wrong.
             logger.exception("load of %s failed; its tokens will be recomputed", spec.req_id)
-            chunks = []
-        available = base + sum(c.shape[2] for c in chunks)
-        end = min(spec.end, available)
-        if end > spec.start:
-            # Whole-block formats write the rest of the last block too: those slots hold
-            # tokens this step's forward (re)writes, or none yet.
-            stop = min(self._round_up(end), available)
-            chunk_start = base
-            for kv in chunks:  # chunk by chunk: no concatenated copy of the whole prefix
-                lo, hi = max(chunk_start, spec.start), min(chunk_start + kv.shape[2], stop)
-                if hi > lo:
-                    piece = kv[:, :, lo - chunk_start : hi - chunk_start]
-                    self._scatter(spec.block_ids, lo, hi, piece)
-                chunk_start += kv.shape[2]
-        if end < spec.end:
-            self._fail_blocks(spec, end)
+            loaded = spec.start
+        if loaded < spec.end:
+            self._fail_blocks(spec, loaded)
 
     def _fail_blocks(self, spec: LoadSpec, end: int) -> None:
         """Report the blocks of `spec` from token `end` on as not loaded (vLLM recomputes)."""
@@ -264,29 +273,40 @@ class LMCWorker:
         )
 
     def save(self, meta: LMCConnectorMetadata) -> None:
-        """Gather the chunks this step completed and put them into the cache."""
-        engine = self.engine
-        if engine is None or not meta.saves:
+        """Hand the chunks this step completed to the save thread; returns at once."""
+        # Every request with a save is reported in `finished_saves`, even if nothing could be
+        # queued: the scheduler half holds its blocks until then.
+        self._saving.update(spec.req_id for spec in meta.saves)
+        saver, paged = self.saver, self.paged
+        if saver is None or paged is None or not meta.saves:
             return
         started = time.perf_counter()
-        for spec in meta.saves:
-            self._save(engine, spec)
-        self._stats.observe("save_seconds", time.perf_counter() - started)
+        ready = None
+        if paged.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        tables = self._tables([spec.block_ids for spec in meta.saves], on_device=False)
+        for spec, table in zip(meta.saves, tables, strict=True):
+            jobs = [
+                SaveJob(spec.req_id, key, start, self._round_up(end), table, ready)
+                for key, (start, end) in zip(spec.keys, spec.bounds, strict=True)
+            ]
+            saver.submit(jobs)
+        seconds = time.perf_counter() - started
+        self._stats.observe("save_seconds", seconds)
+        saver.stats.handoff_steps += 1
+        saver.stats.handoff_seconds += seconds
 
-    def _save(self, engine: CacheEngine, spec: SaveSpec) -> None:
-        for key, (start, end) in zip(spec.keys, spec.bounds, strict=True):
-            if engine.contains(key):
-                continue  # e.g. a rank that held more than the minimum over ranks
-            try:
-                kv = self._gather(spec.block_ids, start, self._round_up(end))
-                # A CPU gather is already a private tensor; a GPU one is copied off the device.
-                stored = engine.put(key, kv, copy=kv.device.type != "cpu")
-            except Exception:
-                # Boundary of vLLM's save path: a chunk that could not be saved is a future miss.
-                logger.exception("%s: saving chunk [%d, %d) failed", spec.req_id, start, end)
-                continue
-            if not stored:
-                logger.debug("%s: chunk [%d, %d) was not cached", spec.req_id, start, end)
+    def finished_saves(self, finished_req_ids: set[str]) -> set[str]:
+        """Of the requests vLLM finished (now or earlier) whose blocks it holds for our saves,
+        those whose saves are all done: vLLM may now free their blocks."""
+        self._finishing |= finished_req_ids & self._saving
+        if not self._finishing:
+            return set()
+        done = self._finishing if self.saver is None else self.saver.done_requests(self._finishing)
+        self._finishing -= done
+        self._saving -= done
+        return done
 
     def reset(self, shared: bool) -> int:
         """Empty this rank's cache (vLLM's cache reset, relayed by the scheduler); returns
@@ -294,6 +314,8 @@ class LMCWorker:
         engine = self.engine
         if engine is None:
             return 0
+        if self.saver is not None:
+            self.saver.drain()  # a save still in flight would survive the reset
         removed = engine.reset(shared or self.config.reset_shared_store)
         logger.info("rank %d: cache reset, %d chunk entries removed", self.settings.rank, removed)
         return removed
@@ -333,32 +355,14 @@ class LMCWorker:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
-    def _gather(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        blocks, offsets = self._slots(block_ids, start, end)
-        if self._align == 1:
-            return paged.gather(self._layers, blocks, offsets)
-        assert start % self._align == 0 and end % self._align == 0
-        return paged.gather_blocks(self._raw, blocks[:: self._align])
-
-    def _scatter(self, block_ids: list[int], start: int, end: int, kv: torch.Tensor) -> None:
-        blocks, offsets = self._slots(block_ids, start, end)
-        if self._align == 1:
-            paged.scatter(self._layers, blocks, offsets, kv)
-        else:
-            assert start % self._align == 0 and end % self._align == 0
-            paged.scatter_blocks(self._raw, blocks[:: self._align], kv)
-
     def _round_up(self, tokens: int) -> int:
-        return -(-tokens // self._align) * self._align
+        align = 1 if self.paged is None else self.paged.align
+        return -(-tokens // align) * align
 
-    def _slots(
-        self, block_ids: list[int], start: int, end: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return paged.token_slots(
-            block_ids,
-            start,
-            end,
-            self.settings.block_size,
-            self._kernel_block_size,
-            self._layers[0][0].device,
-        )
+    def _tables(self, tables: Sequence[list[int]], on_device: bool) -> list[torch.Tensor]:
+        """The block tables of a step as long tensors, with one transfer to the device."""
+        assert self.paged is not None
+        flat = torch.tensor([b for table in tables for b in table], dtype=torch.long)
+        if on_device and self.paged.device.type != "cpu":
+            flat = flat.pin_memory().to(self.paged.device, non_blocking=True)
+        return list(flat.split([len(table) for table in tables]))

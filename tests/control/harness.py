@@ -131,14 +131,17 @@ class Worker:
     engine: Any
     agent: Any
 
-    def fill(self, tokens: Sequence[int], seed: int = 0) -> None:
-        """Store every chunk of `tokens` in the engine (as vLLM's save path would)."""
+    def fill(self, tokens: Sequence[int], seed: int = 0, scope: Any = None) -> None:
+        """Store every chunk of `tokens` in the engine (as vLLM's save path would), keyed
+        under `scope` (a `tokens.KeyScope`: the request's salt, adapter, images)."""
         import torch
+
+        from lmc_connector.tokens import Prompt
 
         engine = self.engine
         size = engine.layout.chunk_size
         generator = torch.Generator().manual_seed(seed)
-        for i, key in enumerate(engine.hashes(tokens)):
+        for i, key in enumerate(engine.hashes(Prompt(tokens, scope))):
             n = min(size, len(tokens) - i * size)
             kv = torch.randn(engine.layout.shape(n), generator=generator)
             assert engine.put(key, kv.to(engine.layout.torch_dtype))

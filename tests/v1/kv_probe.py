@@ -17,6 +17,7 @@ from lmc_connector.cache import CacheEngine
 from lmc_connector.ops import paged
 from lmc_connector.v1 import LMCConnectorV1
 from lmc_connector.v1.metadata import LMCConnectorMetadata
+from tests.ops.paged_reference import gather_rows
 
 _RECORDS: list[tuple[str, str, torch.Tensor]] = []
 
@@ -34,9 +35,13 @@ def _record(connector: LMCConnectorV1) -> None:
     assert isinstance(meta, LMCConnectorMetadata)
     spans = [("load", s.req_id, s.end, s.block_ids) for s in meta.loads]
     spans += [("save", s.req_id, s.bounds[-1][1], s.block_ids) for s in meta.saves]
+    assert worker.paged is not None
+    planes = [paged.plane_views(kv, worker.paged.fmt) for kv in worker.paged.layers]
     for kind, req_id, end, block_ids in spans:
-        blocks, offsets = worker._slots(block_ids, 0, end)
-        _RECORDS.append((kind, req_id, paged.gather(worker._layers, blocks, offsets)))
+        blocks, offsets = paged.token_slots(
+            block_ids, 0, end, worker.settings.block_size, worker.paged.kernel_block_size, "cpu"
+        )
+        _RECORDS.append((kind, req_id, gather_rows(planes, blocks, offsets)))
 
 
 def _engine() -> CacheEngine:

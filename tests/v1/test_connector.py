@@ -16,6 +16,7 @@ import torch
 from lmc_connector.ops import paged
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1 import LMCConnectorV1
+from tests.ops.paged_reference import gather_rows, scatter_rows
 
 pytestmark = pytest.mark.vllm
 
@@ -67,9 +68,7 @@ class Harness:
         self.worker = LMCConnectorV1(config, KVConnectorRole.WORKER, kv_config)
         self.caches = {n: torch.zeros(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD) for n in ("l0", "l1")}
         assert self.worker.worker is not None
-        self.worker.worker.register_kv_caches(
-            self.caches, {n: KVFormat.CPU_PAGED for n in self.caches}
-        )
+        self.worker.worker.register_kv_caches(self.caches, KVFormat.CPU_PAGED, "CPU_ATTN")
         self.planes = [paged.plane_views(t, KVFormat.CPU_PAGED) for t in self.caches.values()]
         self.prompts: dict[str, list[int]] = {}
         self.loads: list[tuple[str, int, int]] = []
@@ -93,9 +92,10 @@ class Harness:
         value = tokens * 1000 + torch.arange(start, end)
         kv = value.view(1, 1, -1, 1).expand(2, 2, -1, HEADS * HEAD).contiguous()
         blocks, offsets = paged.token_slots(block_ids, start, end, BLOCK, BLOCK, "cpu")
-        paged.scatter(self.planes, blocks, offsets, kv)
+        scatter_rows(self.planes, blocks, offsets, kv)
 
-    def step(self) -> Any:
+    def step(self, drain: bool = True) -> Any:
+        """One engine step; `drain`: wait for the background saves before reporting."""
         from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
         out = self.scheduler.schedule()
@@ -111,7 +111,9 @@ class Harness:
             self.fake_forward(req_id, blocks, start, start + n)
             sampled.append([7] if start + n >= request.num_prompt_tokens else [])
         self.worker.wait_for_save()
-        _, received = self.worker.get_finished(out.finished_req_ids)
+        if drain:
+            self.drain_saves()
+        sending, received = self.worker.get_finished(out.finished_req_ids)
         errors = self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
         ids = list(out.num_scheduled_tokens)
@@ -120,15 +122,20 @@ class Harness:
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled,
             kv_connector_output=KVConnectorOutput(
-                finished_recving=received, invalid_block_ids=errors
+                finished_sending=sending, finished_recving=received, invalid_block_ids=errors
             ),
         )
         self.scheduler.update_from_output(out, output)
         return out
 
+    def drain_saves(self) -> None:
+        """Saves run in the background; these tests look at the cache right after a step."""
+        assert self.worker.worker is not None and self.worker.worker.saver is not None
+        assert self.worker.worker.saver.drain()
+
     def run(self, max_steps: int = 20) -> None:
         for _ in range(max_steps):
-            if not self.scheduler.has_unfinished_requests():
+            if not self.scheduler.has_requests():
                 return
             self.step()
         raise AssertionError("requests did not finish")
@@ -184,7 +191,7 @@ def test_loaded_blocks_hold_the_saved_values(harness: Harness) -> None:
     harness.worker.start_load_kv(None)  # type: ignore[arg-type]
     blocks = harness.scheduler.kv_cache_manager.get_block_ids("b")[0]
     slots = paged.token_slots(blocks, 0, 127, BLOCK, BLOCK, "cpu")
-    got = paged.gather(harness.planes, *slots)[0, 0, :, 0]
+    got = gather_rows(harness.planes, *slots)[0, 0, :, 0]
     want = torch.tensor(prompt[:127], dtype=torch.float32) * 1000 + torch.arange(127)
     assert torch.equal(got, want)
 
@@ -217,3 +224,21 @@ def test_preempted_request_loads_again_on_resumption(harness: Harness) -> None:
     harness.scheduler._preempt_request(request, 0.0)
     harness.run()
     assert harness.loads == [("b", 0, 191), ("b", 0, 191)]
+
+
+def test_a_finished_requests_blocks_stay_until_its_saves_are_copied(harness: Harness) -> None:
+    """The save thread reads vLLM's blocks after `wait_for_save` returned: vLLM must not hand
+    them to another request before the worker reports the saves done."""
+    pool = harness.scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    harness.add("a", ids(7, 150), max_tokens=1)
+    engine = harness.engine
+    with engine.lock:  # the save thread cannot store the chunks yet
+        harness.step(drain=False)
+        harness.step(drain=False)
+        assert "a" in harness.scheduler.requests  # finished, blocks still held
+        assert pool.get_num_free_blocks() < free_before
+    harness.run()
+    assert "a" not in harness.scheduler.requests
+    assert pool.get_num_free_blocks() == free_before
+    assert engine.lookup(ids(7, 150)) == 150

@@ -144,9 +144,11 @@ def test_no_pins_left_after_requests(llm: Any) -> None:
     assert state["layout"] == [2, 2, 64]
 
 
-def test_fresh_process_reuses_the_disk_tier(llm: Any, tiny_model_dir: Path, disk_dir: Path) -> None:
-    ids = prompt_ids(6, PROMPT_LEN)
-    first = generate(llm, ids)
+def run_fresh_process(
+    model: Path, disk: Path, ids: list[int], runs: int = 1, **extra: Any
+) -> list[tuple[int, list[int]]]:
+    """(cached tokens, output tokens) of `runs` generations of `ids` in a new `LLM` process
+    whose disk tier is `disk`; `extra` overrides the engine's arguments."""
     script = (
         "import json, sys\n"
         "from vllm import LLM, SamplingParams\n"
@@ -154,13 +156,18 @@ def test_fresh_process_reuses_the_disk_tier(llm: Any, tiny_model_dir: Path, disk
         "from pathlib import Path\n"
         "if __name__ == '__main__':\n"
         "    args = json.loads(sys.argv[1])\n"
-        "    llm = LLM(**llm_kwargs(Path(args['model']), Path(args['disk'])))\n"
-        "    out = llm.generate([{'prompt_token_ids': args['ids']}],\n"
-        "                       SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0]\n"
-        "    result = [out.num_cached_tokens, list(out.outputs[0].token_ids)]\n"
+        "    kwargs = {**llm_kwargs(Path(args['model']), Path(args['disk'])), **args['extra']}\n"
+        "    llm = LLM(**kwargs)\n"
+        "    params = SamplingParams(max_tokens=8, temperature=0.0)\n"
+        "    prompt = [{'prompt_token_ids': args['ids']}]\n"
+        "    runs = range(args['runs'])\n"
+        "    outs = [llm.generate(prompt, params, use_tqdm=False)[0] for _ in runs]\n"
+        "    result = [[o.num_cached_tokens, list(o.outputs[0].token_ids)] for o in outs]\n"
         "    print('RESULT ' + json.dumps(result))\n"
     )
-    arg = json.dumps({"model": str(tiny_model_dir), "disk": str(disk_dir), "ids": ids})
+    arg = json.dumps(
+        {"model": str(model), "disk": str(disk), "ids": ids, "extra": extra, "runs": runs}
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-c", script, arg],
@@ -172,6 +179,34 @@ def test_fresh_process_reuses_the_disk_tier(llm: Any, tiny_model_dir: Path, disk
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    cached, tokens = json.loads(lines[-1][len("RESULT ") :])
+    return [(cached, tokens) for cached, tokens in json.loads(lines[-1][len("RESULT ") :])]
+
+
+def test_fresh_process_reuses_the_disk_tier(llm: Any, tiny_model_dir: Path, disk_dir: Path) -> None:
+    ids = prompt_ids(6, PROMPT_LEN)
+    first = generate(llm, ids)
+    ((cached, tokens),) = run_fresh_process(tiny_model_dir, disk_dir, ids)
     assert cached == PROMPT_LEN - 1
     assert tokens == list(first.outputs[0].token_ids)
+
+
+def _cpu_runs_fp8_kv() -> bool:
+    """vLLM's CPU backend keeps an fp8 KV cache only with AVX-512 or AMX."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags or " amx_bf16" in flags
+
+
+@pytest.mark.skipif(not _cpu_runs_fp8_kv(), reason="vLLM's fp8 KV cache on CPU needs AVX-512")
+def test_an_fp8_kv_cache_is_saved_and_loaded_as_bytes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A real quantized cache (e5m2 bytes, not floats) goes through save and load unchanged."""
+    ids = prompt_ids(8, PROMPT_LEN)
+    extra = {"kv_cache_dtype": "fp8_e5m2", "dtype": "bfloat16"}
+    (cold_cached, cold), (warm_cached, warm) = run_fresh_process(
+        tiny_model_dir, tmp_path, ids, runs=2, **extra
+    )
+    assert cold_cached == 0
+    assert warm_cached == PROMPT_LEN - 1
+    assert warm == cold

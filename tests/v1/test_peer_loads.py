@@ -20,6 +20,7 @@ import torch
 from lmc_connector.launch import free_ports
 from tests.control.conftest import new_controller
 from tests.control.harness import Controller, Worker, engine_config, registered, wait_until
+from tests.ops.paged_reference import gather_rows
 from tests.v1.test_connector import BLOCK, CHUNK, HEAD, HEADS, Harness, ids
 
 pytestmark = pytest.mark.vllm
@@ -71,7 +72,9 @@ def a(controller: Controller, tiny_model_dir: Path) -> Iterator[Worker]:
     config = engine_config(
         controller.monitor_port, "A", [0], **p2p(controller, "A"), chunk_size=CHUNK
     )
-    layout = ChunkLayout(str(tiny_model_dir), 1, 0, "float32", 2, 2, HEADS * HEAD, CHUNK)
+    layout = ChunkLayout(
+        str(tiny_model_dir), 1, 0, "float32", 2, 2, HEADS * HEAD, CHUNK, backend="CPU_ATTN"
+    )
     engine = CacheEngine(config, layout)
     agent = ControlAgent(config, engine, 0, 1, str(tiny_model_dir))
     agent.start()
@@ -136,7 +139,7 @@ def test_fetched_kv_is_in_the_requests_blocks_when_reported_received(b: Harness)
         time.sleep(0.01)
     blocks = b.scheduler.kv_cache_manager.get_block_ids("fetched")[0]
     slots = paged.token_slots(blocks, 0, len(PROMPT) - 1, BLOCK, BLOCK, "cpu")
-    assert torch.equal(paged.gather(b.planes, *slots), values(PROMPT, 0, len(PROMPT) - 1))
+    assert torch.equal(gather_rows(b.planes, *slots), values(PROMPT, 0, len(PROMPT) - 1))
     out = b.step()
     assert out.num_scheduled_tokens["fetched"] == 1  # everything but the last token loaded
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,9 +32,6 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".kvc"
 #: The folder of this layout's calibrations, beside its chunk files.
 CALIBRATIONS = "calibrations"
-#: Temporary files older than this are left-overs of an interrupted write; younger ones may
-#: belong to another process writing to the same folder right now.
-STALE_TMP_S = 600.0
 #: Seconds between two progress lines while files found at start are verified.
 VERIFY_LOG_EVERY_S = 5.0
 
@@ -42,6 +41,32 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:
         return 0.0  # gone meanwhile: verifying it fails and drops it
+
+
+#: Temporary files of another host (a shared folder) older than this are left-overs of an
+#: interrupted write; younger ones may belong to a process writing right now. On this host the
+#: writer's process id in the name says for sure.
+STALE_TMP_S = 600.0
+#: This host, in temporary file names: `.<key>.kvc.<host>-<pid>-<random>.tmp`.
+HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def _left_over(path: Path, cutoff: float) -> bool:
+    """Whether a temporary file belongs to no live writer (safe to delete)."""
+    owner = path.name.split(".")[-2].split("-")
+    if len(owner) == 3 and owner[0] == HOST_TAG and owner[1].isdigit():
+        return not _pid_alive(int(owner[1]))
+    return path.stat().st_mtime < cutoff
 
 
 def discard(path: Path) -> None:
@@ -56,6 +81,10 @@ def discard(path: Path) -> None:
 
 class LocalDiskBackend(IndexedTier[DiskRecord]):
     """Chunk files with an in-memory LRU index; files from an earlier run are re-admitted.
+
+    Several processes may share the folder (data-parallel ranks, replicas): each writes
+    its own temporary files (named after its host and process) and deletes another's
+    only once that process is gone; a chunk file another process evicted is a miss here.
 
     Owns the folder of one layout (its name is the layout fingerprint, so a
     different model, rank or dtype never sees these files) and the index of
@@ -80,7 +109,7 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
         cutoff = time.time() - STALE_TMP_S
         for stale in self.root.glob(f".*{SUFFIX}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
-                if stale.stat().st_mtime < cutoff:
+                if _left_over(stale, cutoff):
                     stale.unlink()
         found = self._verified(sorted(self.root.glob(f"*{SUFFIX}"), key=_mtime))
         with self.ctx.lock:
@@ -198,7 +227,8 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
 
     def _write(self, key: ChunkKey, chunk: Chunk, still_wanted: Callable[[], bool]) -> bool:
         """Write a chunk file and put it in place if `still_wanted()` (asked under the lock)."""
-        tmp = self.root / f".{key:016x}{SUFFIX}.{uuid.uuid4().hex}.tmp"
+        owner = f"{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp = self.root / f".{key:016x}{SUFFIX}.{owner}.tmp"
         try:
             record = write_chunk(tmp, key, chunk)
         except OSError as e:

@@ -22,6 +22,7 @@ from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.pull import pull
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.control.wire.types import prompt_of
 from lmc_connector.operations import JobOutcome
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class OpExecutor:
                     return cmd.Failed(
                         "unknown_method", f"unknown method '{op.method}'; valid: {valid}"
                     )
-                which = None if op.every_chunk else op.tokens
+                which = None if op.every_chunk else prompt_of(op.tokens, op.scope)
                 job = engine.schedule(op.kind, which, op.method, op.location)
             elif isinstance(op, cmd.CalibrateOp):
                 job = engine.schedule_calibration(op.method)
@@ -159,9 +160,11 @@ class OpExecutor:
                 return cmd.Ok(JobOutcome(num_tokens=op.num_tokens))
             if isinstance(op, cmd.PinOp):
                 where = None if op.location is None else [op.location]
-                return cmd.Ok(JobOutcome(num_tokens=engine.pin(op.tokens, where)))
+                pinned = engine.pin(prompt_of(op.tokens, op.scope), where)
+                return cmd.Ok(JobOutcome(num_tokens=pinned))
             if isinstance(op, cmd.UnpinOp):
-                return cmd.Ok(JobOutcome(num_tokens=engine.unpin(op.tokens)))
+                unpinned = engine.unpin(prompt_of(op.tokens, op.scope))
+                return cmd.Ok(JobOutcome(num_tokens=unpinned))
             if isinstance(op, cmd.ClearOp):
                 cleared = engine.clear(op.location)
                 return cmd.Ok(
@@ -170,7 +173,7 @@ class OpExecutor:
                     )
                 )
             assert isinstance(op, cmd.MoveOp)
-            moved = engine.move(op.tokens, op.source, op.destination)
+            moved = engine.move(prompt_of(op.tokens, op.scope), op.source, op.destination)
             return cmd.Ok(JobOutcome(num_tokens=moved))
         except (ValueError, OSError) as e:
             return cmd.Failed("bad_request", f"{type(e).__name__}: {e}")

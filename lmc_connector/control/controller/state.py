@@ -321,8 +321,11 @@ class ControllerState:
             raise UnknownInstanceError(instance_id, list(self.instances))
         return instance
 
-    def lookup(self, tokens: Sequence[int]) -> dict[str, tuple[str, int]]:
-        """Where the longest cached prefix of `tokens` lives, per instance (hits only).
+    def lookup(
+        self, tokens: Sequence[int], scope: tok.KeyScope | None = None
+    ) -> dict[str, tuple[str, int]]:
+        """Where the longest cached prefix of `tokens` (keyed under `scope`: its salt and
+        adapter) lives, per instance (hits only).
 
         Tracks no operation: lookups are frequent and would push tracked ones
         out of the ended-operations window. Counted in `stats.lookups`.
@@ -330,7 +333,8 @@ class ControllerState:
         with self.lock:
             self.stats.lookups += 1
             sizes = {i.instance_id: (i.chunk_size, i.world_size) for i in self.instances.values()}
-        hashes = {cs: tok.chunk_hashes(tokens, cs) for cs in {cs for cs, _ in sizes.values()}}
+        sizes_used = {cs for cs, _ in sizes.values()}
+        hashes = {cs: tok.chunk_hashes(tokens, cs, scope) for cs in sizes_used}
         layout: dict[str, tuple[str, int]] = {}
         with self.lock:
             for instance_id, (chunk_size, world_size) in sizes.items():

@@ -15,7 +15,13 @@ from typing import Annotated, Literal
 import msgspec
 
 from lmc_connector.control.wire.codec import Decoder
-from lmc_connector.control.wire.types import MAX_WORLD_SIZE, Name, PeerAddress, TokenList
+from lmc_connector.control.wire.types import (
+    MAX_WORLD_SIZE,
+    Name,
+    PeerAddress,
+    PromptScope,
+    TokenList,
+)
 from lmc_connector.operations import JobOutcome, TransformKind
 
 #: Longest time a worker holds a prepared op for the controller (its `--command-timeout` is
@@ -32,6 +38,8 @@ class TransformOp(msgspec.Struct, tag="transform"):
     location: Name
     tokens: TokenList
     every_chunk: bool = False
+    #: The prompt's salt and adapter (hashed into its chunk keys); None for plain tokens.
+    scope: PromptScope | None = None
 
 
 class PinOp(msgspec.Struct, tag="pin"):
@@ -39,10 +47,12 @@ class PinOp(msgspec.Struct, tag="pin"):
 
     tokens: TokenList
     location: Name | None = None
+    scope: PromptScope | None = None
 
 
 class UnpinOp(msgspec.Struct, tag="unpin"):
     tokens: TokenList
+    scope: PromptScope | None = None
 
 
 class ClearOp(msgspec.Struct, tag="clear"):
@@ -55,6 +65,7 @@ class MoveOp(msgspec.Struct, tag="move"):
     source: Name
     destination: Name
     tokens: TokenList
+    scope: PromptScope | None = None
 
 
 class PullOp(msgspec.Struct, tag="pull"):

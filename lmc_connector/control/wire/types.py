@@ -6,11 +6,12 @@ ranks or allocate for absurd sizes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
 
-from lmc_connector.tokens import MAX_TOKEN_ID, ChunkKey
+from lmc_connector.tokens import MAX_TOKEN_ID, ChunkKey, KeyScope, Prompt
 
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
 #: Most token ids one message may carry (16M); the controller's `--max-tokens` stays below.
@@ -41,3 +42,33 @@ PeerAddress = Annotated[
 ]
 #: A calibration's content hash (`ops.codecs.calibration_id`): 32 hex digits.
 CalibrationId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+
+
+#: A salt or an adapter name/path: long enough for any real one, short enough to echo.
+ScopeText = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class PromptScope(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """What besides token ids names a prompt's cached KV (see `tokens.KeyScope`).
+
+    `cache_salt` is the salt the prompt was sent to vLLM with; `lora_name` and
+    `lora_path` name the LoRA adapter it was served with (as in `--lora-modules
+    name=path`). A prompt cached under a salt or an adapter is found only with it.
+    """
+
+    cache_salt: ScopeText | None = None
+    lora_name: ScopeText | None = None
+    lora_path: ScopeText | None = None
+
+    def key_scope(self) -> KeyScope:
+        return KeyScope(self.cache_salt, self.lora_name, self.lora_path)
+
+
+def key_scope(scope: PromptScope | None) -> KeyScope | None:
+    """The hashing scope of an optional wire scope."""
+    return None if scope is None else scope.key_scope()
+
+
+def prompt_of(tokens: Sequence[int], scope: PromptScope | None) -> Prompt:
+    """Token ids as the prompt they name: keyed under `scope` by the cache engine."""
+    return Prompt(tokens, key_scope(scope))

@@ -1,11 +1,14 @@
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from lmc_connector.cache.tiers import LocalDiskBackend
+from lmc_connector.cache.tiers.disk import HOST_TAG
 from tests.cache.conftest import CHUNK, LAYOUT, EngineFactory, RecordingSink, make_kv, put_prompt
 
 DISK = "LocalDiskBackend"
@@ -110,6 +113,29 @@ def test_another_writers_fresh_temporary_file_is_left_alone(
     in_flight.write_bytes(b"being written")
     make_engine(local_cpu=False, disk_chunks=4)
     assert in_flight.exists()
+
+
+def test_a_live_writers_temporary_file_survives_another_processs_start(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """Data-parallel ranks share the folder: a rank starting never deletes a file another
+    rank is writing, however long that write takes; a dead writer's file goes."""
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    put_prompt(engine, [1, 2, 3, 4])
+    folder = chunk_files(tmp_path)[0].parent
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = folder / f".00000000000000cc.kvc.{HOST_TAG}-{writer.pid}-abc.tmp"
+        live.write_bytes(b"a slow write")
+        an_hour_ago = time.time() - 3600
+        os.utime(live, (an_hour_ago, an_hour_ago))
+        make_engine(local_cpu=False, disk_chunks=4)
+        assert live.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    make_engine(local_cpu=False, disk_chunks=4)
+    assert not live.exists()
 
 
 def test_file_removed_by_another_process_is_a_miss_not_an_error(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 
+from lmc_connector.tokens import KeyScope, Prompt
 from tests.control.conftest import InstanceFactory
 from tests.control.harness import CPU, DISK, Controller, registered, wait_until
 
@@ -201,3 +202,36 @@ def test_openapi_documents_the_routes(http: httpx.Client) -> None:
 
 def test_controller_alive(controller: Controller) -> None:
     assert controller.alive()
+
+
+def test_a_salted_or_adapted_prompt_is_named_by_its_cache_salt_and_lora_fields(
+    http: httpx.Client, make_instance: InstanceFactory
+) -> None:
+    prompt = list(range(700, 712))
+    salted = KeyScope(cache_salt="tenant-a")
+    adapted = KeyScope(lora_name="sql", lora_path="/adapters/sql")
+    (worker,) = make_instance("scoped", world_size=1)
+    worker.fill(prompt, scope=salted)
+    worker.fill(prompt[:8], scope=adapted)
+
+    def found(**fields: str) -> dict[str, list[object]]:
+        response = http.post("/lookup", json={"tokens": prompt, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["layout_info"]
+
+    assert wait_until(lambda: found(cache_salt="tenant-a"), what="indexed") == {"scoped": [CPU, 12]}
+    assert found() == {}
+    assert found(cache_salt="tenant-b") == {}
+    assert found(lora_name="sql", lora_path="/adapters/sql") == {"scoped": [CPU, 8]}
+    assert found(lora_name="sql") == {}
+
+    body = {"instance_id": "scoped", "tokens": prompt}
+    assert http.post("/pin", json=body).json()["num_tokens"] == 0
+    pinned = http.post("/pin", json={**body, "cache_salt": "tenant-a"}).json()
+    assert pinned["num_tokens"] == 12
+    compress = {**body, "method": "fp8", "location": CPU, "cache_salt": "tenant-a"}
+    event = wait_event(http, http.post("/compress", json=compress).json()["event_id"])
+    assert event["status"] == "finished" and event["num_tokens"] == 12
+    tier = worker.engine.tier(CPU)
+    chunks = [tier.load(key)[1] for key in worker.engine.hashes(Prompt(prompt, salted))]
+    assert [c is not None and c.encoded for c in chunks] == [True, True, True]

@@ -8,7 +8,9 @@ import pytest
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import MessageError, encode
+from lmc_connector.control.wire.types import PromptScope
 from lmc_connector.operations import JobOutcome
+from lmc_connector.tokens import KeyScope
 
 #: A Register as the first release encoded it; later releases must keep decoding it.
 REGISTER_V1 = msgspec.msgpack.encode(
@@ -64,6 +66,22 @@ def test_commands_and_replies_round_trip() -> None:
         assert cmd.command_decoder().decode(encode(command)) == command
     for reply in (cmd.Ok(JobOutcome(num_tokens=3)), cmd.Failed("expired", "late")):
         assert cmd.reply_decoder().decode(encode(reply)) == reply
+
+
+def test_ops_carry_the_prompts_salt_and_adapter() -> None:
+    scope = PromptScope(cache_salt="tenant-a", lora_name="sql", lora_path="/adapters/sql")
+    ops = [
+        cmd.TransformOp("compress", "cachegen", "LocalCPUBackend", [1, 2], scope=scope),
+        cmd.PinOp([1, 2], scope=scope),
+        cmd.UnpinOp([1, 2], scope=scope),
+        cmd.MoveOp("LocalCPUBackend", "LocalDiskBackend", [1, 2], scope=scope),
+    ]
+    for op in ops:
+        prepare = cmd.Prepare("e", op, 1.0)
+        decoded = cmd.command_decoder().decode(encode(prepare))
+        assert isinstance(decoded, cmd.Prepare) and decoded == prepare
+        assert decoded.op.scope is not None  # type: ignore[union-attr]
+        assert decoded.op.scope.key_scope() == KeyScope("tenant-a", "sql", "/adapters/sql")  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

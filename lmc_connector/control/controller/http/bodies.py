@@ -12,12 +12,47 @@ import msgspec
 
 from lmc_connector.control.controller.operations import Operation, OperationPart
 from lmc_connector.control.wire.monitor import WorkerSpec
-from lmc_connector.control.wire.types import MAX_WORLD_SIZE, InstanceId, TokenId
+from lmc_connector.control.wire.types import (
+    MAX_WORLD_SIZE,
+    InstanceId,
+    PromptScope,
+    ScopeText,
+    TokenId,
+)
 
 Tokens = Annotated[list[TokenId], msgspec.Meta(description="token ids of the prompt")]
+CacheSalt = Annotated[
+    ScopeText,
+    msgspec.Meta(description="the cache_salt the prompt was sent to vLLM with (tenant isolation)"),
+]
+LoraName = Annotated[
+    ScopeText,
+    msgspec.Meta(description="the LoRA adapter the prompt was served with (its model name)"),
+]
+LoraPath = Annotated[
+    ScopeText, msgspec.Meta(description="that adapter's path, as given in --lora-modules")
+]
 
 
-class TransformRequest(msgspec.Struct, forbid_unknown_fields=True):
+class ScopedTokens(msgspec.Struct, kw_only=True):
+    """Fields naming what besides `tokens` keyed the prompt's KV, all optional.
+
+    vLLM keys a prompt's KV by its tokens and, when given, the request's
+    `cache_salt` and LoRA adapter; this cache does the same, so a prompt cached
+    under a salt or an adapter is found only when the body names it too.
+    """
+
+    cache_salt: CacheSalt | None = None
+    lora_name: LoraName | None = None
+    lora_path: LoraPath | None = None
+
+    def scope(self) -> PromptScope | None:
+        if self.cache_salt is None and self.lora_name is None and self.lora_path is None:
+            return None
+        return PromptScope(self.cache_salt, self.lora_name, self.lora_path)
+
+
+class TransformRequest(ScopedTokens, forbid_unknown_fields=True):
     """Without `tokens` (absent or null), every chunk of the instance in `location`."""
 
     instance_id: InstanceId
@@ -40,7 +75,7 @@ class ScheduledResponse(msgspec.Struct):
     num_tokens: int
 
 
-class LookupRequest(msgspec.Struct, forbid_unknown_fields=True):
+class LookupRequest(ScopedTokens, forbid_unknown_fields=True):
     tokens: Tokens
 
 
@@ -51,13 +86,13 @@ class LookupResponse(msgspec.Struct):
     layout_info: dict[str, tuple[str, int]]
 
 
-class PinRequest(msgspec.Struct, forbid_unknown_fields=True):
+class PinRequest(ScopedTokens, forbid_unknown_fields=True):
     instance_id: InstanceId
     tokens: Tokens
     location: str | None = None
 
 
-class UnpinRequest(msgspec.Struct, forbid_unknown_fields=True):
+class UnpinRequest(ScopedTokens, forbid_unknown_fields=True):
     """Release the pins of a cached prefix in every location: a pin belongs to the chunk,
     not to a tier. `location` is accepted (LMCache's API sends it) and ignored."""
 
@@ -87,7 +122,7 @@ class ClearResponse(msgspec.Struct, kw_only=True):
 Position = tuple[InstanceId, str]
 
 
-class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
+class MoveRequest(ScopedTokens, forbid_unknown_fields=True):
     """Either shape, not both:
 
     * within one instance: `{instance_id, source, destination, tokens}` (CPU <-> disk);
@@ -95,6 +130,8 @@ class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
       [instance_id, location], tokens, should_copy}`; the destination pulls the prefix from
       the source, rank for rank, and without `should_copy` the source drops it afterwards
       (`copy` is accepted as LMCache's older name). Tracked like compress.
+
+    `cache_salt`, `lora_name` and `lora_path` name a scoped prompt within one instance.
     """
 
     tokens: Tokens
@@ -238,6 +275,7 @@ __all__ = [
     "QueryInstanceRequest",
     "QueryInstanceResponse",
     "ScheduledResponse",
+    "ScopedTokens",
     "TierUsage",
     "TransformRequest",
     "UnpinRequest",

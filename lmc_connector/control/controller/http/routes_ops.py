@@ -31,7 +31,9 @@ async def _transform(
             inst.check_calibrated(req.method)
 
     every_chunk = req.tokens is None
-    op = cmd.TransformOp(kind, req.method, req.location, req.tokens or [], every_chunk)
+    op = cmd.TransformOp(
+        kind, req.method, req.location, req.tokens or [], every_chunk, scope=req.scope()
+    )
     operation = await service.run(kind, req.instance_id, op, check)
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 
@@ -97,7 +99,7 @@ async def pin(
     req: bodies.PinRequest = Depends(body(bodies.PinRequest)),  # noqa: B008
     service: ControllerService = Service,
 ) -> Response:
-    op = cmd.PinOp(req.tokens, req.location)
+    op = cmd.PinOp(req.tokens, req.location, scope=req.scope())
     operation = await service.run("pin", req.instance_id, op, _location(req.location))
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 
@@ -111,7 +113,9 @@ async def unpin(
     req: bodies.UnpinRequest = Depends(body(bodies.UnpinRequest)),  # noqa: B008
     service: ControllerService = Service,
 ) -> Response:
-    op = cmd.UnpinOp(req.tokens)  # req.location is ignored: see bodies.UnpinRequest
+    op = cmd.UnpinOp(
+        req.tokens, scope=req.scope()
+    )  # req.location is ignored: see bodies.UnpinRequest
     operation = await service.run("unpin", req.instance_id, op, _location(None))
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 
@@ -168,7 +172,7 @@ async def move(
             others = [loc for loc in inst.locations if loc != source]
             raise InvalidChoiceError("destination (must differ from source)", destination, others)
 
-    op = cmd.MoveOp(source, destination, req.tokens)
+    op = cmd.MoveOp(source, destination, req.tokens, scope=req.scope())
     operation = await service.run("move", instance_id, op, check)
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 

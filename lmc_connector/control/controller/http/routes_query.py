@@ -24,6 +24,7 @@ from lmc_connector.control.controller.operations import new_event_id
 from lmc_connector.control.controller.service import ControllerService
 from lmc_connector.control.controller.state import ControllerState
 from lmc_connector.control.wire.monitor import TierReport, WorkerSpec
+from lmc_connector.control.wire.types import key_scope
 
 router = APIRouter()
 Service = Depends(service_of)
@@ -83,7 +84,8 @@ async def lookup(
     req: bodies.LookupRequest = Depends(body(bodies.LookupRequest)),  # noqa: B008
     service: ControllerService = Service,
 ) -> Response:
-    layout = await asyncio.to_thread(service.state.lookup, req.tokens)
+    scope = key_scope(req.scope())
+    layout = await asyncio.to_thread(service.state.lookup, req.tokens, scope)
     return json_response(bodies.LookupResponse(new_event_id(), layout))
 
 

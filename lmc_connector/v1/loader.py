@@ -1,0 +1,78 @@
+"""Loads: cached chunks into vLLM's paged cache, chunk by chunk, before the forward.
+
+A load never holds the whole prefix on the device: chunks are fetched a few
+at a time (encoded ones decoded together, on `codec_device`), and each one
+goes through a staging slot (page-locked on CUDA) into the paged cache with
+one indexed op per layer. Device memory used: the staging ring plus one
+decode batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmc_connector.cache import CacheEngine
+from lmc_connector.ops.paged import PagedKV
+from lmc_connector.v1.metadata import LoadSpec
+from lmc_connector.v1.staging import Staging
+
+#: Chunks fetched (and encoded ones decoded) per round.
+FETCH_CHUNKS = 4
+
+
+class ChunkLoader:
+    """Owns the load path's staging ring. Runs on vLLM's model-runner thread only."""
+
+    def __init__(self, engine: CacheEngine, paged: PagedKV, codec_device: torch.device) -> None:
+        self._engine = engine
+        self._paged = paged
+        self._codec_device = codec_device
+        self._staging = Staging(paged, engine.layout.chunk_size)
+
+    def load(self, spec: LoadSpec, table: torch.Tensor) -> int:
+        """Write tokens [spec.start, spec.end) of a request into its blocks (`table`, on the
+        cache's device); returns the token up to which it succeeded (spec.end when all did).
+
+        Whole-block formats also write the rest of the last block: those slots hold
+        tokens this step's forward (re)writes, or none yet.
+        """
+        chunk_size = self._engine.layout.chunk_size
+        align = self._paged.align
+        stop = -(-spec.end // align) * align
+        chunk_start = spec.first_chunk * chunk_size
+        loaded = spec.start
+        for first in range(0, len(spec.keys), FETCH_CHUNKS):
+            tensors = self._fetch(spec, first)
+            for kv in tensors:
+                lo, hi = max(chunk_start, spec.start), min(chunk_start + kv.shape[2], stop)
+                if hi > lo:
+                    self._write(kv[:, :, lo - chunk_start : hi - chunk_start], table, lo, hi)
+                    loaded = min(max(loaded, hi), spec.end)
+                chunk_start += kv.shape[2]
+                if chunk_start >= stop:
+                    return loaded
+            if len(tensors) < len(spec.keys[first : first + FETCH_CHUNKS]):
+                return loaded
+        return loaded
+
+    def _fetch(self, spec: LoadSpec, first: int) -> list[torch.Tensor]:
+        """The next chunks of the prefix as tensors, stopping at the first miss (a chunk
+        that does not decode is one)."""
+        keys = spec.keys[first : first + FETCH_CHUNKS]
+        return self._engine.tensors(keys, self._engine.read(keys), self._codec_device)
+
+    def _write(self, piece: torch.Tensor, table: torch.Tensor, start: int, end: int) -> None:
+        paged = self._paged
+        tokens = end - start
+        index = paged.index(table, start, end)
+        slot = self._staging.next_slot()
+        device = paged.scratch_view(slot.device, tokens)
+        if piece.device == paged.device or slot.event is None:
+            paged.from_chunk(piece, device)
+        else:
+            host = paged.scratch_view(slot.host, tokens)
+            paged.from_chunk(piece, host)
+            device.copy_(host, non_blocking=True)
+        paged.scatter(index, device)
+        if slot.event is not None:
+            slot.event.record()
