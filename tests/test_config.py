@@ -323,7 +323,7 @@ def test_p2p_timeout_must_be_positive() -> None:
 
 def test_lookup_host_beyond_loopback_needs_the_secret(tmp_path: Path) -> None:
     assert load_config({"lookup_host": "127.0.0.1"}, env={}).lookup_host == "127.0.0.1"
-    with pytest.raises(ConfigError, match="not a loopback address.*set control_secret_file"):
+    with pytest.raises(ConfigError, match=r"not a loopback address.*set control_secret_file"):
         load_config({"lookup_host": "192.0.2.7"}, env={})
     secret = tmp_path / "secret"
     secret.write_text("s" * 32)
