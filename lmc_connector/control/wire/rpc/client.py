@@ -6,7 +6,6 @@ import heapq
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, InvalidStateError
@@ -25,8 +24,9 @@ from lmc_connector.control.wire.rpc.envelope import (
     RpcSendError,
     RpcTimeout,
 )
+from lmc_connector.control.wire.rpc.loop import SocketThread
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle, WakePipe
+from lmc_connector.control.wire.sockets import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _Outgoing:
     future: Future[list[zmq.Frame]] | None
 
 
-class RpcClient:
+class RpcClient(SocketThread):
     """Sends requests to any number of servers and matches their answers.
 
     Owns one thread and its DEALER sockets (one per server address, at most
@@ -73,16 +73,14 @@ class RpcClient:
     def __init__(
         self, context: zmq.Context[zmq.Socket[bytes]], name: str, security: ChannelSecurity
     ) -> None:
+        super().__init__(name)
         self._context = context
         self._name = name
         self._security = security
         if context.get(zmq.MAX_SOCKETS) < CONTEXT_MAX_SOCKETS:
             context.set(zmq.MAX_SOCKETS, CONTEXT_MAX_SOCKETS)
         self._inbox: queue.Queue[_Outgoing | str] = queue.Queue(MAX_QUEUED)
-        self._wake = WakePipe()
         self._ids = itertools.count(1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lmc-{name}", daemon=True)
         self._sockets: OrderedDict[str, zmq.Socket[bytes]] = OrderedDict()
         self._in_flight: dict[str, int] = {}
         self._pending: dict[int, tuple[str, Future[list[zmq.Frame]]]] = {}
@@ -94,20 +92,6 @@ class RpcClient:
     def start(self) -> None:
         self._poller.register(self._wake.fileno(), zmq.POLLIN)
         self._thread.start()
-
-    def close(self) -> None:
-        """Stop the thread and close the socket(s); a second call does nothing."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._wake.wake()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        self._wake.close()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     @property
     def open_sockets(self) -> int:

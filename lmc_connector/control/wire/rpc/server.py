@@ -17,8 +17,9 @@ from lmc_connector.control.wire.rpc.envelope import (
     WARN_EVERY_S,
     Payload,
 )
+from lmc_connector.control.wire.rpc.loop import SocketThread
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle, WakePipe
+from lmc_connector.control.wire.sockets import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Call:
             self._server.send([self.identity, self.request_id, *frames])
 
 
-class RpcServer:
+class RpcServer(SocketThread):
     """Answers requests arriving on one ROUTER socket.
 
     Owns one thread and the socket. `handler(call)` runs on that thread for
@@ -64,15 +65,13 @@ class RpcServer:
         name: str,
         security: ChannelSecurity,
     ) -> None:
+        super().__init__(name)
         self._context = context
         self._security = security
         self.bind_url = bind_url
         self._handler = handler
         self._name = name
         self._outbox: queue.Queue[list[bytes | memoryview]] = queue.Queue(MAX_QUEUED)
-        self._wake = WakePipe()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lmc-{name}", daemon=True)
         self._sock: zmq.Socket[bytes] | None = None
         self._bad_frames = Throttle(WARN_EVERY_S)
         #: Requests that arrived with a malformed envelope (counted, never answered).
@@ -84,23 +83,9 @@ class RpcServer:
         assert self._sock is not None, "start() first"
         return str(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def start(self) -> None:
         self._sock = self._security.listen(self._context, zmq.ROUTER, self.bind_url)
         self._thread.start()
-
-    def close(self) -> None:
-        """Stop the thread and close the socket(s); a second call does nothing."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._wake.wake()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        self._wake.close()
 
     def send(self, frames: list[bytes | memoryview]) -> None:
         """Queue a reply for the server thread (sent directly when called on it)."""
