@@ -326,13 +326,16 @@ class LMCWorker:
         engine = self.engine
         if engine is not None:
             with_tokens = self.settings.rank == 0
-            for tier, counts in engine.ctx.stats.take().items():
+            taken = engine.ctx.stats.take()
+            for tier, counts in taken.items():
                 values = counts.as_dict()
                 if not with_tokens:
                     values = {k: v for k, v in values.items() if not k.endswith("_tokens")}
                 stats.add_tier(tier, values)
             now = time.monotonic()
-            if now >= self._usage_due:
+            # Usage moves only with the counters: sample it when they moved (a background save
+            # may land after the last step of a burst), else at most every USAGE_EVERY_S.
+            if taken or now >= self._usage_due:
                 self._usage_due = now + USAGE_EVERY_S
                 for tier, usage in engine.usage().items():
                     stats.set_gauges(
