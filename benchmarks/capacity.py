@@ -173,7 +173,8 @@ def run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=7200)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return dict(json.loads(line[len("RESULT ") :]))
+            result, _ = json.JSONDecoder().raw_decode(line, len("RESULT "))
+            return dict(result)
     raise RuntimeError(f"{kind} run failed with exit code {proc.returncode}")
 
 

@@ -342,7 +342,7 @@ def ttft_part(args: argparse.Namespace, plain_rate: float) -> None:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"B failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(lines[0][len("RESULT ") :])
+    result, _ = json.JSONDecoder().raw_decode(lines[0], len("RESULT "))
     (logs / "b.log").write_text(proc.stderr)
     recompute, peer, warm = (min(result[k]) for k in ("recompute", "peer", "warm"))
     kv_heads, layers = shape["kv_heads"], shape["layers"]

@@ -170,7 +170,9 @@ def _run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return dict(json.loads(line[len("RESULT ") :]))
+            # vLLM's shutdown may print on the same line after it: take the JSON object only.
+            result, _ = json.JSONDecoder().raw_decode(line, len("RESULT "))
+            return dict(result)
     raise RuntimeError(f"{kind} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 

@@ -4,7 +4,6 @@ beside instance A (an OpenAI server) and one controller. Runs every step, prints
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 import httpx
 
 from lmc_connector.launch import free_port
+from tests import child_result
 from tests.v1.test_llm import prompt_ids
 
 CHUNK = 64
@@ -144,7 +144,7 @@ def main() -> None:
         "text": after.outputs[0].text,
         "seconds": time.perf_counter() - started,
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    child_result.emit(result)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests import child_result
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 CHUNK = 64
@@ -177,9 +179,9 @@ def run_fresh_process(
         text=True,
         timeout=300,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return [(cached, tokens) for cached, tokens in json.loads(lines[-1][len("RESULT ") :])]
+    result = child_result.parse(proc.stdout)
+    assert proc.returncode == 0 and result is not None, proc.stderr[-3000:]
+    return [(cached, tokens) for cached, tokens in result]
 
 
 def test_fresh_process_reuses_the_disk_tier(llm: Any, tiny_model_dir: Path, disk_dir: Path) -> None:

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from lmc_connector import launch as services
+from tests import child_result
 from tests.v1.test_llm import BLOCK
 from tests.vllm_server import vllm_server
 
@@ -65,11 +66,11 @@ def seen(
         proc = subprocess.run(child, cwd=ROOT, env=child_env, capture_output=True, text=True,
                               timeout=900)  # fmt: skip
     (logs / "b.log").write_text(proc.stderr)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, (
+    result = child_result.parse(proc.stdout)
+    assert result is not None, (
         f"instance B failed ({proc.returncode}), log {logs / 'b.log'}:\n{proc.stderr[-4000:]}"
     )
-    yield json.loads(lines[0][len("RESULT ") :])
+    yield result
 
 
 def kv(record: list[Any]) -> torch.Tensor:

@@ -8,7 +8,6 @@ cached KV and serves a prompt from kvtc chunks; the tests read what it saw.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from lmc_connector import launch as services
 from lmc_connector.launch import Service
+from tests import child_result
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,9 +58,9 @@ def seen(
                  str(monitor), str(worker), redis_server.url]  # fmt: skip
         proc = subprocess.run(child, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, f"TP=2 child failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    yield json.loads(lines[0][len("RESULT ") :])
+    result = child_result.parse(proc.stdout)
+    assert result is not None, f"TP=2 child failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    yield result
 
 
 def test_repeat_is_served_from_both_ranks_caches(seen: dict[str, Any]) -> None:

@@ -9,12 +9,13 @@ process, because vLLM tensor parallelism needs a fresh process and spawns one wo
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any
 
 import httpx
+
+from tests import child_result
 
 
 def main() -> None:
@@ -67,7 +68,7 @@ def main() -> None:
         "store_names": names,
         "kvtc": kvtc,
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    child_result.emit(result)
 
 
 def _ended(controller_url: str, event_id: str) -> dict[str, Any]:
