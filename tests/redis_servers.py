@@ -1,7 +1,8 @@
 """Real redis-server processes for tests: one server, or a 3-node Redis Cluster, on free ports.
 
 Registered as a pytest plugin in `tests/conftest.py`, so every test module can
-ask for `redis_server` or `redis_cluster` (one per module, stopped at its end).
+ask for `redis_server` or `redis_cluster` (one per module, stopped at its end), and
+`store`: a client of the module's server, emptied for each test.
 `redis-server` and `redis-cli` come from `scripts/system_deps.sh`.
 """
 
@@ -11,6 +12,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 
 import pytest
+import redis
 
 from lmc_connector import launch
 from lmc_connector.launch import Service
@@ -45,3 +47,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Ser
     require_redis()
     with launch.running_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as nodes:
         yield nodes
+
+
+@pytest.fixture
+def store(redis_server: Service) -> Iterator[redis.Redis]:
+    """A client of this module's redis-server, emptied before the test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()

@@ -14,10 +14,10 @@ import pytest
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import load_config
-from lmc_connector.v1.lookup import LookupClient, LookupServer, PinRegistry
 from lmc_connector.v1.scheduler import LMCScheduler
 from tests.cache.conftest import CHUNK, LAYOUT, put_prompt
 from tests.control.harness import wait_until
+from tests.v1.lookup_ranks import scheduler_over
 
 PROMPT = list(range(3 * CHUNK))
 
@@ -26,18 +26,8 @@ PROMPT = list(range(3 * CHUNK))
 def ranks(tmp_path: Path) -> Iterator[tuple[LMCScheduler, list[CacheEngine]]]:
     config = load_config({"chunk_size": CHUNK}, env={})
     engines = [CacheEngine(config, LAYOUT) for _ in range(2)]
-    addresses = [f"ipc://{tmp_path}/rank{r}.sock" for r in range(2)]
-    servers = [
-        LookupServer(a, PinRegistry(e), e.reset) for a, e in zip(addresses, engines, strict=True)
-    ]
-    for server in servers:
-        server.start()
-    scheduler = LMCScheduler(CHUNK, CHUNK, LookupClient(addresses, timeout_ms=2000))
-    scheduler.start()
-    yield scheduler, engines
-    scheduler.close()
-    for server in servers:
-        server.close()
+    with scheduler_over(engines, tmp_path) as (scheduler, _):
+        yield scheduler, engines
 
 
 def pinned(engine: CacheEngine) -> int:

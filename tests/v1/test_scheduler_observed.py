@@ -11,9 +11,10 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import load_config
-from lmc_connector.v1.lookup import LookupClient, LookupServer, PinRegistry
+from lmc_connector.v1.lookup import LookupServer
 from lmc_connector.v1.scheduler import LMCScheduler
 from tests.cache.conftest import CHUNK, CHUNK_BYTES, LAYOUT, put_prompt
+from tests.v1.lookup_ranks import scheduler_over
 
 PROMPT = list(range(2000, 2000 + 3 * CHUNK))
 OTHER = list(range(3000, 3000 + CHUNK))
@@ -37,18 +38,8 @@ def ranks(tmp_path: Path) -> Iterator[Ranks]:
         engine = CacheEngine(config, LAYOUT)
         engine.open()
         engines.append(engine)
-    addresses = [f"ipc://{tmp_path}/rank{r}.sock" for r in range(2)]
-    servers = [
-        LookupServer(a, PinRegistry(e), e.reset) for a, e in zip(addresses, engines, strict=True)
-    ]
-    for server in servers:
-        server.start()
-    scheduler = LMCScheduler(CHUNK, CHUNK, LookupClient(addresses, timeout_ms=2000))
-    scheduler.start()
-    yield scheduler, engines, servers
-    scheduler.close()
-    for server in servers:
-        server.close()
+    with scheduler_over(engines, tmp_path) as (scheduler, servers):
+        yield scheduler, engines, servers
 
 
 def test_hit_sources_split_the_loaded_tokens_by_the_tier_holding_them(ranks: Ranks) -> None:

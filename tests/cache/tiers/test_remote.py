@@ -34,14 +34,6 @@ Factory = Callable[..., CacheEngine]
 
 
 @pytest.fixture
-def store(redis_server: Service) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def make(redis_server: Service, store: redis.Redis) -> Iterator[Factory]:
     """Build opened engines on the module's server (or `url`); closed at teardown."""
     engines: list[CacheEngine] = []

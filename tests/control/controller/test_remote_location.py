@@ -6,10 +6,7 @@ redis-server; the controller indexes what each instance wrote there.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
-import pytest
 import redis
 
 from lmc_connector.launch import Service
@@ -18,14 +15,6 @@ from tests.control.controller.test_http_api import PROMPT, lookup, wait_event
 from tests.control.harness import CPU, Worker, wait_until
 
 REMOTE = "RemoteBackend"
-
-
-@pytest.fixture
-def store(redis_server: Service) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
 
 
 def fill_and_upload(workers: list[Worker]) -> None:
