@@ -34,22 +34,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.ttft import FULL, QUICK, kv_bytes  # noqa: E402
 from examples.tiny_model import write_config_only_model  # noqa: E402
 from lmc_connector import launch  # noqa: E402
 
-MODEL = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "intermediate": 2816}
-QUICK_MODEL = {"hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "intermediate": 1408}
 #: Zipf exponent of prompt popularity (1 = classic Zipf; larger = hotter head).
 ZIPF_S = 1.1
 CHUNK_SIZE = 256
 #: Prompts (not among the measured ones) cached to calibrate a codec that needs it.
 CALIBRATION_PROMPTS = 4
 INSTANCE = "capacity"
-
-
-def kv_bytes_per_token(model: dict[str, int]) -> int:
-    head = model["hidden"] // model["heads"]
-    return 2 * model["layers"] * model["kv_heads"] * head * 2  # K and V, bf16
 
 
 def requests(num_prompts: int, num_requests: int, seed: int) -> list[int]:
@@ -131,14 +125,17 @@ def _serve(
 
 def calibrate(llm: Any, params: Any, controller: str, args: argparse.Namespace) -> None:
     """Cache CALIBRATION_PROMPTS other prompts, calibrate `args.child` on them, clear."""
-    import httpx
+    from lmc_connector.control.admin.client import ControllerClient
+    from lmc_connector.control.admin.follow import follow
 
     for i in range(CALIBRATION_PROMPTS):
         prompt = {"prompt_token_ids": prompt_ids(-2 - i, args.prompt_len)}
         llm.generate([prompt], params, use_tqdm=False)
-    with httpx.Client(base_url=controller, timeout=60) as http:
-        body = {"instance_id": INSTANCE, "method": args.child}
-        event = _finished(http, http.post("/calibrate", json=body).json()["event_id"])
+    with ControllerClient(controller, timeout=60) as client:
+        event_id = client.calibrate(INSTANCE, args.child)["event_id"]
+        event = follow(client, event_id, limit=600.0, progress=False)
+        if event["status"] == "failed":
+            raise RuntimeError(f"calibration failed: {event['error']}")
         part = event["workers"][0]
         print(
             f"{args.child}: calibrated on {part['chunks_done']} chunks ({part['num_tokens']} "
@@ -146,19 +143,7 @@ def calibrate(llm: Any, params: Any, controller: str, args: argparse.Namespace) 
             file=sys.stderr,
             flush=True,
         )
-        http.post("/clear", json={"instance_id": INSTANCE})
-
-
-def _finished(http: Any, event_id: str, timeout: float = 600.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        event: dict[str, Any] = http.get(f"/events/{event_id}").json()
-        if event["status"] == "finished":
-            return event
-        if event["status"] == "failed":
-            raise RuntimeError(f"calibration failed: {event['error']}")
-        time.sleep(0.2)
-    raise RuntimeError(f"calibration still running after {timeout:g} s")
+        client.clear(INSTANCE)
 
 
 def run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -208,10 +193,10 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
-    shape = QUICK_MODEL if args.quick else MODEL
+    shape = QUICK if args.quick else FULL
     if args.quick:
         args.prompts, args.requests, args.prompt_len = 16, 40, 512
-    working_set = args.prompts * args.prompt_len * kv_bytes_per_token(shape)
+    working_set = args.prompts * kv_bytes(shape, args.prompt_len, "bfloat16")
     args.cpu_gb = working_set / args.working_set_per_tier / 1e9
     with tempfile.TemporaryDirectory() as tmp:
         args.model = str(write_config_only_model(Path(tmp) / "model", **shape))

@@ -17,7 +17,7 @@ recomputed (no instance holds it), fetched from A (A served it first), and warm 
 CPU tier). Target: fetched <= 1.5 x (warm + prompt bytes at the plain ZMQ rate).
 Prints figures; asserts nothing.
 
-    python benchmarks/peer_fetch.py                  # both parts
+    python benchmarks/peer_fetch.py                  # all three parts
     python benchmarks/peer_fetch.py --part transfer --chunks 16 --rounds 5
     python benchmarks/peer_fetch.py --quick          # 4 chunks; 2K prompt, smaller model
 """
@@ -42,8 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from benchmarks.ttft import FULL, QUICK, _ids  # noqa: E402
-from examples.tiny_model import write_config_only_model  # noqa: E402
+from benchmarks.ttft import FULL, QUICK, _ids, bench_model, kv_bytes  # noqa: E402
 from lmc_connector import launch as services  # noqa: E402
 from lmc_connector.cache import CacheEngine, ChunkLayout  # noqa: E402
 from lmc_connector.config import load_config  # noqa: E402
@@ -51,6 +50,7 @@ from lmc_connector.control.wire.security import ChannelSecurity  # noqa: E402
 from lmc_connector.tokens import ChunkKey  # noqa: E402
 
 LLAMA_8B = ChunkLayout("llama-3.1-8b", 1, 0, "bfloat16", 2, 32, 8 * 128, 256)
+CHUNK_BYTES = 2 * 32 * 256 * 1024 * 2
 
 
 def _engine(capacity_bytes: int) -> CacheEngine:
@@ -63,8 +63,7 @@ def _serve(args: argparse.Namespace) -> None:
     from lmc_connector.control.agent.peer_server import PeerServer, chunk_payload
 
     total = args.chunks * (args.rounds + 1)
-    chunk_bytes = 2 * 32 * 256 * 1024 * 2
-    engine = _engine(total * chunk_bytes + chunk_bytes)
+    engine = _engine(total * CHUNK_BYTES + CHUNK_BYTES)
     shape = LLAMA_8B.shape(256)
     for key in range(1, total + 1):
         engine.put(ChunkKey(key), torch.randn(shape).to(torch.bfloat16), copy=False)
@@ -101,7 +100,7 @@ def _plain_fetch(sock: zmq.Socket[bytes], first: int, n: int, batch: int) -> int
 
 
 def transfer(args: argparse.Namespace) -> float:
-    """Part 1; returns the plain ZMQ rate in GB/s (part 2's reference)."""
+    """Part 1; returns the plain ZMQ rate in GB/s (part 3's reference)."""
     from lmc_connector.control.agent.peer_client import PeerClient
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -126,9 +125,8 @@ def transfer(args: argparse.Namespace) -> float:
         if not line or line[0] != "READY":
             raise RuntimeError("the serving process did not start")
         peer_url, plain_url = line[1], line[2]
-        chunk_bytes = 2 * 32 * 256 * 1024 * 2
-        total = args.chunks * chunk_bytes
-        engine = _engine(total + chunk_bytes)
+        total = args.chunks * CHUNK_BYTES
+        engine = _engine(total + CHUNK_BYTES)
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         client = PeerClient(context, engine, 60.0, ChannelSecurity())
         client.start()
@@ -168,7 +166,7 @@ def transfer(args: argparse.Namespace) -> float:
     }
     (peer_best, peer_median), (plain_best, plain_median) = rates["peer"], rates["plain"]
     print(
-        f"transfer: {args.chunks} chunks of {chunk_bytes / 2**20:.0f} MiB per round, "
+        f"transfer: {args.chunks} chunks of {CHUNK_BYTES / 2**20:.0f} MiB per round, "
         f"{args.rounds} rounds (distinct chunks each), batches of {client.batch}, loopback TCP"
     )
     print("                                               best      median  (GB/s)")
@@ -260,9 +258,7 @@ def _b_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def ttft_part(args: argparse.Namespace, plain_rate: float) -> None:
     shape = QUICK if args.quick else FULL
-    name = "bench-llama-" + "-".join(str(v) for v in shape.values())
-    base = ROOT / ".models" if (ROOT / ".models").exists() else Path(tempfile.gettempdir())
-    model = str(write_config_only_model(base / name, max_positions=8192, **shape))
+    model = bench_model(shape)
     logs = Path(tempfile.mkdtemp(prefix="lmc-peer-bench-"))
     port, monitor, reply = (services.free_port() for _ in range(3))
     controller = [
@@ -345,9 +341,7 @@ def ttft_part(args: argparse.Namespace, plain_rate: float) -> None:
     result, _ = json.JSONDecoder().raw_decode(lines[0], len("RESULT "))
     (logs / "b.log").write_text(proc.stderr)
     recompute, peer, warm = (min(result[k]) for k in ("recompute", "peer", "warm"))
-    kv_heads, layers = shape["kv_heads"], shape["layers"]
-    head = shape["hidden"] // shape["heads"]
-    nbytes = 2 * layers * kv_heads * head * 2 * args.prompt_len
+    nbytes = kv_bytes(shape, args.prompt_len, "bfloat16")
     bound = warm + nbytes / (plain_rate * 1e9)
     print(
         f"ttft: Llama {shape} (dummy weights, bf16), {args.prompt_len}-token prompt, "
@@ -369,8 +363,7 @@ def ttft_part(args: argparse.Namespace, plain_rate: float) -> None:
 
 
 def locate(args: argparse.Namespace) -> None:
-    """Part 3: what finding a peer adds to a lookup (one round trip to the controller)."""
-    from lmc_connector.config import load_config as load
+    """Part 2: what finding a peer adds to a lookup (one round trip to the controller)."""
     from lmc_connector.control.wire import monitor as mon
     from lmc_connector.control.wire.codec import encode
     from lmc_connector.tokens import chunk_hashes
@@ -411,7 +404,7 @@ def locate(args: argparse.Namespace) -> None:
             keys = [] if n == instances else [k for p in held for k in chunk_hashes(p, 256)]
             push.send(encode(mon.Snapshot(name, 0, "s", {"LocalCPUBackend": keys})))
         time.sleep(2.0)
-        config = load(
+        config = load_config(
             {
                 "enable_controller": True,
                 "controller_pull_url": f"127.0.0.1:{monitor}",

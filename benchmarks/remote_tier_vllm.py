@@ -17,12 +17,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+if TYPE_CHECKING:
+    from lmc_connector.cache import ChunkLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 SERDES = ("naive", "fp8", "cachegen")
@@ -106,14 +108,20 @@ def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int])
     raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> None:
-    """Turn the fp8 and cachegen prompts' values into those codecs, in the store."""
-    from lmc_connector.cache import CacheEngine, ChunkLayout
-    from lmc_connector.config import load_config
+def _layout(model: str, shape: dict[str, int]) -> ChunkLayout:
+    """The chunk layout vLLM's workers give `model` (bf16, one rank)."""
+    from lmc_connector.cache import ChunkLayout
 
     head = shape["hidden"] // shape["heads"]
-    layout = ChunkLayout(model, 1, 0, "bfloat16", 2, shape["layers"],
-                         shape["kv_heads"] * head, CHUNK)  # fmt: skip
+    return ChunkLayout(model, 1, 0, "bfloat16", 2, shape["layers"], shape["kv_heads"] * head, CHUNK)
+
+
+def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> None:
+    """Turn the fp8 and cachegen prompts' values into those codecs, in the store."""
+    from lmc_connector.cache import CacheEngine
+    from lmc_connector.config import load_config
+
+    layout = _layout(model, shape)
     config = load_config({"chunk_size": CHUNK, "remote_url": url}, env={})
     engine = CacheEngine(config, layout)
     engine.open()
@@ -127,13 +135,10 @@ def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> N
 
 def _stored_bytes(client: redis.Redis, url: str, model: str, shape: dict[str, int],
                   prompt_len: int) -> dict[str, int]:  # fmt: skip
-    from lmc_connector.cache import ChunkLayout
     from lmc_connector.cache.tiers.remote.keys import StoreKeys
     from lmc_connector.tokens import chunk_hashes
 
-    head = shape["hidden"] // shape["heads"]
-    layout = ChunkLayout(model, 1, 0, "bfloat16", 2, shape["layers"],
-                         shape["kv_heads"] * head, CHUNK)  # fmt: skip
+    layout = _layout(model, shape)
     keys = StoreKeys(layout.fingerprint())
     out = {}
     for serde in SERDES:
@@ -146,16 +151,12 @@ def _stored_bytes(client: redis.Redis, url: str, model: str, shape: dict[str, in
 
 def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: float) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from ttft import FULL, QUICK
-
-    from examples.tiny_model import write_config_only_model
+    from ttft import FULL, QUICK, bench_model
 
     shape = QUICK if quick else FULL
     prompt_len = 2048 if quick else 4096
     work = {"reqs": 4 if quick else 8, "len": 512, "out": 16}
-    name = "bench-llama-" + "-".join(str(v) for v in shape.values())
-    base = ROOT / ".models" if (ROOT / ".models").exists() else Path(tempfile.gettempdir())
-    model = str(write_config_only_model(base / name, max_positions=8192, **shape))
+    model = bench_model(shape)
     print(f"\n4. vLLM: Llama {shape} (config only), bf16, a {prompt_len}-token prompt; "
           f"no-reuse workload {work['reqs']} x {work['len']} + {work['out']} tokens")  # fmt: skip
     client.flushall()

@@ -53,6 +53,13 @@ DECODE_STEPS = 8
 KINDS = ("baseline", "prefix", "example", "connector")
 
 
+def bench_model(shape: dict[str, int]) -> str:
+    """The config-only Llama of `shape` (written once, under .models/ or the temp folder)."""
+    name = "bench-llama-" + "-".join(str(v) for v in shape.values())
+    base = ROOT / ".models" if (ROOT / ".models").exists() else Path(tempfile.gettempdir())
+    return str(write_config_only_model(base / name, max_positions=8192, **shape))
+
+
 def _ids(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 1024) for _ in range(n)]
@@ -190,7 +197,7 @@ def _memcpy_gbs() -> float:
     return src.numel() / best / 1e9
 
 
-def _kv_bytes(shape: dict[str, int], prompt_len: int, dtype: str) -> int:
+def kv_bytes(shape: dict[str, int], prompt_len: int, dtype: str) -> int:
     head = shape["hidden"] // shape["heads"]
     element = 4 if dtype == "float32" else 2
     return 2 * shape["layers"] * shape["kv_heads"] * head * prompt_len * element
@@ -209,7 +216,7 @@ def _best(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _report(args: argparse.Namespace, shape: dict[str, int], runs: dict[str, Any]) -> None:
     base, prefix, example, conn = (_best(runs[k]) for k in KINDS)
-    kv = _kv_bytes(shape, args.prompt_len, args.dtype)
+    kv = kv_bytes(shape, args.prompt_len, args.dtype)
     copy_gbs = _memcpy_gbs()
     floor = prefix["decode_step"] + kv / (copy_gbs * 1e9)
     rows = [
@@ -259,9 +266,7 @@ def main() -> None:
         return
     shape = QUICK if args.quick else FULL
     if args.model is None:
-        name = "bench-llama-" + "-".join(str(v) for v in shape.values())
-        base = ROOT / ".models" if (ROOT / ".models").exists() else Path(tempfile.gettempdir())
-        args.model = str(write_config_only_model(base / name, max_positions=8192, **shape))
+        args.model = bench_model(shape)
     print(f"model: Llama {shape} (config only, --load-format dummy), dtype {args.dtype}")
     print(
         f"prompt: {args.prompt_len} tokens; no-reuse workload: {args.work_reqs} x "

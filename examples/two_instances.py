@@ -36,6 +36,7 @@ from examples.walkthrough import (
     WalkthroughError,
     _cpu_args,
     build_model_if_missing,
+    cached_tokens,
     curl_json,
     max_model_len,
     say,
@@ -175,13 +176,9 @@ def through_store(flow: TwoInstances, problems: list[str]) -> None:
     say("\n== stop instance A: the shared store is now the only place that holds the prompt")
     services.stop(flow.servers[0])
     answer = flow.b.complete("on B: the third prompt, from the shared store", third)
-    if cached(answer) == 0:
+    if cached_tokens(answer) == 0:
         problems.append("B did not serve the third prompt from the shared store")
-    flow.seen["store"] = cached(answer)
-
-
-def cached(answer: dict[str, Any]) -> int:
-    return int((answer["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    flow.seen["store"] = cached_tokens(answer)
 
 
 def run_steps(flow: TwoInstances) -> list[str]:
@@ -194,7 +191,7 @@ def run_steps(flow: TwoInstances) -> list[str]:
     if flow.store:
         flow.clear_store()
     reused = b.complete("on B: the same prompt, its KV fetched from A through the peer")
-    if cached(reused) == 0:
+    if cached_tokens(reused) == 0:
         problems.append("B did not reuse A's KV (cached_tokens 0)")
     if reused["choices"][0]["text"] != first["choices"][0]["text"]:
         problems.append("B answered differently from A")
@@ -214,9 +211,9 @@ def run_steps(flow: TwoInstances) -> list[str]:
     where = "only in the shared store" if flow.store else "no longer"
     say(f"    /lookup after the move: {json.dumps(after)} (A holds it {where})")
     moved = b.complete("on B: the second prompt, from B's own cache now", second)
-    if cached(moved) == 0:
+    if cached_tokens(moved) == 0:
         problems.append("B did not serve the moved prompt from its cache")
-    flow.seen.update(reused=cached(reused), moved=cached(moved), tokens=len(tokens))
+    flow.seen.update(reused=cached_tokens(reused), moved=cached_tokens(moved), tokens=len(tokens))
     if flow.store:
         through_store(flow, problems)
     return problems

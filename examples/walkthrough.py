@@ -59,6 +59,12 @@ class WalkthroughError(RuntimeError):
     """A step did not do what the seed page says it does."""
 
 
+def cached_tokens(answer: dict[str, Any]) -> int:
+    """Prompt tokens a `/v1/completions` answer says came from a cache."""
+    details = answer["usage"].get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
+
+
 def show(command: str) -> None:
     say("    $ " + command.replace("\n", "\n      "))
 
@@ -100,8 +106,7 @@ class Walkthrough:
         start = time.perf_counter()
         answer = self._post(f"{self.vllm_url}/v1/completions", body)
         self.report.seconds[f"completion {label}"] = time.perf_counter() - start
-        details = answer["usage"].get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0)
+        cached = cached_tokens(answer)
         text = answer["choices"][0]["text"]
         self.report.outputs.append(text)
         self.report.cached_tokens.append(cached)

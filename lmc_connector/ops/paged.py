@@ -279,8 +279,7 @@ class PagedKV:
         """Tokens [start, end) of a request as a new chunk tensor on this cache's device."""
         table = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         tokens = end - start
-        scratch = torch.empty(self.scratch_numel(tokens), dtype=self.dtype, device=self.device)
-        view = self.scratch_view(scratch, tokens)
+        view = self._new_scratch(tokens)
         self.gather(self.index(table, start, end), view)
         out = torch.empty(self.chunk_shape(tokens), dtype=self.dtype, device=self.device)
         return self.to_chunk(view, tokens, out)
@@ -293,7 +292,10 @@ class PagedKV:
             )
         table = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         tokens = kv.shape[2]
-        scratch = torch.empty(self.scratch_numel(tokens), dtype=self.dtype, device=self.device)
-        view = self.scratch_view(scratch, tokens)
+        view = self._new_scratch(tokens)
         self.from_chunk(kv.to(self.dtype), view)
         self.scatter(self.index(table, start, start + tokens), view)
+
+    def _new_scratch(self, tokens: int) -> torch.Tensor:
+        buffer = torch.empty(self.scratch_numel(tokens), dtype=self.dtype, device=self.device)
+        return self.scratch_view(buffer, tokens)
