@@ -104,7 +104,8 @@ def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int])
                           text=True, env=env, timeout=3600)  # fmt: skip
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+            result, _ = json.JSONDecoder().raw_decode(line, len("RESULT "))
+            return result
     raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
