@@ -230,10 +230,6 @@ class LookupClient:
             self._client.forget(gone)
         self._addresses = [a for a in addresses if a is not None]
 
-    @property
-    def addresses(self) -> list[str]:
-        return list(self._addresses)
-
     def lookup(
         self, req_id: str, keys: Sequence[ChunkKey], num_tokens: int, pin: bool = True
     ) -> Hit:

@@ -87,8 +87,8 @@ def _check_groups(kv_cache_config: KVCacheConfig) -> Any:
             "layers cannot share one block table, such as a Mamba hybrid, cannot use this "
             "connector)"
         )
-    spec = groups[0].kv_cache_spec
-    for layer_spec in _specs(spec):
+    layer_specs = _specs(groups[0].kv_cache_spec)
+    for layer_spec in layer_specs:
         kind = type(layer_spec).__name__
         if kind not in FULL_ATTENTION_SPECS:
             raise UnsupportedConfiguration(
@@ -102,7 +102,7 @@ def _check_groups(kv_cache_config: KVCacheConfig) -> Any:
                 f"lmc_connector needs one KV state per token; this model's {kind} pages hold "
                 f"one per {layer_spec.tokens_per_state} tokens"
             )
-    return _specs(spec)[0]
+    return layer_specs[0]
 
 
 def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> KVCacheFacts:

@@ -38,10 +38,10 @@ class Staging:
 
     def __init__(self, paged: PagedKV, chunk_tokens: int, slots: int = 2) -> None:
         numel = paged.scratch_numel(chunk_tokens)
-        self.on_cuda = paged.device.type == "cuda"
+        on_cuda = paged.device.type == "cuda"
         self._slots: list[StagingSlot] = []
-        for _ in range(slots if self.on_cuda else 1):
-            if self.on_cuda:
+        for _ in range(slots if on_cuda else 1):
+            if on_cuda:
                 device = torch.empty(numel, dtype=paged.dtype, device=paged.device)
                 host = torch.empty(numel, dtype=paged.dtype, pin_memory=True)
                 self._slots.append(StagingSlot(device, host, torch.cuda.Event()))
@@ -49,12 +49,6 @@ class Staging:
                 host = torch.empty(numel, dtype=paged.dtype)
                 self._slots.append(StagingSlot(host, host, None))
         self._next = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held: device scratch plus host buffers."""
-        per = self._slots[0].host.nbytes
-        return len(self._slots) * per * (2 if self.on_cuda else 1)
 
     def next_slot(self) -> StagingSlot:
         slot = self._slots[self._next]

@@ -75,8 +75,12 @@ GAUGES = {
 MAX_SAMPLES = 10_000
 
 
+#: The sections of `data` (see the module docstring).
+SECTIONS = ("tiers", "counters", "histograms", "gauges")
+
+
 def _empty() -> dict[str, Any]:
-    return {"tiers": {}, "counters": {}, "histograms": {}, "gauges": {}}
+    return {section: {} for section in SECTIONS}
 
 
 @dataclass
@@ -85,16 +89,14 @@ class LMCConnectorStats(KVConnectorStats):
     latest gauges. Built by either half of the connector, or by vLLM from `data`."""
 
     def __post_init__(self) -> None:
-        if not self.data:
-            self.reset()
-        for section, value in _empty().items():
-            self.data.setdefault(section, value)
+        for section in SECTIONS:
+            self.data.setdefault(section, {})
 
     def reset(self) -> None:
         self.data = _empty()
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(section) for section in _empty())
+        return not any(self.data.get(section) for section in SECTIONS)
 
     # -- recording (either half) ------------------------------------------------------------
 
