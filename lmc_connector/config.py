@@ -345,34 +345,19 @@ def _check_requirements(config: CacheConfig) -> None:
     if not config.local_cpu and config.local_disk is None:
         raise ConfigError("no cache location: set local_cpu: true, or local_disk to a directory")
     if config.enable_controller:
-        missing = [
-            key
-            for key, present in (
-                ("controller_pull_url", config.controller_pull_url),
-                ("lmcache_worker_ports", config.lmcache_worker_ports),
-            )
-            if not present
-        ]
-        if missing:
-            raise ConfigError(
-                f"enable_controller: true requires {' and '.join(missing)} "
-                '(e.g. controller_pull_url: "localhost:9001", lmcache_worker_ports: 8001)'
-            )
+        _require(
+            config,
+            "enable_controller",
+            ("controller_pull_url", "lmcache_worker_ports"),
+            'controller_pull_url: "localhost:9001", lmcache_worker_ports: 8001',
+        )
     if config.enable_p2p:
-        missing = [
-            key
-            for key, present in (
-                ("enable_controller", config.enable_controller),
-                ("controller_reply_url", config.controller_reply_url),
-                ("p2p_init_ports", config.p2p_init_ports),
-            )
-            if not present
-        ]
-        if missing:
-            raise ConfigError(
-                f"enable_p2p: true requires {' and '.join(missing)} (e.g. enable_controller: true, "
-                'controller_reply_url: "localhost:9002", p2p_init_ports: 8200)'
-            )
+        _require(
+            config,
+            "enable_p2p",
+            ("enable_controller", "controller_reply_url", "p2p_init_ports"),
+            'enable_controller: true, controller_reply_url: "localhost:9002", p2p_init_ports: 8200',
+        )
     if config.p2p_timeout_ms <= 0:
         raise ConfigError(f"p2p_timeout_ms={config.p2p_timeout_ms} must be > 0 (e.g. 2000)")
     if config.control_secret_file is not None and not Path(config.control_secret_file).is_file():
@@ -384,8 +369,7 @@ def _check_requirements(config: CacheConfig) -> None:
         raise ConfigError(
             f"save_queue_chunks={config.save_queue_chunks} must be a positive number of chunks"
         )
-    if config.lookup_host is not None:
-        _check_lookup_host(config)
+    _check_lookup_host(config)
     if config.lookup_timeout_ms <= 0:
         raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
     if config.controller_heartbeat_interval <= 0:
@@ -400,6 +384,13 @@ def _check_requirements(config: CacheConfig) -> None:
         bad = [p for p in getattr(config, key) if not 0 < p < 65536]
         if bad:
             raise ConfigError(f"{key}: {bad} are not TCP ports; use numbers in 1..65535")
+
+
+def _require(config: CacheConfig, switch: str, keys: tuple[str, ...], example: str) -> None:
+    """ConfigError naming the `keys` left unset that `switch: true` needs, with an example."""
+    missing = [key for key in keys if not getattr(config, key)]
+    if missing:
+        raise ConfigError(f"{switch}: true requires {' and '.join(missing)} (e.g. {example})")
 
 
 def _check_remote(config: CacheConfig) -> None:

@@ -147,13 +147,12 @@ class OpExecutor:
             return cmd.Failed("unknown_event", f"nothing prepared for event {commit.event_id}")
         op, engine = prepared.op, self._engine
         try:
-            if isinstance(prepared.job, CalibrationJob):
-                calibration = prepared.job
-                self._jobs.submit(self._run_calibration, commit.event_id, calibration)
-                return cmd.Ok(JobOutcome(num_tokens=calibration.outcome.num_tokens))
-            if prepared.job is not None:
-                job = prepared.job
+            job = prepared.job
+            if isinstance(job, CalibrationJob):
+                self._jobs.submit(self._run_calibration, commit.event_id, job)
+            elif job is not None:
                 self._jobs.submit(self._run_job, commit.event_id, job)
+            if job is not None:
                 return cmd.Ok(JobOutcome(num_tokens=job.outcome.num_tokens))
             if isinstance(op, cmd.PullOp):
                 self._jobs.submit(self._run_pull, commit.event_id, op)

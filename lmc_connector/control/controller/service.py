@@ -249,7 +249,6 @@ class ControllerService:
         background: bool,
     ) -> bool:
         """Record each worker's commit outcome; True if the operation failed."""
-        transform = background
         operations = self.state.operations
         applied: list[int] = []
         refused: list[str] = []
@@ -264,8 +263,8 @@ class ControllerService:
                     continue
                 assert isinstance(after, cmd.Ok)
                 applied.append(worker.rank)
-                part.num_tokens = (before if transform else after).outcome.num_tokens
-                if not transform:
+                part.num_tokens = (before if background else after).outcome.num_tokens
+                if not background:
                     operations.finish_part(operation, worker.rank, outcome=after.outcome)
             operation.num_tokens = min(p.num_tokens for p in operation.workers)
             operations.start(operation)

@@ -12,6 +12,7 @@ from lmc_connector.control.controller.errors import BodyError, InvalidChoiceErro
 from lmc_connector.control.controller.http import bodies
 from lmc_connector.control.controller.http.endpoint import body, doc, json_response, service_of
 from lmc_connector.control.controller.instances import Instance
+from lmc_connector.control.controller.operations import Operation
 from lmc_connector.control.controller.peers import pull_sources
 from lmc_connector.control.controller.service import ControllerService
 from lmc_connector.control.wire import commands as cmd
@@ -35,6 +36,10 @@ async def _transform(
         kind, req.method, req.location, req.tokens or [], every_chunk, scope=req.scope()
     )
     operation = await service.run(kind, req.instance_id, op, check)
+    return _scheduled(operation)
+
+
+def _scheduled(operation: Operation) -> Response:
     return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
 
 
@@ -89,7 +94,7 @@ async def calibrate(
 
     op = cmd.CalibrateOp(req.method)
     operation = await service.run("calibrate", req.instance_id, op, check, background=True)
-    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+    return _scheduled(operation)
 
 
 @router.post(
@@ -101,7 +106,7 @@ async def pin(
 ) -> Response:
     op = cmd.PinOp(req.tokens, req.location, scope=req.scope())
     operation = await service.run("pin", req.instance_id, op, _location(req.location))
-    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+    return _scheduled(operation)
 
 
 @router.post(
@@ -113,11 +118,10 @@ async def unpin(
     req: bodies.UnpinRequest = Depends(body(bodies.UnpinRequest)),  # noqa: B008
     service: ControllerService = Service,
 ) -> Response:
-    op = cmd.UnpinOp(
-        req.tokens, scope=req.scope()
-    )  # req.location is ignored: see bodies.UnpinRequest
+    # req.location is ignored: see bodies.UnpinRequest
+    op = cmd.UnpinOp(req.tokens, scope=req.scope())
     operation = await service.run("unpin", req.instance_id, op, _location(None))
-    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+    return _scheduled(operation)
 
 
 @router.post(
@@ -174,7 +178,7 @@ async def move(
 
     op = cmd.MoveOp(source, destination, req.tokens, scope=req.scope())
     operation = await service.run("move", instance_id, op, check)
-    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+    return _scheduled(operation)
 
 
 def _copy(req: bodies.MoveRequest) -> bool:
@@ -193,4 +197,4 @@ async def _move_across(
     )
     op = cmd.PullOp(sources, source_location, location, req.tokens, not _copy(req), num_tokens)
     operation = await service.run("move", destination_id, op, _location(location), background=True)
-    return json_response(bodies.ScheduledResponse(operation.event_id, operation.num_tokens))
+    return _scheduled(operation)
