@@ -80,8 +80,7 @@ def schedule(
     held = sum(c.tokens for c in candidates)
     if held < needed:
         raise NotEnoughKVError(method, needed, held)
-    per_token = layout.planes * layout.layers * layout.channels * layout.torch_dtype.itemsize
-    budget = max(needed, min(SAMPLE_TOKENS_PER_DIM * needed, MAX_SAMPLE_BYTES // per_token))
+    budget = max(needed, min(SAMPLE_TOKENS_PER_DIM * needed, MAX_SAMPLE_BYTES // layout.nbytes(1)))
     chosen = _spread([c for c in candidates if c.plain], budget)
     short = budget - sum(c.tokens for c in chosen)
     if short > 0:
@@ -135,7 +134,6 @@ def run(
 
     start = time.perf_counter()
     outcome = job.outcome
-    per_token = layout.planes * layout.layers * layout.channels * layout.torch_dtype.itemsize
     samples: list[torch.Tensor] = []
     for tier, key in job.samples:
         _, chunk = tier.load(key)
@@ -146,7 +144,7 @@ def run(
             logger.warning("calibration sample %016x skipped: %s", key, error)
             continue
         samples += decoded
-        outcome.bytes_before += chunk.num_tokens * per_token
+        outcome.bytes_before += layout.nbytes(chunk.num_tokens)
     tokens = sum(int(s.shape[2]) for s in samples)
     if tokens < needed_tokens(layout):
         raise NotEnoughKVError(job.method, needed_tokens(layout), tokens)

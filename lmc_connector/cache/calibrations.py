@@ -59,10 +59,6 @@ class CalibrationBook:
         """The shelves to keep calibrations on, nearest first (before `open`)."""
         self._shelves = list(shelves)
 
-    @property
-    def shelves(self) -> list[str]:
-        return [shelf.where for shelf in self._shelves]
-
     def open(self) -> None:
         """Take each calibrated method's current calibration from the nearest shelf that
         names one and holds it (what an earlier run, or another instance, fitted)."""

@@ -61,43 +61,34 @@ class ChunkLayout:
     def shape(self, num_tokens: int) -> tuple[int, int, int, int]:
         return (self.planes, self.layers, num_tokens, self.channels)
 
+    def nbytes(self, num_tokens: int) -> int:
+        """Bytes of a plain chunk of `num_tokens` tokens."""
+        return self.planes * self.layers * num_tokens * self.channels * self.torch_dtype.itemsize
+
     def fingerprint(self) -> str:
         """A short stable id of this layout, used to separate on-disk namespaces."""
-        text = "|".join(
-            str(v)
-            for v in (
-                self.model,
-                self.world_size,
-                self.rank,
-                self.dtype,
-                self.planes,
-                self.layers,
-                self.channels,
-                self.chunk_size,
-                self.cache_dtype,
-                self.backend,
-            )
-        )
-        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+        return self._digest(with_rank=True)
 
     def instance_fingerprint(self) -> str:
         """A short stable id of what every rank of an instance shares (the layout without the
         rank): instances with equal ids hold interchangeable KV, rank for rank."""
-        text = "|".join(
-            str(v)
-            for v in (
-                self.model,
-                self.world_size,
-                self.dtype,
-                self.planes,
-                self.layers,
-                self.channels,
-                self.chunk_size,
-                self.cache_dtype,
-                self.backend,
-            )
+        return self._digest(with_rank=False)
+
+    def _digest(self, with_rank: bool) -> str:
+        rank = (self.rank,) if with_rank else ()
+        fields = (
+            self.model,
+            self.world_size,
+            *rank,
+            self.dtype,
+            self.planes,
+            self.layers,
+            self.channels,
+            self.chunk_size,
+            self.cache_dtype,
+            self.backend,
         )
-        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+        return hashlib.blake2b("|".join(map(str, fields)).encode(), digest_size=8).hexdigest()
 
     def check(self, kv: torch.Tensor) -> None:
         """Raise if `kv` is not a chunk of this layout."""

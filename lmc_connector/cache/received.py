@@ -37,10 +37,7 @@ def chunk_from_bytes(
             raise ValueError(f"chunk dtype {header.dtype} is not the layout's {layout.dtype}")
         return Chunk(num_tokens, blob=blob, method=method)
     dtype = layout.torch_dtype
-    size = dtype.itemsize
-    for dim in shape:
-        size *= dim
-    if data.nbytes != size:
+    if data.nbytes != layout.nbytes(num_tokens):
         raise ValueError(f"{data.nbytes} bytes are not a {shape} {layout.dtype} chunk")
     with warnings.catch_warnings():
         # A read-only buffer: cached chunks are never written, and the buffer pool never

@@ -74,7 +74,6 @@ class StoreHealth:
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self._backoff = 0.0
-        self.failures = 0
 
     def available(self) -> bool:
         with self._lock:
@@ -85,7 +84,6 @@ class StoreHealth:
             first = self._backoff == 0.0
             self._backoff = min(max(self._backoff * 2, RETRY_AFTER_S), RETRY_AFTER_MAX_S)
             self._retry_at = time.monotonic() + self._backoff
-            self.failures += 1
             backoff = self._backoff
         log = logger.warning if first else logger.debug
         log(

@@ -159,7 +159,8 @@ def unlink_layout(
             kept.add(key)
             continue
         batch.append(name.decode() if isinstance(name, bytes) else name)
-        heads += [key] if kind == "head" else []
+        if kind == "head":
+            heads.append(key)
         if len(batch) >= CLEAR_BATCH:
             unlink_names(client, batch)
             seen, batch = seen + len(batch), []

@@ -15,7 +15,6 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
 from typing_extensions import override
 
 from lmc_connector.cache.chunk import Chunk, ChunkForm
@@ -95,9 +94,7 @@ class RemoteBackend(Tier):
         self._assembly = ThreadPoolExecutor(1, thread_name_prefix="lmc-store-assembly")
         #: Chunks this worker wrote -> their stored bytes (guarded by ctx.lock).
         self._written: OrderedDict[ChunkKey, int] = OrderedDict()
-        full = layout.shape(layout.chunk_size)
-        plain = full[0] * full[1] * full[2] * full[3] * layout.torch_dtype.itemsize
-        self._max_value_bytes = plain + ENCODED_SLACK_BYTES
+        self._max_value_bytes = layout.nbytes(layout.chunk_size) + ENCODED_SLACK_BYTES
         #: Piece names a reader asks for: enough for the largest value of this layout.
         self._max_pieces = pieces_for(self._max_value_bytes)
 
@@ -394,7 +391,3 @@ class RemoteBackend(Tier):
         with self.ctx.lock:
             gone = [k for k in keys if self._written.pop(k, None) is not None]
             self.ctx.evicted(self.name, gone)
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype)
