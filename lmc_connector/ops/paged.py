@@ -225,6 +225,10 @@ class PagedKV:
 
     # -- scratch ---------------------------------------------------------------------------
 
+    def aligned(self, tokens: int) -> int:
+        """`tokens` rounded up to a multiple of `align` (what a copy of them covers)."""
+        return -(-tokens // self.align) * self.align
+
     def scratch_numel(self, tokens: int) -> int:
         """Elements of a layer-major scratch for `tokens` tokens (a chunk's worth)."""
         return len(self.layers) * self.planes * tokens * self.channels

@@ -37,8 +37,7 @@ class ChunkLoader:
         tokens this step's forward (re)writes, or none yet.
         """
         chunk_size = self._engine.layout.chunk_size
-        align = self._paged.align
-        stop = -(-spec.end // align) * align
+        stop = self._paged.aligned(spec.end)
         chunk_start = spec.first_chunk * chunk_size
         loaded = spec.start
         for first in range(0, len(spec.keys), FETCH_CHUNKS):

@@ -288,7 +288,7 @@ class LMCWorker:
         tables = self._tables([spec.block_ids for spec in meta.saves], on_device=False)
         for spec, table in zip(meta.saves, tables, strict=True):
             jobs = [
-                SaveJob(spec.req_id, key, start, self._round_up(end), table, ready)
+                SaveJob(spec.req_id, key, start, paged.aligned(end), table, ready)
                 for key, (start, end) in zip(spec.keys, spec.bounds, strict=True)
             ]
             saver.submit(jobs)
@@ -357,10 +357,6 @@ class LMCWorker:
         """Block ids whose load failed since the last call (reported to vLLM for recompute)."""
         errors, self._load_errors = self._load_errors, set()
         return errors
-
-    def _round_up(self, tokens: int) -> int:
-        align = 1 if self.paged is None else self.paged.align
-        return -(-tokens // align) * align
 
     def _tables(self, tables: Sequence[list[int]], on_device: bool) -> list[torch.Tensor]:
         """The block tables of a step as long tensors, with one transfer to the device."""

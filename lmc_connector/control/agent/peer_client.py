@@ -54,10 +54,7 @@ class PeerClient:
         self.fingerprint = engine.layout.instance_fingerprint()
         self._client = RpcClient(context, "peer-client", security)
         self._replies = pw.chunks_decoder()
-        layout = engine.layout
-        plain = layout.torch_dtype.itemsize
-        for dim in layout.shape(layout.chunk_size):
-            plain *= dim
+        plain = engine.layout.nbytes(engine.layout.chunk_size)
         self.batch = max(1, min(pw.MAX_FETCH_KEYS, BATCH_BYTES // max(1, plain)))
 
     def start(self) -> None:
