@@ -110,11 +110,18 @@ def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int])
 
 
 def _layout(model: str, shape: dict[str, int]) -> ChunkLayout:
-    """The chunk layout vLLM's workers give `model` (bf16, one rank)."""
+    """The chunk layout vLLM's workers give `model` (bf16, one rank, vLLM's attention
+    backend on this machine: the layout fingerprint names it)."""
+    from vllm.platforms import current_platform
+
     from lmc_connector.cache import ChunkLayout
 
     head = shape["hidden"] // shape["heads"]
-    return ChunkLayout(model, 1, 0, "bfloat16", 2, shape["layers"], shape["kv_heads"] * head, CHUNK)
+    backend = "CPU_ATTN" if current_platform.is_cpu() else "FLASH_ATTN"
+    return ChunkLayout(
+        model, 1, 0, "bfloat16", 2, shape["layers"], shape["kv_heads"] * head, CHUNK,
+        backend=backend,
+    )  # fmt: skip
 
 
 def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> None:
