@@ -60,7 +60,7 @@ class BufferPool:
         kv = chunk.kv
         if not self._drawn_from or kv is None or sys.getrefcount(chunk) > _OWNER_CHUNK_REFS:
             return False
-        if not kv.untyped_storage().resizable():
+        if chunk.borrowed:
             return False  # memory torch does not own (a received message): never written
         if sys.getrefcount(kv) > _OWNER_TENSOR_REFS or _storage_uses(kv) > _OWNER_STORAGE_USES:
             return False

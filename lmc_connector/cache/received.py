@@ -41,7 +41,7 @@ def chunk_from_bytes(
         raise ValueError(f"{data.nbytes} bytes are not a {shape} {layout.dtype} chunk")
     with warnings.catch_warnings():
         # A read-only buffer: cached chunks are never written, and the buffer pool never
-        # recycles memory torch does not own.
+        # recycles a borrowed chunk.
         warnings.simplefilter("ignore", UserWarning)
         kv = torch.frombuffer(data, dtype=torch.uint8)
-    return Chunk(num_tokens, kv=kv.view(dtype).view(shape))
+    return Chunk(num_tokens, kv=kv.view(dtype).view(shape), borrowed=True)

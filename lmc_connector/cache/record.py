@@ -14,7 +14,6 @@ ever unpickled.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from typing_extensions import Buffer
 
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.layout import DTYPES, dtype_name
+from lmc_connector.checksum import crc32
 from lmc_connector.tokens import ChunkKey
 
 MAGIC = b"LMCD"
@@ -59,7 +59,7 @@ def pack_header(key: ChunkKey, chunk: Chunk, data: Buffer) -> bytes:
     fields = _FIELDS.pack(
         MAGIC, VERSION, int(chunk.encoded), key, name, chunk.num_tokens, *shape, view.nbytes
     )
-    return fields + _CRC.pack(zlib.crc32(view, zlib.crc32(fields)))
+    return fields + _CRC.pack(crc32(view, crc32(fields)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,7 @@ class RecordHeader:
     shape: tuple[int, int, int, int]
     payload_len: int
     crc: int
-    #: crc32 of the header fields: continue it over the payload with zlib.crc32(data, start).
+    #: crc32 of the header fields: continue it over the payload with crc32(data, start).
     crc_start: int
 
     @property
@@ -109,7 +109,7 @@ class RecordHeader:
             return Chunk(self.num_tokens, blob=bytes(view), method=self.name)
         shape, dtype = self.plain_layout()
         kv = torch.frombuffer(data, dtype=torch.uint8, offset=offset, count=self.payload_len)
-        return Chunk(self.num_tokens, kv=kv.view(dtype).view(shape))
+        return Chunk(self.num_tokens, kv=kv.view(dtype).view(shape), borrowed=True)
 
 
 def parse_header(raw: Buffer, where: str, key: ChunkKey) -> RecordHeader:
@@ -133,5 +133,5 @@ def parse_header(raw: Buffer, where: str, key: ChunkKey) -> RecordHeader:
         shape=(s0, s1, s2, s3),
         payload_len=payload_len,
         crc=crc,
-        crc_start=zlib.crc32(view[: _FIELDS.size]),
+        crc_start=crc32(view[: _FIELDS.size]),
     )

@@ -32,6 +32,27 @@ def test_buffer_of_an_unreferenced_chunk_is_reused() -> None:
     assert pool.take(SHAPE, torch.float16).data_ptr() == storage
 
 
+def test_buffer_once_read_through_numpy_is_reused() -> None:
+    """What an upload to the store or a write to disk does to a chunk (torch then marks
+    the storage as not resizable) does not keep its buffer from being reused."""
+    pool = pool_in_use(max_bytes=1 << 20)
+    chunk = removed_chunk()
+    assert chunk.kv is not None
+    bytes(memoryview(chunk.kv.view(torch.uint8).numpy()))
+    storage = chunk.kv.data_ptr()
+    assert pool.recycle(chunk)
+    del chunk
+    assert pool.take(SHAPE, torch.float16).data_ptr() == storage
+
+
+def test_borrowed_memory_is_never_reused() -> None:
+    pool = pool_in_use(max_bytes=1 << 20)
+    data = bytearray(removed_chunk().nbytes)
+    kv = torch.frombuffer(data, dtype=torch.float16).view(SHAPE)
+    assert not pool.recycle(Chunk(4, kv=kv, borrowed=True))
+    assert pool.pooled_bytes == 0
+
+
 def test_buffer_still_held_by_a_reader_is_not_reused() -> None:
     pool = pool_in_use(max_bytes=1 << 20)
     chunk = removed_chunk()

@@ -6,7 +6,6 @@ another chunk's name (copied, renamed or planted) is a miss, never that chunk.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lmc_connector.cache.record import (
     parse_header,
     payload,
 )
+from lmc_connector.checksum import crc32
 from lmc_connector.tokens import ChunkKey
 
 __all__ = ["HEADER_SIZE", "DiskFormatError", "DiskRecord", "read_chunk", "verify_file"]
@@ -57,7 +57,7 @@ def verify_file(path: Path, key: ChunkKey) -> DiskRecord:
         header = parse_header(f.read(HEADER_SIZE), str(path), key)
         crc, size = header.crc_start, 0
         while block := f.read(VERIFY_BLOCK):
-            crc = zlib.crc32(block, crc)
+            crc = crc32(block, crc)
             size += len(block)
     if size != header.payload_len:
         raise DiskFormatError(f"{path}: payload is {size} bytes, header says {header.payload_len}")
@@ -69,5 +69,5 @@ def read_chunk(path: Path, key: ChunkKey) -> Chunk:
     """Read and verify the file of chunk `key`; raise a RecordFormatError on any mismatch."""
     raw = bytearray(path.read_bytes())
     header = parse_header(raw, str(path), key)
-    header.verify(zlib.crc32(memoryview(raw)[HEADER_SIZE:], header.crc_start))
+    header.verify(crc32(memoryview(raw)[HEADER_SIZE:], header.crc_start))
     return header.chunk(raw, HEADER_SIZE)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from lmc_connector.checksum import crc32
 from lmc_connector.ops.codecs.errors import CodecError
 
 MAGIC = b"LMCC"
@@ -106,7 +106,7 @@ def serialize(
             *(_le(b, np.float16) for b in basis),
         ]
     )
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 def parse_calibration(blob: bytes | bytearray | memoryview) -> Calibration:
@@ -172,7 +172,7 @@ def _check_framing(view: memoryview) -> tuple[int, int, int, int, int, tuple[int
     if size != want:
         raise CodecError(f"calibration is {size} bytes but its header describes {want}")
     (crc,) = _CRC.unpack_from(view, size - _CRC.size)
-    if zlib.crc32(view[: size - _CRC.size]) != crc:
+    if crc32(view[: size - _CRC.size]) != crc:
         raise CodecError("calibration checksum mismatch: the blob is corrupted")
     return codec_id, planes, layers, channels, fitted, ranks
 

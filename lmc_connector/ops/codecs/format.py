@@ -14,12 +14,12 @@ codec allocates anything; codecs then check the section lengths against the shap
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from lmc_connector.checksum import crc32
 from lmc_connector.ops.codecs.errors import CodecError
 
 MAGIC = b"LMCK"
@@ -95,12 +95,12 @@ def pack(
     )
     lengths = struct.pack(f"<{len(sections)}I", *(len(s) for s in sections))
     body = b"".join([head, params, lengths, *sections])
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 def reseal(blob: bytes) -> bytes:
     """`blob` with its checksum recomputed (for tests that probe validation past the crc)."""
-    return blob[: -_CRC.size] + _CRC.pack(zlib.crc32(blob[: -_CRC.size]))
+    return blob[: -_CRC.size] + _CRC.pack(crc32(blob[: -_CRC.size]))
 
 
 def parse(blob: bytes | bytearray | memoryview, codec_names: dict[int, str]) -> BlobHeader:
@@ -140,7 +140,7 @@ def parse(blob: bytes | bytearray | memoryview, codec_names: dict[int, str]) -> 
             "(truncated or padded)"
         )
     (crc,) = _CRC.unpack_from(view, size - _CRC.size)
-    if zlib.crc32(view[: size - _CRC.size]) != crc:
+    if crc32(view[: size - _CRC.size]) != crc:
         raise CodecError("checksum mismatch: the blob is corrupted")
     return BlobHeader(
         codec=codec_names[codec_id],

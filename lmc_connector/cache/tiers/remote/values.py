@@ -16,7 +16,6 @@ checksum that does not match) and treats as a miss.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.record import RecordFormatError, pack_header, parse_header, payload
+from lmc_connector.checksum import crc32
 from lmc_connector.tokens import ChunkKey
 
 #: Just under 1 MiB, so a piece with Redis's own string header stays in jemalloc's 1 MiB
@@ -103,7 +103,7 @@ class Assembler:
                 self._target[start : start + size] = np.frombuffer(piece, dtype=np.uint8)
             else:
                 self._parts.append(piece)
-            self._crc = zlib.crc32(piece, self._crc)
+            self._crc = crc32(piece, self._crc)
             self._next += 1
 
     def finish(self) -> Chunk:
