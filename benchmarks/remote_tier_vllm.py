@@ -6,8 +6,9 @@ dummy`, like `benchmarks/ttft.py`), all on the same redis-server:
 * writer: computes one 4K prompt per serde and uploads it (naive), then runs the no-reuse
   workload with uploads on; the values of the fp8 and cachegen prompts are then
   re-encoded in the store (`compress` in place, location RemoteBackend);
-* reader (empty local tiers): TTFT of each serde's prompt served from the store, of a
-  prompt never seen (recompute), and of a repeat (warm, from its own CPU tier);
+* reader (empty local tiers): TTFT of each serde's prompts served from the store, of a
+  prompt never seen (recompute), and of the naive prompts again (warm, from its own CPU
+  tier); the median over PROMPTS distinct prompts per serde;
 * baseline: the same no-reuse workload with the connector but no store.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,15 +33,21 @@ SERDES = ("naive", "fp8", "cachegen")
 CHUNK = 256
 
 
+#: Distinct prompts per serde: TTFT figures are their median.
+PROMPTS = 3
 #: Tokens of the warm-up prompt stored with each serde (the reader's first decode of a codec
 #: pays for its set-up; the measured prompts must not).
 WARM_UP_TOKENS = 512
 
 
-def _prompt(serde: str, length: int, warm_up: bool = False) -> list[int]:
+def _prompt(serde: str, length: int, warm_up: bool = False, index: int = 0) -> list[int]:
     from ttft import _ids
 
-    return _ids((600 if warm_up else 500) + SERDES.index(serde), length)
+    return _ids((600 if warm_up else 500 + 10 * index) + SERDES.index(serde), length)
+
+
+def _prompts(serde: str, length: int) -> list[list[int]]:
+    return [_prompt(serde, length, index=i) for i in range(PROMPTS)]
 
 
 def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int]) -> None:
@@ -70,14 +78,15 @@ def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int
         for serde in SERDES:
             ttft(_prompt(serde, WARM_UP_TOKENS, warm_up=True))
         for serde in SERDES:
-            result[serde] = ttft(_prompt(serde, prompt_len))
+            result[serde] = [ttft(ids) for ids in _prompts(serde, prompt_len)]
         result["recompute"] = ttft(_ids(777, prompt_len))
-        result["warm"] = ttft(_prompt("naive", prompt_len))
+        result["warm"] = [ttft(ids) for ids in _prompts("naive", prompt_len)]
     else:
         if kind == "writer":
             for serde in SERDES:
                 ttft(_prompt(serde, WARM_UP_TOKENS, warm_up=True))
-                ttft(_prompt(serde, prompt_len))
+                for ids in _prompts(serde, prompt_len):
+                    ttft(ids)
         gen = SamplingParams(max_tokens=work["out"], temperature=0.0, ignore_eos=True)
         rates = []
         for round_ in range(2):
@@ -135,9 +144,10 @@ def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> N
     engine.open()
     for serde in SERDES[1:]:
         engine.compress(_prompt(serde, WARM_UP_TOKENS, warm_up=True), serde, "RemoteBackend")
-        done = engine.compress(_prompt(serde, prompt_len), serde, "RemoteBackend")
-        if done < prompt_len:
-            print(f"  (re-encoding the {serde} prompt covered {done} of {prompt_len} tokens)")
+        for ids in _prompts(serde, prompt_len):
+            done = engine.compress(ids, serde, "RemoteBackend")
+            if done < prompt_len:
+                print(f"  (re-encoding a {serde} prompt covered {done} of {prompt_len} tokens)")
     engine.close()
 
 
@@ -153,8 +163,17 @@ def _stored_bytes(client: redis.Redis, url: str, model: str, shape: dict[str, in
         total = 0
         for key in chunk_hashes(_prompt(serde, prompt_len), CHUNK):
             total += sum(client.strlen(n) for n in client.scan_iter(keys.head(key) + "*"))
-        out[serde] = total
+        out[serde] = total  # of the first prompt: all of one serde store about the same
     return out
+
+
+def _median(runs: list[list[float]]) -> float:
+    return statistics.median(seconds for seconds, _ in runs)
+
+
+def _spread(runs: list[list[float]]) -> str:
+    times = ", ".join(f"{seconds * 1e3:.1f}" for seconds, _ in runs)
+    return f"median of {len(runs)} prompts, in the order sent: {times} ms"
 
 
 def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: float) -> None:
@@ -169,7 +188,7 @@ def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: f
           f"no-reuse workload {work['reqs']} x {work['len']} + {work['out']} tokens")  # fmt: skip
     client.flushall()
     writer = _run("writer", model, url, prompt_len, work)
-    heads = 3 * (prompt_len + WARM_UP_TOKENS) // CHUNK
+    heads = len(SERDES) * (PROMPTS * prompt_len + WARM_UP_TOKENS) // CHUNK
     deadline = time.monotonic() + 120
     while sum(1 for n in client.scan_iter("lmc:*") if n.endswith(b"}")) < heads:
         if time.monotonic() > deadline:
@@ -179,16 +198,17 @@ def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: f
     stored = _stored_bytes(client, url, model, shape, prompt_len)
     reader = _run("reader", model, url, prompt_len, work)
     baseline = _run("baseline", model, url, prompt_len, work)
-    recompute, warm = reader["recompute"][0], reader["warm"][0]
+    recompute, warm = reader["recompute"][0], _median(reader["warm"])
     print(f"  TTFT recompute (fresh prompt)      : {recompute * 1e3:8.1f} ms")
-    print(f"  TTFT warm local (own CPU tier)     : {warm * 1e3:8.1f} ms")
+    spread = _spread(reader["warm"])
+    print(f"  TTFT warm local (own CPU tier)     : {warm * 1e3:8.1f} ms  ({spread})")
     for serde in SERDES:
-        seconds, cached = reader[serde]
+        seconds, cached = _median(reader[serde]), min(c for _, c in reader[serde])
         bound = warm + stored[serde] / (best_get_gbs * 1e9)
         print(f"  TTFT from the store, {serde:<9}    : {seconds * 1e3:8.1f} ms  "
-              f"({stored[serde] / prompt_len:7.0f} B/token stored, {cached} cached tokens; "
-              f"{recompute / seconds:.1f}x faster than recompute; target <= 1.5 x "
-              f"{bound * 1e3:.1f} ms: {seconds / bound:.2f}x)")  # fmt: skip
+              f"({_spread(reader[serde])}; {stored[serde] / prompt_len:.0f} B/token stored, "
+              f"{cached} cached tokens; {recompute / seconds:.1f}x faster than recompute; "
+              f"target <= 1.5 x {bound * 1e3:.1f} ms: {seconds / bound:.2f}x)")  # fmt: skip
     cost = 1 - writer["throughput"] / baseline["throughput"]
     print(f"  no-reuse throughput: {baseline['throughput']:.1f} tok/s without the store, "
           f"{writer['throughput']:.1f} with uploads (cost {cost:.1%})")  # fmt: skip

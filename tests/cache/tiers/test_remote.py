@@ -7,7 +7,9 @@ store; the server is this module's own (`tests/redis_servers.py`).
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -317,6 +319,30 @@ def test_chunks_over_a_mebibyte_travel_in_pieces_and_come_back_whole(
     assert [store.strlen(f"{head}:{i}") for i in range(4)] == [(1 << 20) - 64] * 2 + [128, 0]
     loaded = reader.get(reader.hashes(tokens))
     assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux thread affinity")
+def test_a_reader_bound_to_one_core_assembles_pieces_itself(make: Factory) -> None:
+    """As in vLLM's CPU workers: no hand-off to the assembly thread, the same chunks."""
+    layout = ChunkLayout("big", 1, 0, "float16", 2, 4, 1024, 128)
+    tokens = list(range(2 * 128))
+    writer, reader = make(layout), make(layout)
+    kvs = [torch.randn(layout.shape(128), generator=torch.Generator().manual_seed(i)).half()
+           for i in range(2)]  # fmt: skip
+    for key, kv in zip(writer.hashes(tokens), kvs, strict=True):
+        writer.put(key, kv)
+    remote(writer).flush()
+    loaded: list[torch.Tensor] = []
+
+    def read_on_one_core() -> None:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        loaded.extend(reader.get(reader.hashes(tokens)))
+
+    thread = threading.Thread(target=read_on_one_core)
+    thread.start()
+    thread.join(timeout=60)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True)) and len(loaded) == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("lmc-store-assembly")]
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:

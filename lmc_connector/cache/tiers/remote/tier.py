@@ -9,6 +9,7 @@ a miss, never an error that reaches a request.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -219,7 +220,7 @@ class RemoteBackend(Tier):
 
     def _read(self, key: ChunkKey, name: str, head: Any) -> tuple[Marker, Chunk | None]:
         """Fetch the pieces of a chunk whose head was read, assembling them on the assembly
-        thread while the next ones travel."""
+        thread while the next ones travel (on this thread when it has a single core)."""
         if isinstance(head, BaseException):
             raise ValueError(f"not a chunk value ({head})")
         if head is None:
@@ -229,12 +230,18 @@ class RemoteBackend(Tier):
         if assembler.count > self._max_pieces:
             raise ValueError(f"{assembler.count} pieces is more than this layout's chunks need")
         pending: list[Future[None]] = []
+        # Overlap only with a core to overlap on: vLLM binds a CPU worker's threads to one
+        # core, where a hand-off per piece waits on the scheduler instead.
+        overlap = _cores_here() > 1
 
         def take(pieces: list[Any]) -> None:
             for piece in pieces:
                 if isinstance(piece, BaseException):
                     raise ValueError(f"not a chunk value ({piece})")
-            pending.append(self._assembly.submit(assembler.add, pieces))
+            if overlap:
+                pending.append(self._assembly.submit(assembler.add, pieces))
+            else:
+                assembler.add(pieces)
 
         names = self.keys.pieces(key, assembler.count)
         try:
@@ -391,3 +398,10 @@ class RemoteBackend(Tier):
         with self.ctx.lock:
             gone = [k for k in keys if self._written.pop(k, None) is not None]
             self.ctx.evicted(self.name, gone)
+
+
+def _cores_here() -> int:
+    """CPUs the calling thread may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
