@@ -304,17 +304,26 @@ def test_chunks_spread_over_a_redis_cluster(redis_cluster: list[Service], make: 
     assert sum(redis.Redis.from_url(n.url).dbsize() for n in redis_cluster) == 0
 
 
+BIG = ChunkLayout("big", 1, 0, "float16", 2, 4, 1024, 128)  # 2 MiB chunks: three pieces
+BIG_TOKENS = list(range(2 * 128))
+
+
+def save_big_chunks(writer: CacheEngine) -> list[torch.Tensor]:
+    """Two 2 MiB chunks of BIG_TOKENS, uploaded."""
+    kvs = [torch.randn(BIG.shape(128), generator=torch.Generator().manual_seed(i)).half()
+           for i in range(2)]  # fmt: skip
+    for key, kv in zip(writer.hashes(BIG_TOKENS), kvs, strict=True):
+        writer.put(key, kv)
+    remote(writer).flush()
+    return kvs
+
+
 def test_chunks_over_a_mebibyte_travel_in_pieces_and_come_back_whole(
     make: Factory, store: redis.Redis
 ) -> None:
-    layout = ChunkLayout("big", 1, 0, "float16", 2, 4, 1024, 128)  # 2 MiB: three pieces
-    tokens = list(range(2 * 128))
-    writer, reader = make(layout), make(layout)
-    kvs = [torch.randn(layout.shape(128), generator=torch.Generator().manual_seed(i)).half()
-           for i in range(2)]  # fmt: skip
-    for key, kv in zip(writer.hashes(tokens), kvs, strict=True):
-        writer.put(key, kv)
-    remote(writer).flush()
+    tokens = BIG_TOKENS
+    writer, reader = make(BIG), make(BIG)
+    kvs = save_big_chunks(writer)
     head = remote(writer).keys.head(writer.hashes(tokens)[0])
     assert [store.strlen(f"{head}:{i}") for i in range(4)] == [(1 << 20) - 64] * 2 + [128, 0]
     loaded = reader.get(reader.hashes(tokens))
@@ -324,19 +333,13 @@ def test_chunks_over_a_mebibyte_travel_in_pieces_and_come_back_whole(
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux thread affinity")
 def test_a_reader_bound_to_one_core_assembles_pieces_itself(make: Factory) -> None:
     """As in vLLM's CPU workers: no hand-off to the assembly thread, the same chunks."""
-    layout = ChunkLayout("big", 1, 0, "float16", 2, 4, 1024, 128)
-    tokens = list(range(2 * 128))
-    writer, reader = make(layout), make(layout)
-    kvs = [torch.randn(layout.shape(128), generator=torch.Generator().manual_seed(i)).half()
-           for i in range(2)]  # fmt: skip
-    for key, kv in zip(writer.hashes(tokens), kvs, strict=True):
-        writer.put(key, kv)
-    remote(writer).flush()
+    writer, reader = make(BIG), make(BIG)
+    kvs = save_big_chunks(writer)
     loaded: list[torch.Tensor] = []
 
     def read_on_one_core() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        loaded.extend(reader.get(reader.hashes(tokens)))
+        loaded.extend(reader.get(reader.hashes(BIG_TOKENS)))
 
     thread = threading.Thread(target=read_on_one_core)
     thread.start()
