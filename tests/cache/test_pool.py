@@ -2,6 +2,7 @@ import torch
 
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.pool import BufferPool
+from lmc_connector.cache.record import payload
 
 SHAPE = (2, 2, 4, 8)
 
@@ -43,6 +44,14 @@ def test_buffer_once_read_through_numpy_is_reused() -> None:
     assert pool.recycle(chunk)
     del chunk
     assert pool.take(SHAPE, torch.float16).data_ptr() == storage
+
+
+def test_buffer_an_upload_still_reads_is_not_reused() -> None:
+    pool = pool_in_use(max_bytes=1 << 20)
+    chunk = removed_chunk()
+    pieces = payload(chunk)  # what the store writer holds until the value is written
+    assert not pool.recycle(chunk)
+    assert pieces.nbytes == chunk.nbytes
 
 
 def test_borrowed_memory_is_never_reused() -> None:
