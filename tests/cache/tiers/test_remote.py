@@ -330,22 +330,46 @@ def test_chunks_over_a_mebibyte_travel_in_pieces_and_come_back_whole(
     assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux thread affinity")
-def test_a_reader_bound_to_one_core_assembles_pieces_itself(make: Factory) -> None:
-    """As in vLLM's CPU workers: no hand-off to the assembly thread, the same chunks."""
-    writer, reader = make(BIG), make(BIG)
-    kvs = save_big_chunks(writer)
+def on_one_core(read: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """`read()` on a thread bound to one core, as vLLM binds a CPU worker's threads."""
     loaded: list[torch.Tensor] = []
 
-    def read_on_one_core() -> None:
+    def bound() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        loaded.extend(reader.get(reader.hashes(BIG_TOKENS)))
+        loaded.extend(read())
 
-    thread = threading.Thread(target=read_on_one_core)
+    thread = threading.Thread(target=bound)
     thread.start()
     thread.join(timeout=60)
+    return loaded
+
+
+ONE_CORE = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity")
+
+
+@ONE_CORE
+def test_a_reader_bound_to_one_core_assembles_pieces_itself(make: Factory) -> None:
+    """No hand-off to the assembly thread, the same chunks."""
+    writer, reader = make(BIG), make(BIG)
+    kvs = save_big_chunks(writer)
+    loaded = on_one_core(lambda: reader.get(reader.hashes(BIG_TOKENS)))
     assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True)) and len(loaded) == 2
     assert not [t for t in threading.enumerate() if t.name.startswith("lmc-store-assembly")]
+
+
+@ONE_CORE
+def test_on_one_core_a_damaged_piece_is_still_a_miss_and_is_removed(
+    make: Factory, store: redis.Redis
+) -> None:
+    writer, reader = make(BIG), make(BIG)
+    save_big_chunks(writer)
+    keys = reader.hashes(BIG_TOKENS)
+    second = remote(reader).keys.head(keys[1])
+    piece = bytearray(store.get(f"{second}:1") or b"")
+    piece[5] ^= 0xFF
+    store.set(f"{second}:1", bytes(piece))
+    assert len(on_one_core(lambda: reader.get(keys))) == 1
+    assert not store.exists(second)
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
