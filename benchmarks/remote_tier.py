@@ -7,8 +7,8 @@ Starts its own redis-server on loopback (`scripts/system_deps.sh` installs it) a
    get = `get` with empty local tiers (read from the store into the CPU tier); next to raw
    `SET`/`GET` of the same bytes, one value per command, for 1, 8 and 32 MiB values on the
    same server (the best raw figure is the reference);
-2. lookup latency of a 32-chunk prompt against the store (p50/p99) next to one raw
-   pipelined round trip of 32 `EXISTS`;
+2. lookup latency of 32-chunk prompts against the store (p50/p99; distinct prompts in
+   turn) next to one raw pipelined round trip of 32 `EXISTS` of the same names;
 3. bytes per token in the store for `naive`, `fp8` and `cachegen` (real all-MiniLM-L6-v2 K/V);
 4. with `--vllm`: time to first token of a fresh instance (empty local tiers) for a 4K
    prompt served from the store, per serde, next to recompute and to a warm local hit;
@@ -145,34 +145,41 @@ def throughput(url: str, client: redis.Redis, total_mib: int, rounds: int) -> fl
     return best_get
 
 
+#: Distinct 32-chunk prompts the lookup latency cycles through.
+LOOKUP_PROMPTS = 200
+
+
 def lookups(url: str, client: redis.Redis, count: int) -> None:
     layout = ChunkLayout("bench-lookup", 1, 0, "bfloat16", 2, 1, 64, 16)
     writer = engine_for(url, layout)
-    tokens = list(range(32 * 16))
-    for i, key in enumerate(writer.hashes(tokens)):
-        writer.put(key, torch.full(layout.shape(16), float(i)).to(torch.bfloat16))
+    prompts = [list(range(p << 16, (p << 16) + 32 * 16)) for p in range(LOOKUP_PROMPTS)]
+    for tokens in prompts:
+        for i, key in enumerate(writer.hashes(tokens)):
+            writer.put(key, torch.full(layout.shape(16), float(i)).to(torch.bfloat16))
     store_tier(writer).flush()
     reader = engine_for(url, layout)
-    keys = reader.hashes(tokens)
-    names = [store_tier(reader).keys.head(k) for k in keys]
+    keys = [reader.hashes(tokens) for tokens in prompts]
+    names = [[store_tier(reader).keys.head(k) for k in prompt] for prompt in keys]
     tier_times, raw_times = [], []
-    for _ in range(count):
+    for n in range(count):
+        prompt = n % LOOKUP_PROMPTS
         start = time.perf_counter()
-        hit = reader.lookup_keys(keys, len(tokens))
+        hit = reader.lookup_keys(keys[prompt], 32 * 16)
         tier_times.append(time.perf_counter() - start)
+        assert hit == 32 * 16
         start = time.perf_counter()
         pipe = client.pipeline(transaction=False)
-        for name in names:
+        for name in names[prompt]:
             pipe.exists(name)
         pipe.execute()
         raw_times.append(time.perf_counter() - start)
-    assert hit == len(tokens)
 
     def show(label: str, times: list[float]) -> None:
         q = statistics.quantiles(times, n=100)
         print(f"{label:<34} p50 {q[49] * 1e3:6.3f} ms   p99 {q[98] * 1e3:6.3f} ms")
 
-    print(f"\n2. lookup of a 32-chunk prompt, local tiers empty ({count} lookups)")
+    print(f"\n2. lookup of a 32-chunk prompt, local tiers empty ({count} lookups over "
+          f"{LOOKUP_PROMPTS} distinct prompts, in turn)")  # fmt: skip
     show("engine.lookup (store)", tier_times)
     show("raw pipelined EXISTS x 32", raw_times)
     writer.close()
