@@ -1,4 +1,4 @@
-"""Least-recently-used bookkeeping of the tiers that index their chunks in memory (no I/O)."""
+"""Least-recently-used bookkeeping, with a running byte total, of what a tier holds (no I/O)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,15 @@ class LRUIndex(Generic[V]):
         if value is not None:
             self.used_bytes -= self._size_of(value)
         return value
+
+    def pop_oldest(self, count: int) -> list[ChunkKey]:
+        """Remove the `count` least recently used entries; their keys."""
+        keys = []
+        for _ in range(min(count, len(self._items))):
+            key, value = self._items.popitem(last=False)
+            self.used_bytes -= self._size_of(value)
+            keys.append(key)
+        return keys
 
     def victims(
         self, need_bytes: int, is_pinned: Callable[[ChunkKey], bool]

@@ -147,6 +147,24 @@ def test_uploads_and_removals_are_chunk_events_of_the_remote_location(make: Fact
     assert engine.lookup(TOKENS, [REMOTE]) == 0
 
 
+def test_the_written_record_keeps_the_newest_chunks_and_their_bytes(
+    make: Factory, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lmc_connector.cache.tiers.remote.tier.MAX_WRITTEN", 2)
+    engine = make()
+    sink = RecordingSink()
+    engine.subscribe(sink)
+    save_prompt(engine)
+    keys = engine.hashes(TOKENS)
+    assert sorted(remote(engine).chunk_keys()) == sorted(keys[-2:])
+    forgotten = [k for e, loc, k in sink.events if loc == REMOTE and e == "evict"]
+    assert sorted(forgotten) == sorted(keys[:-2])
+    heads = [remote(engine).keys.head(k) for k in keys[-2:]]
+    stored = sum(store.strlen(n) for h in heads for n in store.scan_iter(f"{h}*"))
+    assert engine.usage()[REMOTE].used_bytes == stored
+    assert engine.usage()[REMOTE].chunks == 2
+
+
 def test_a_corrupted_value_is_a_miss_and_is_removed(make: Factory, store: redis.Redis) -> None:
     save_prompt(make())
     reader = make()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ from lmc_connector.cache.layout import ChunkLayout
 from lmc_connector.cache.record import RecordFormatError, parse_header
 from lmc_connector.cache.tiers.base import Marker, Tier, TierContext, TierUsage
 from lmc_connector.cache.tiers.cpu import Compressor
+from lmc_connector.cache.tiers.lru import LRUIndex
 from lmc_connector.cache.tiers.remote import ops
 from lmc_connector.cache.tiers.remote.client import Client, StoreSession
 from lmc_connector.cache.tiers.remote.keys import StoreKeys
@@ -93,8 +93,9 @@ class RemoteBackend(Tier):
         self._encode = encode
         #: Copies and checks pieces of chunks being loaded while the next pieces travel.
         self._assembly = ThreadPoolExecutor(1, thread_name_prefix="lmc-store-assembly")
-        #: Chunks this worker wrote -> their stored bytes (guarded by ctx.lock).
-        self._written: OrderedDict[ChunkKey, int] = OrderedDict()
+        #: Chunks this worker wrote -> their stored bytes, oldest first, with their total
+        #: (guarded by ctx.lock).
+        self._written: LRUIndex[int] = LRUIndex(0, int)
         self._max_value_bytes = layout.nbytes(layout.chunk_size) + ENCODED_SLACK_BYTES
         #: Piece names a reader asks for: enough for the largest value of this layout.
         self._max_pieces = pieces_for(self._max_value_bytes)
@@ -168,7 +169,7 @@ class RemoteBackend(Tier):
     def usage(self) -> TierUsage:
         """What this worker wrote (the store's own size is the operator's `maxmemory`)."""
         with self.ctx.lock:
-            return TierUsage(len(self._written), sum(self._written.values()), 0)
+            return TierUsage(len(self._written), self._written.used_bytes, 0)
 
     # -- loads ----------------------------------------------------------------------------------
 
@@ -312,12 +313,11 @@ class RemoteBackend(Tier):
             self.ctx.stats.saved(self.name, tokens[key], nbytes)
         with self.ctx.lock:
             for key, nbytes in written:
-                self._written[key] = nbytes
+                self._written.set(key, nbytes)
             self.ctx.admitted(self.name, [k for k, _ in written])
             overflow = len(self._written) - MAX_WRITTEN
             if overflow > 0:
-                old = [self._written.popitem(last=False)[0] for _ in range(overflow)]
-                self.ctx.evicted(self.name, old)
+                self.ctx.evicted(self.name, self._written.pop_oldest(overflow))
         return not too_big
 
     def _dropped(self, chunks: int) -> None:
@@ -352,7 +352,7 @@ class RemoteBackend(Tier):
         if swapped:
             with self.ctx.lock:
                 if key in self._written:
-                    self._written[key] = value.nbytes
+                    self._written.set(key, value.nbytes)
             return True
         return None
 
@@ -396,7 +396,7 @@ class RemoteBackend(Tier):
         if not keys:
             return
         with self.ctx.lock:
-            gone = [k for k in keys if self._written.pop(k, None) is not None]
+            gone = [k for k in keys if self._written.pop(k) is not None]
             self.ctx.evicted(self.name, gone)
 
 
