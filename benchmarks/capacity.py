@@ -20,7 +20,6 @@ configuration; asserts nothing. The model is a config-only Llama served with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ttft import FULL, QUICK, kv_bytes  # noqa: E402
+from examples import child_result  # noqa: E402
 from examples.tiny_model import write_config_only_model  # noqa: E402
 from lmc_connector import launch  # noqa: E402
 
@@ -156,10 +156,9 @@ def run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=7200)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result, _ = json.JSONDecoder().raw_decode(line, len("RESULT "))
-            return dict(result)
+    result = child_result.parse(proc.stdout)
+    if result is not None:
+        return dict(result)
     raise RuntimeError(f"{kind} run failed with exit code {proc.returncode}")
 
 
@@ -191,7 +190,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        child_result.emit(child(args))
         return
     shape = QUICK if args.quick else FULL
     if args.quick:

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import zmq  # noqa: E402
 
 from benchmarks.ttft import FULL, QUICK, _ids, bench_model, kv_bytes  # noqa: E402
+from examples import child_result  # noqa: E402
 from lmc_connector import launch as services  # noqa: E402
 from lmc_connector.cache import CacheEngine, ChunkLayout  # noqa: E402
 from lmc_connector.config import load_config  # noqa: E402
@@ -335,10 +336,9 @@ def ttft_part(args: argparse.Namespace, plain_rate: float) -> None:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         }
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
+    result = child_result.parse(proc.stdout)
+    if result is None:
         raise RuntimeError(f"B failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result, _ = json.JSONDecoder().raw_decode(lines[0], len("RESULT "))
     (logs / "b.log").write_text(proc.stderr)
     recompute, peer, warm = (min(result[k]) for k in ("recompute", "peer", "warm"))
     nbytes = kv_bytes(shape, args.prompt_len, "bfloat16")
@@ -462,7 +462,7 @@ def main() -> None:
         _serve(args)
         return
     if args.child == "b":
-        print("RESULT " + json.dumps(_b_child(args)), flush=True)
+        child_result.emit(_b_child(args))
         return
     plain_rate = transfer(args) if args.part in ("all", "transfer") else 1.0
     if args.part in ("all", "locate"):

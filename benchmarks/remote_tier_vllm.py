@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from examples import child_result
+
 if TYPE_CHECKING:
     from lmc_connector.cache import ChunkLayout
 
@@ -97,7 +99,7 @@ def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int
             tokens = sum(len(o.prompt_token_ids or []) + len(o.outputs[0].token_ids) for o in outs)
             rates.append(tokens / (time.perf_counter() - start))
         result["throughput"] = max(rates)
-    print("RESULT " + json.dumps(result), flush=True)
+    child_result.emit(result)
 
 
 def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int]) -> Any:
@@ -111,10 +113,9 @@ def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int])
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), args], capture_output=True,
                           text=True, env=env, timeout=3600)  # fmt: skip
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result, _ = json.JSONDecoder().raw_decode(line, len("RESULT "))
-            return result
+    result = child_result.parse(proc.stdout)
+    if result is not None:
+        return result
     raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 

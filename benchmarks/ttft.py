@@ -26,7 +26,6 @@ nothing. Timings on a shared machine are noisy: compare within one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -39,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from examples import child_result  # noqa: E402
 from examples.tiny_model import write_config_only_model  # noqa: E402
 
 FULL = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "intermediate": 2816}
@@ -175,11 +175,9 @@ def _run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     paths = (str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            # vLLM's shutdown may print on the same line after it: take the JSON object only.
-            result, _ = json.JSONDecoder().raw_decode(line, len("RESULT "))
-            return dict(result)
+    result = child_result.parse(proc.stdout)
+    if result is not None:
+        return dict(result)
     raise RuntimeError(f"{kind} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
@@ -262,7 +260,7 @@ def main() -> None:
     if args.work_reqs is None:
         args.work_reqs = 4 if args.quick else 8
     if args.child:
-        print("RESULT " + json.dumps(_child(args)), flush=True)
+        child_result.emit(_child(args))
         return
     shape = QUICK if args.quick else FULL
     if args.model is None:

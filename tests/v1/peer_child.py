@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
+from examples import child_result
 from lmc_connector.launch import free_port
-from tests import child_result
 from tests.v1.test_llm import prompt_ids
 
 CHUNK = 64

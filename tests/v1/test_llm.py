@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests import child_result
+from examples import child_result
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -154,6 +154,7 @@ def run_fresh_process(
     script = (
         "import json, sys\n"
         "from vllm import LLM, SamplingParams\n"
+        "from examples import child_result\n"
         "from tests.v1.test_llm import llm_kwargs\n"
         "from pathlib import Path\n"
         "if __name__ == '__main__':\n"
@@ -165,7 +166,7 @@ def run_fresh_process(
         "    runs = range(args['runs'])\n"
         "    outs = [llm.generate(prompt, params, use_tqdm=False)[0] for _ in runs]\n"
         "    result = [[o.num_cached_tokens, list(o.outputs[0].token_ids)] for o in outs]\n"
-        "    print('RESULT ' + json.dumps(result))\n"
+        "    child_result.emit(result)\n"
     )
     arg = json.dumps(
         {"model": str(model), "disk": str(disk), "ids": ids, "extra": extra, "runs": runs}

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import torch
 
+from examples import child_result
 from lmc_connector import launch as services
-from tests import child_result
 from tests.v1.test_llm import BLOCK
 from tests.vllm_server import vllm_server
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from examples import child_result
 from lmc_connector import launch as services
 from lmc_connector.launch import Service
-from tests import child_result
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests import child_result
+from examples import child_result
 
 
 def main() -> None:

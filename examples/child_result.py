@@ -1,4 +1,5 @@
-"""The one line a child process reports its result on, and how its parent finds it.
+"""The one line a child process reports its result on, and how its parent finds it (the
+benchmarks' and the tests' vLLM children alike).
 
 vLLM's own processes share the child's stdout and may print on the line the
 result ends (at shutdown): the parent reads the JSON value and ignores the rest.
