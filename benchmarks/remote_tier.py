@@ -220,6 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
     parser.add_argument("--vllm", action="store_true", help="also TTFT and upload cost in vLLM")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="vLLM's dtype (float32 on CPUs without AVX512-BF16, where "
+                        "bfloat16 runs on slow reference kernels)")  # fmt: skip
     args = parser.parse_args()
     total, rounds, lookups_n, chunks = (64, 2, 200, 4) if args.quick else (256, 3, 2000, 8)
     with tempfile.TemporaryDirectory() as tmp, launch.running_redis(Path(tmp)) as server:
@@ -232,7 +235,7 @@ def main() -> None:
         if args.vllm:
             from remote_tier_vllm import run_vllm_figures
 
-            run_vllm_figures(server.url, client, args.quick, best_get)
+            run_vllm_figures(server.url, client, args.quick, best_get, args.dtype)
         client.close()
 
 

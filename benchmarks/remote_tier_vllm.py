@@ -14,6 +14,7 @@ dummy`, like `benchmarks/ttft.py`), all on the same redis-server:
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import statistics
@@ -52,7 +53,9 @@ def _prompts(serde: str, length: int) -> list[list[int]]:
     return [_prompt(serde, length, index=i) for i in range(PROMPTS)]
 
 
-def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int]) -> None:
+def _child(
+    kind: str, model: str, url: str, prompt_len: int, work: dict[str, int], dtype: str
+) -> None:
     from ttft import _ids
     from vllm import LLM, SamplingParams
 
@@ -60,7 +63,7 @@ def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int
     if kind != "baseline":
         extra["remote_url"] = url
     llm = LLM(
-        model=model, load_format="dummy", dtype="bfloat16", enforce_eager=True, block_size=32,
+        model=model, load_format="dummy", dtype=dtype, enforce_eager=True, block_size=32,
         max_model_len=prompt_len + 64, enable_prefix_caching=False,
         max_num_batched_tokens=prompt_len + 64,
         kv_transfer_config={"kv_connector": "LMCConnectorV1", "kv_role": "kv_both",
@@ -102,15 +105,18 @@ def _child(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int
     child_result.emit(result)
 
 
-def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int]) -> Any:
+def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int], dtype: str) -> Any:
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/benchmarks']\n"
         "from remote_tier_vllm import _child\n"
         "import json; _child(*json.loads(sys.argv[2]))\n"
     )
-    args = json.dumps([kind, model, url, prompt_len, work])
+    args = json.dumps([kind, model, url, prompt_len, work, dtype])
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    tcmalloc = _tcmalloc()
+    if tcmalloc is not None and "tcmalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = os.pathsep.join(p for p in (tcmalloc, env.get("LD_PRELOAD")) if p)
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), args], capture_output=True,
                           text=True, env=env, timeout=3600)  # fmt: skip
     result = child_result.parse(proc.stdout)
@@ -119,8 +125,15 @@ def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int])
     raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def _layout(model: str, shape: dict[str, int]) -> ChunkLayout:
-    """The chunk layout vLLM's workers give `model` (bf16, one rank, vLLM's attention
+def _tcmalloc() -> str | None:
+    """The tcmalloc vLLM's CPU guide has its processes preload (`libtcmalloc-minimal4`), if
+    installed: with glibc's malloc every buffer a load frees goes back to the kernel, and
+    the next load pays its page faults again."""
+    return ctypes.util.find_library("tcmalloc_minimal")
+
+
+def _layout(model: str, shape: dict[str, int], dtype: str) -> ChunkLayout:
+    """The chunk layout vLLM's workers give `model` (one rank, vLLM's attention
     backend on this machine: the layout fingerprint names it)."""
     from vllm.platforms import current_platform
 
@@ -129,17 +142,17 @@ def _layout(model: str, shape: dict[str, int]) -> ChunkLayout:
     head = shape["hidden"] // shape["heads"]
     backend = "CPU_ATTN" if current_platform.is_cpu() else "FLASH_ATTN"
     return ChunkLayout(
-        model, 1, 0, "bfloat16", 2, shape["layers"], shape["kv_heads"] * head, CHUNK,
+        model, 1, 0, dtype, 2, shape["layers"], shape["kv_heads"] * head, CHUNK,
         backend=backend,
     )  # fmt: skip
 
 
-def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> None:
+def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int, dtype: str) -> None:
     """Turn the fp8 and cachegen prompts' values into those codecs, in the store."""
     from lmc_connector.cache import CacheEngine
     from lmc_connector.config import load_config
 
-    layout = _layout(model, shape)
+    layout = _layout(model, shape, dtype)
     config = load_config({"chunk_size": CHUNK, "remote_url": url}, env={})
     engine = CacheEngine(config, layout)
     engine.open()
@@ -153,11 +166,11 @@ def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int) -> N
 
 
 def _stored_bytes(client: redis.Redis, url: str, model: str, shape: dict[str, int],
-                  prompt_len: int) -> dict[str, int]:  # fmt: skip
+                  prompt_len: int, dtype: str) -> dict[str, int]:  # fmt: skip
     from lmc_connector.cache.tiers.remote.keys import StoreKeys
     from lmc_connector.tokens import chunk_hashes
 
-    layout = _layout(model, shape)
+    layout = _layout(model, shape, dtype)
     keys = StoreKeys(layout.fingerprint())
     out = {}
     for serde in SERDES:
@@ -177,7 +190,9 @@ def _spread(runs: list[list[float]]) -> str:
     return f"median of {len(runs)} prompts, in the order sent: {times} ms"
 
 
-def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: float) -> None:
+def run_vllm_figures(
+    url: str, client: redis.Redis, quick: bool, best_get_gbs: float, dtype: str = "bfloat16"
+) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ttft import FULL, QUICK, bench_model
 
@@ -185,20 +200,21 @@ def run_vllm_figures(url: str, client: redis.Redis, quick: bool, best_get_gbs: f
     prompt_len = 2048 if quick else 4096
     work = {"reqs": 4 if quick else 8, "len": 512, "out": 16}
     model = bench_model(shape)
-    print(f"\n4. vLLM: Llama {shape} (config only), bf16, a {prompt_len}-token prompt; "
+    print(f"\n4. vLLM: Llama {shape} (config only), {dtype}, a {prompt_len}-token prompt; "
           f"no-reuse workload {work['reqs']} x {work['len']} + {work['out']} tokens")  # fmt: skip
+    print(f"  vLLM's processes preload {_tcmalloc() or 'no tcmalloc (glibc malloc: slower)'}")
     client.flushall()
-    writer = _run("writer", model, url, prompt_len, work)
+    writer = _run("writer", model, url, prompt_len, work, dtype)
     heads = len(SERDES) * (PROMPTS * prompt_len + WARM_UP_TOKENS) // CHUNK
     deadline = time.monotonic() + 120
     while sum(1 for n in client.scan_iter("lmc:*") if n.endswith(b"}")) < heads:
         if time.monotonic() > deadline:
             raise RuntimeError("the writer's uploads did not all reach the store")
         time.sleep(0.5)
-    _reencode(url, model, shape, prompt_len)
-    stored = _stored_bytes(client, url, model, shape, prompt_len)
-    reader = _run("reader", model, url, prompt_len, work)
-    baseline = _run("baseline", model, url, prompt_len, work)
+    _reencode(url, model, shape, prompt_len, dtype)
+    stored = _stored_bytes(client, url, model, shape, prompt_len, dtype)
+    reader = _run("reader", model, url, prompt_len, work, dtype)
+    baseline = _run("baseline", model, url, prompt_len, work, dtype)
     recompute, warm = reader["recompute"][0], _median(reader["warm"])
     print(f"  TTFT recompute (fresh prompt)      : {recompute * 1e3:8.1f} ms")
     spread = _spread(reader["warm"])

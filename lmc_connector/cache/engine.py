@@ -265,6 +265,16 @@ class CacheEngine:
             return home.buffer(shape, dtype)
         return torch.empty(shape, dtype=dtype)
 
+    def prefill_buffers(self) -> int:
+        """Touch the memory of the nearest tier's buffer pool now, as full-chunk buffers, so
+        that a new serving process's first loads and saves fill warm memory; the bytes
+        touched (0 without a CPU tier)."""
+        home = self.tiers[0]
+        if not isinstance(home, LocalCPUBackend):
+            return 0
+        shape, dtype = self.layout.shape(self.layout.chunk_size), self.layout.torch_dtype
+        return home.prefill_buffers(shape, dtype) * self.layout.nbytes(self.layout.chunk_size)
+
     def get(
         self, keys: Sequence[ChunkKey], device: torch.device | str | None = None
     ) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ simply freed.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections import defaultdict
@@ -53,6 +54,21 @@ class BufferPool:
                 self.pooled_bytes -= kv.nbytes
                 return kv
         return torch.empty(shape, dtype=dtype)
+
+    def prefill(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Fill the pool with buffers of `shape` whose memory is already touched, so that the
+        first chunks a new process builds (loads from the store, saves) do not pay the
+        kernel's first-touch page faults; returns how many were added."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        added = 0
+        while nbytes > 0 and self.pooled_bytes + nbytes <= self.max_bytes:
+            kv = torch.zeros(shape, dtype=dtype)
+            with self._lock:
+                self._drawn_from = True
+                self._free[(shape, dtype)].append(kv)
+                self.pooled_bytes += nbytes
+            added += 1
+        return added
 
     def recycle(self, chunk: Chunk) -> bool:
         """Keep the buffer of a chunk just removed from the cache, if nobody else holds it

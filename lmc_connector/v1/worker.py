@@ -120,6 +120,12 @@ class LMCWorker:
         self.paged = paged
         self.engine = CacheEngine(self.config, layout, device=paged.device)
         self.engine.open()
+        started = time.perf_counter()
+        warmed = self.engine.prefill_buffers()
+        logger.info(
+            "rank %d: %.0f MiB of chunk buffers touched in %.2f s (first loads fill warm memory)",
+            self.settings.rank, warmed / 2**20, time.perf_counter() - started,
+        )  # fmt: skip
         tiers = ", ".join(
             f"{name} {u.used_bytes / 1e9:.2f}/{u.capacity_bytes / 1e9:.2f} GB ({u.chunks} chunks)"
             for name, u in self.engine.usage().items()

@@ -6,6 +6,7 @@ import torch
 from lmc_connector.cache import UnknownLocationError
 from tests.cache.conftest import (
     CHUNK,
+    CHUNK_BYTES,
     EngineFactory,
     RecordingSink,
     make_kv,
@@ -161,3 +162,17 @@ def test_unsubscribed_sink_hears_nothing_more(make_engine: EngineFactory) -> Non
     engine.unsubscribe(sink)
     put_prompt(engine, [5, 6, 7, 8])
     assert [e[0] for e in sink.events] == ["admit"]
+
+
+def test_prefill_touches_the_cpu_tiers_pool_as_full_chunk_buffers(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(cpu_chunks=40)  # a pool of a quarter of the tier: 10 chunks
+    assert engine.prefill_buffers() == 10 * CHUNK_BYTES
+    engine.new_buffer(tuple(make_kv().shape), torch.float16)
+    assert engine.prefill_buffers() == CHUNK_BYTES  # tops the pool up again
+
+
+def test_prefill_without_a_cpu_tier_touches_nothing(make_engine: EngineFactory) -> None:
+    engine = make_engine(disk_chunks=4, local_cpu=False)
+    assert engine.prefill_buffers() == 0

@@ -58,6 +58,10 @@ class LocalCPUBackend(IndexedTier[Chunk]):
         """A CPU tensor to copy a new chunk into, reusing a removed chunk's memory if it can."""
         return self._pool.take(shape, dtype)
 
+    def prefill_buffers(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Touch the pool's share of memory now, as buffers of `shape` (see BufferPool)."""
+        return self._pool.prefill(shape, dtype)
+
     @override
     def size_of(self, chunk: Chunk) -> int:
         return chunk.nbytes
