@@ -67,14 +67,20 @@ def main() -> None:
     def post(route: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(http.post(f"{controller}{route}", json=body).json())
 
-    def held(ids: list[int], instance: str) -> bool:
+    def indexed(ids: list[int], instance: str, held: bool) -> bool:
+        """Wait (30 s at most) until the controller's index shows `instance` holding the
+        prompt, or holding none of it."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             info = post("/lookup", {"tokens": ids})["layout_info"]
-            if info.get(instance, [None, 0])[1] >= PROMPT_LEN:
+            tokens = info.get(instance, [None, 0])[1]
+            if (tokens >= PROMPT_LEN) if held else tokens == 0:
                 return True
             time.sleep(0.1)
         return False
+
+    def held(ids: list[int], instance: str) -> bool:
+        return indexed(ids, instance, held=True)
 
     def follow(event_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + 120
@@ -99,7 +105,10 @@ def main() -> None:
     # 2. Recompute on B with both caches empty: the KV it computes equals what it fetched.
     for instance in ("A", "B"):
         post("/clear", {"instance_id": instance})
-    time.sleep(1.0)  # the evictions reach the controller's index: A is no peer for P1 now
+    # The evictions reach the controller's index (a worker reports them with its next
+    # heartbeat): A is no peer for P1 now. Asked before, B would fetch from A, fail, and
+    # avoid A for the next steps.
+    indexed(p1, "A", held=False)
     recomputed = on_b(p1)
     (saved,) = llm.collective_rpc("lmc_take_records")
     result["recompute_cached"] = recomputed.num_cached_tokens

@@ -66,6 +66,7 @@ def seen(
         proc = subprocess.run(child, cwd=ROOT, env=child_env, capture_output=True, text=True,
                               timeout=900)  # fmt: skip
     (logs / "b.log").write_text(proc.stderr)
+    (logs / "b.stdout.log").write_text(proc.stdout)
     result = child_result.parse(proc.stdout)
     assert result is not None, (
         f"instance B failed ({proc.returncode}), log {logs / 'b.log'}:\n{proc.stderr[-4000:]}"
