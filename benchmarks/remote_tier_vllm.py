@@ -147,12 +147,11 @@ def _layout(model: str, shape: dict[str, int], dtype: str) -> ChunkLayout:
     )  # fmt: skip
 
 
-def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int, dtype: str) -> None:
+def _reencode(url: str, layout: ChunkLayout, prompt_len: int) -> None:
     """Turn the fp8 and cachegen prompts' values into those codecs, in the store."""
     from lmc_connector.cache import CacheEngine
     from lmc_connector.config import load_config
 
-    layout = _layout(model, shape, dtype)
     config = load_config({"chunk_size": CHUNK, "remote_url": url}, env={})
     engine = CacheEngine(config, layout)
     engine.open()
@@ -165,12 +164,10 @@ def _reencode(url: str, model: str, shape: dict[str, int], prompt_len: int, dtyp
     engine.close()
 
 
-def _stored_bytes(client: redis.Redis, url: str, model: str, shape: dict[str, int],
-                  prompt_len: int, dtype: str) -> dict[str, int]:  # fmt: skip
+def _stored_bytes(client: redis.Redis, layout: ChunkLayout, prompt_len: int) -> dict[str, int]:
     from lmc_connector.cache.tiers.remote.keys import StoreKeys
     from lmc_connector.tokens import chunk_hashes
 
-    layout = _layout(model, shape, dtype)
     keys = StoreKeys(layout.fingerprint())
     out = {}
     for serde in SERDES:
@@ -211,8 +208,9 @@ def run_vllm_figures(
         if time.monotonic() > deadline:
             raise RuntimeError("the writer's uploads did not all reach the store")
         time.sleep(0.5)
-    _reencode(url, model, shape, prompt_len, dtype)
-    stored = _stored_bytes(client, url, model, shape, prompt_len, dtype)
+    layout = _layout(model, shape, dtype)
+    _reencode(url, layout, prompt_len)
+    stored = _stored_bytes(client, layout, prompt_len)
     reader = _run("reader", model, url, prompt_len, work, dtype)
     baseline = _run("baseline", model, url, prompt_len, work, dtype)
     recompute, warm = reader["recompute"][0], _median(reader["warm"])
