@@ -164,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             files,
             (time.perf_counter() - started) * 1000,
         )
-        server.run(sockets=[http_socket])
+        try:
+            server.run(sockets=[http_socket])
+        except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises it
+            logger.info("controller stopped (interrupted)")
         return 0 if server.started else 1
     finally:
         http_socket.close()

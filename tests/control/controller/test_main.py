@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def test_controller_starts_within_a_second_without_torch_or_vllm(tmp_path: Path)
             break
     assert min(times) < 1.0, f"controller took {min(times):.2f} s to answer /health"
     assert "blocked" not in (tmp_path / "controller.log").read_text()
+
+
+def test_ctrl_c_stops_the_controller_cleanly_without_a_traceback(tmp_path: Path) -> None:
+    ctl = new_controller(tmp_path)
+    ctl.start()
+    assert ctl.process is not None
+    ctl.process.send_signal(signal.SIGINT)
+    assert ctl.process.wait(timeout=10) == 0
+    log = (tmp_path / "controller.log").read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert "controller stopped (interrupted)" in log
 
 
 def test_config_file_settings_are_overridden_by_flags(tmp_path: Path) -> None:
