@@ -18,6 +18,11 @@ the top-20 log-probabilities by token id.
   missing from the other's top 20 gets the other's smallest top-20
   probability (an upper bound on its true probability). Coarsening into the
   bucket can only lower the divergence: the figure is a close lower bound.
+* Decision agreement (teacher-forced): at each of the reference's positions,
+  whether the model served from compressed KV picks the reference's token
+  given the reference's tokens before it. `forced_tokens` assembles these
+  decisions from generations restarted after each flip, so one near-tie
+  tipped early costs one decision, not the rest of the answer.
 """
 
 from __future__ import annotations
@@ -85,6 +90,27 @@ def top_margin(top: dict[int, float]) -> float:
     return best[0] - best[1] if len(best) > 1 else math.inf
 
 
+def forced_steps(reference: list[int], restarted: Generation, start: int) -> int:
+    """How many of the reference's positions from `start` on `restarted` (generated after
+    the reference's tokens before `start`) decides: up to and including its first flip."""
+    agreed = agreed_prefix(reference[start:], restarted.tokens)
+    return min(agreed + 1, len(reference) - start, len(restarted.tokens))
+
+
+def forced_generation(reference: Generation, pieces: list[tuple[int, Generation]]) -> Generation:
+    """The decisions at every reference position, from generations restarted at the given
+    positions (each piece's decided steps, see `forced_steps`), as one `Generation`."""
+    tokens: list[int] = []
+    top: list[dict[int, float]] = []
+    for start, piece in pieces:
+        if start != len(tokens):
+            raise ValueError(f"a piece starts at {start}, after {len(tokens)} decided positions")
+        steps = forced_steps(reference.tokens, piece, start)
+        tokens.extend(piece.tokens[:steps])
+        top.extend(piece.top[:steps])
+    return Generation(tokens, top, pieces[0][1].cached_tokens if pieces else 0)
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One prompt against its reference: agreeing tokens, KL at each comparable position."""
@@ -105,6 +131,19 @@ def compare(reference: Generation, other: Generation) -> Comparison:
     kls = [kl_top(reference.top[i], other.top[i]) for i in range(comparable)]
     margin = top_margin(reference.top[agreed]) if agreed < length else None
     return Comparison(agreed, matches, length, kls, other.cached_tokens, margin)
+
+
+def compare_forced(reference: Generation, forced: Generation) -> Comparison:
+    """Like `compare`, for teacher-forced decisions: every position has the reference's prefix,
+    so the KL counts at all of them."""
+    length = len(reference.tokens)
+    if len(forced.tokens) != length:
+        raise ValueError(f"{len(forced.tokens)} decisions for {length} reference positions")
+    matches = sum(a == b for a, b in zip(reference.tokens, forced.tokens, strict=True))
+    kls = [kl_top(r, f) for r, f in zip(reference.top, forced.top, strict=True)]
+    agreed = agreed_prefix(reference.tokens, forced.tokens)
+    margin = top_margin(reference.top[agreed]) if agreed < length else None
+    return Comparison(agreed, matches, length, kls, forced.cached_tokens, margin)
 
 
 @dataclass

@@ -11,7 +11,16 @@ reference, `pydoc_data.topics`: text the model was not trained on):
    send the prompt again (served from the compressed cache) and compare with
    the reference; then clear the cache and send it once more, which caches
    exact KV again for the next method (and checks that recomputing gives the
-   reference again), so that two codecs' errors never stack.
+   reference again), so that two codecs' errors never stack;
+4. where that answer parts from the reference, send the prompt again with the
+   reference's tokens up to the flip appended (its chunks still served from
+   the compressed cache) and go on, until every position has been decided
+   after the reference's own prefix: the teacher-forced decisions.
+
+The first table is the answers as a user gets them: after one flip the two
+continue from different texts, so an early near-tie costs the whole answer.
+The second is per decision: how often the compressed KV changes the model's
+next token, everything before it being equal.
 
 Every answer is 64 greedy tokens with vLLM's top-20 logprobs; the metrics are
 defined in `benchmarks/_fidelity_metrics.py`. vLLM computes in float32 by
@@ -43,7 +52,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._fidelity_metrics import Generation, Summary, compare  # noqa: E402
+from benchmarks._fidelity_metrics import (  # noqa: E402
+    Generation,
+    Summary,
+    compare,
+    compare_forced,
+    forced_generation,
+    forced_steps,
+)
 from examples import walkthrough  # noqa: E402
 from lmc_connector.launch import ServiceError  # noqa: E402
 
@@ -101,11 +117,11 @@ class Client:
         self.location = location
         self.max_tokens = max_tokens
 
-    def generate(self, prompt: list[int]) -> Generation:
+    def generate(self, prompt: list[int], max_tokens: int | None = None) -> Generation:
         body = {
             "model": self.flow.model,
             "prompt": prompt,
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
             "temperature": 0,
             "logprobs": 20,
             "return_tokens_as_token_ids": True,
@@ -170,9 +186,32 @@ def calibrate(client: Client, methods: list[Method], prompts: list[list[int]]) -
     client.clear()
 
 
-def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> dict[str, Summary]:
-    """The steps of the module docstring for every prompt; one summary per way of serving KV."""
+def decisions(
+    client: Client, prompt: list[int], reference: Generation, served: Generation
+) -> Generation:
+    """Step 4 of the module docstring: the served model's choice at every reference position."""
+    pieces = [(0, served)]
+    start = forced_steps(reference.tokens, served, 0)
+    while start < len(reference.tokens):
+        restarted = client.generate([*prompt, *reference.tokens[:start]],
+                                    len(reference.tokens) - start)  # fmt: skip
+        pieces.append((start, restarted))
+        start += forced_steps(reference.tokens, restarted, start)
+    return forced_generation(reference, pieces)
+
+
+@dataclass
+class Results:
+    """Per way of serving KV: the answers as generated, and the teacher-forced decisions."""
+
+    answers: dict[str, Summary]
+    decisions: dict[str, Summary]
+
+
+def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> Results:
+    """The steps of the module docstring for every prompt."""
     rows = {EXACT_CACHED: Summary(), **{m.name: Summary() for m in methods}}
+    forced = {m.name: Summary() for m in methods}
     recomputed = Summary()
     for prompt in _progress(prompts):
         client.clear()
@@ -185,12 +224,17 @@ def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> 
             before, after = client.compress(method.name, prompt)
             rows[method.name].bytes_before += before
             rows[method.name].bytes_after += after
-            rows[method.name].add([compare(reference, client.generate(prompt))])
+            served = client.generate(prompt)
+            rows[method.name].add([compare(reference, served)])
+            forced[method.name].bytes_before += before
+            forced[method.name].bytes_after += after
+            chosen = decisions(client, prompt, reference, served)
+            forced[method.name].add([compare_forced(reference, chosen)])
         _log(prompt, rows)
     client.clear()
     if recomputed.comparisons:
         rows[EXACT_RECOMPUTED] = recomputed
-    return rows
+    return Results(rows, forced)
 
 
 def _progress(prompts: list[list[int]]) -> Any:
@@ -211,16 +255,19 @@ def _log(prompt: list[int], rows: dict[str, Summary]) -> None:
     print(f"prompt {done}: {len(prompt)} tokens; tokens agreeing with exact: {last}", flush=True)
 
 
-def print_table(rows: dict[str, Summary], methods: dict[str, Method], generated: int) -> None:
+def print_table(
+    title: str, rows: dict[str, Summary], methods: dict[str, Method], targets: bool
+) -> None:
+    """One table of summaries; `targets`: judge each method's agreement against its target."""
     print(
-        f"\n{'KV served from':<18} {'greedy agreement':>16} {'before 1st diff':>15} "
+        f"\n{title}\n{'KV served from':<18} {'greedy agreement':>16} {'before 1st diff':>15} "
         f"{'identical':>9} {'mean KL':>9} {'KL positions':>12} {'margin':>7} "
         f"{'cache hits':>10} {'KV ratio':>8}  target"
     )
     for name, s in rows.items():
         method = methods.get(name)
         target = ""
-        if method is not None:
+        if method is not None and targets:
             met = "met" if s.agreement >= method.target else "NOT met"
             target = f">= {method.target:.0%}: {met}"
         ratio = f"{s.ratio:.2f}x" if method is not None else "1.00x"
@@ -230,13 +277,20 @@ def print_table(rows: dict[str, Summary], methods: dict[str, Method], generated:
             f"{s.identical:>5}/{n:<3} {s.mean_kl:>9.2e} {s.kl_positions:>12} "
             f"{s.mean_margin:>7.3f} {s.cache_hits:>6}/{n:<3} {ratio:>8}  {target}"
         )
+
+
+def print_results(results: Results, methods: dict[str, Method], generated: int) -> None:
+    print_table(f"1. answers: {generated} greedy tokens, as generated", results.answers, methods,
+                targets=True)  # fmt: skip
+    print_table("2. decisions: each position after the reference's own tokens (teacher-forced)",
+                results.decisions, methods, targets=False)  # fmt: skip
     print(
-        f"greedy agreement: share of the {generated} greedy tokens equal to the reference's at the "
+        f"greedy agreement: share of the {generated} tokens equal to the reference's at the "
         "same position;\nbefore 1st diff: share before the first that differs; identical: answers "
         "equal to the reference;\nmean KL: KL(exact || served) over the top-20 logprobs, at every "
-        "position whose prefix agrees;\nmargin: mean gap (nats) between the exact model's first "
-        "two choices where the answers part;\ncache hits: answers whose prompt was served from "
-        "the cache; KV ratio: bytes before / after compress."
+        "position whose prefix agrees\n(in table 2, every position);\nmargin: mean gap (nats) "
+        "between the exact model's first two choices where the answers first part;\ncache hits: "
+        "answers whose prompt was served from the cache; KV ratio: bytes before / after compress."
     )
 
 
@@ -282,11 +336,11 @@ def main() -> int:
         with walkthrough.started(model_dir, config, ports, log_dir, "trained", extra) as (flow, _):
             client = Client(flow, args.location, args.generate)
             calibrate(client, methods, calibration)
-            rows = measure(client, methods, prompts)
+            results = measure(client, methods, prompts)
     except (RuntimeError, ServiceError, httpx.HTTPError) as e:
         print(f"\nFAILED: {e}\nlogs: {log_dir}")
         return 1
-    print_table(rows, METHODS, args.generate)
+    print_results(results, METHODS, args.generate)
     print(f"({time.perf_counter() - start:.0f} s; logs: {log_dir})")
     return 0
 

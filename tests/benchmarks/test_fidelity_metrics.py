@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from benchmarks._fidelity_metrics import Generation, Summary, compare, kl_top
+from benchmarks._fidelity_metrics import (
+    Generation,
+    Summary,
+    compare,
+    compare_forced,
+    forced_generation,
+    forced_steps,
+    kl_top,
+)
 
 CONFIDENT = {1: math.log(0.9), 2: math.log(0.06), 3: math.log(0.03)}
 UNSURE = {1: math.log(0.5), 2: math.log(0.3), 3: math.log(0.1)}
@@ -78,3 +86,29 @@ def test_margin_is_the_exact_models_indecision_where_answers_part() -> None:
     c = compare(generation([1, 2, 3], UNSURE), generation([1, 3, 3], UNSURE))
     assert c.margin == pytest.approx(math.log(0.5) - math.log(0.3))
     assert compare(generation([1, 2]), generation([1, 2])).margin is None
+
+
+def test_a_restarted_generation_decides_up_to_and_including_its_first_flip() -> None:
+    reference = [1, 2, 3, 4, 5, 6]
+    assert forced_steps(reference, generation([3, 9, 9, 9]), start=2) == 2
+    assert forced_steps(reference, generation([3, 4, 5, 6]), start=2) == 4
+
+
+def test_one_early_flip_costs_one_decision_not_the_rest_of_the_answer() -> None:
+    reference = generation([1, 2, 3, 4, 5, 6])
+    served = generation([1, 7, 7, 7, 7, 7])  # flips at 1, then continues its own text
+    restarted = generation([3, 4, 5, 6])  # after the reference's [1, 2]
+    forced = forced_generation(reference, [(0, served), (2, restarted)])
+    assert forced.tokens == [1, 7, 3, 4, 5, 6]
+    c = compare_forced(reference, forced)
+    assert (c.matches, c.length) == (5, 6)
+    assert compare(reference, served).matches == 1
+    assert len(c.kls) == 6  # every position has the reference's prefix
+
+
+def test_decisions_must_cover_every_reference_position_in_order() -> None:
+    reference = generation([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="starts at 3"):
+        forced_generation(reference, [(0, generation([1, 9])), (3, generation([4]))])
+    with pytest.raises(ValueError, match="3 decisions for 4"):
+        compare_forced(reference, forced_generation(reference, [(0, generation([1, 2, 9]))]))
