@@ -20,10 +20,8 @@ configuration; asserts nothing. The model is a config-only Llama served with
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._vllm_children import allocator, run_vllm_child  # noqa: E402
 from benchmarks.ttft import FULL, QUICK, kv_bytes  # noqa: E402
 from examples import child_result  # noqa: E402
 from examples.tiny_model import write_config_only_model  # noqa: E402
@@ -150,16 +149,7 @@ def run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", kind, "--model", args.model]
     cmd += ["--prompt-len", str(args.prompt_len), "--prompts", str(args.prompts)]
     cmd += ["--requests", str(args.requests), "--cpu-gb", str(args.cpu_gb)]
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=7200)
-    result = child_result.parse(proc.stdout)
-    if result is not None:
-        return dict(result)
-    raise RuntimeError(f"{kind} run failed with exit code {proc.returncode}")
+    return dict(run_vllm_child(cmd, f"{kind} run", kv_cache_gib=2, timeout=7200, show_log=True))
 
 
 def report(kind: str, result: dict[str, Any], prompt_len: int, base: dict[str, Any]) -> str:
@@ -202,7 +192,7 @@ def main() -> None:
         print(
             f"{args.prompts} prompts x {args.prompt_len} tokens, {args.requests} Zipf({ZIPF_S}) "
             f"requests; KV working set {working_set / 1e6:.0f} MB, CPU tier "
-            f"{args.cpu_gb * 1e3:.0f} MB",
+            f"{args.cpu_gb * 1e3:.0f} MB; vLLM allocates with {allocator()}",
             flush=True,
         )
         results = {kind: run_child(args, kind) for kind in ["plain", *args.methods.split(",")]}

@@ -14,11 +14,8 @@ dummy`, like `benchmarks/ttft.py`), all on the same redis-server:
 
 from __future__ import annotations
 
-import ctypes.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from benchmarks._vllm_children import allocator, run_vllm_child
 from examples import child_result
 
 if TYPE_CHECKING:
@@ -112,24 +110,8 @@ def _run(kind: str, model: str, url: str, prompt_len: int, work: dict[str, int],
         "import json; _child(*json.loads(sys.argv[2]))\n"
     )
     args = json.dumps([kind, model, url, prompt_len, work, dtype])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    tcmalloc = _tcmalloc()
-    if tcmalloc is not None and "tcmalloc" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = os.pathsep.join(p for p in (tcmalloc, env.get("LD_PRELOAD")) if p)
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), args], capture_output=True,
-                          text=True, env=env, timeout=3600)  # fmt: skip
-    result = child_result.parse(proc.stdout)
-    if result is not None:
-        return result
-    raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
-def _tcmalloc() -> str | None:
-    """The tcmalloc vLLM's CPU guide has its processes preload (`libtcmalloc-minimal4`), if
-    installed: with glibc's malloc every buffer a load frees goes back to the kernel, and
-    the next load pays its page faults again."""
-    return ctypes.util.find_library("tcmalloc_minimal")
+    return run_vllm_child([sys.executable, "-c", code, str(ROOT), args], f"{kind} child",
+                          kv_cache_gib=4, timeout=3600)  # fmt: skip
 
 
 def _layout(model: str, shape: dict[str, int], dtype: str) -> ChunkLayout:
@@ -199,7 +181,7 @@ def run_vllm_figures(
     model = bench_model(shape)
     print(f"\n4. vLLM: Llama {shape} (config only), {dtype}, a {prompt_len}-token prompt; "
           f"no-reuse workload {work['reqs']} x {work['len']} + {work['out']} tokens")  # fmt: skip
-    print(f"  vLLM's processes preload {_tcmalloc() or 'no tcmalloc (glibc malloc: slower)'}")
+    print(f"  vLLM's processes allocate with {allocator()}")
     client.flushall()
     writer = _run("writer", model, url, prompt_len, work, dtype)
     heads = len(SERDES) * (PROMPTS * prompt_len + WARM_UP_TOKENS) // CHUNK

@@ -26,9 +26,7 @@ nothing. Timings on a shared machine are noisy: compare within one run.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._vllm_children import allocator, run_vllm_child  # noqa: E402
 from examples import child_result  # noqa: E402
 from examples.tiny_model import write_config_only_model  # noqa: E402
 
@@ -166,19 +165,7 @@ def _run_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     cmd += ["--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
     cmd += ["--work-reqs", str(args.work_reqs), "--work-len", str(args.work_len)]
     cmd += ["--work-out", str(args.work_out)]
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    # vLLM on CPU reserves one more core when any KV connector is configured; on a 2-core
-    # machine that silently gives the worker both cores. Same binding on every side.
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    paths = (str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    result = child_result.parse(proc.stdout)
-    if result is not None:
-        return dict(result)
-    raise RuntimeError(f"{kind} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return dict(run_vllm_child(cmd, f"{kind} run", kv_cache_gib=4, timeout=3600))
 
 
 def _memcpy_gbs() -> float:
@@ -265,7 +252,8 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
     if args.model is None:
         args.model = bench_model(shape)
-    print(f"model: Llama {shape} (config only, --load-format dummy), dtype {args.dtype}")
+    print(f"model: Llama {shape} (config only, --load-format dummy), dtype {args.dtype}; "
+          f"vLLM allocates with {allocator()}")  # fmt: skip
     print(
         f"prompt: {args.prompt_len} tokens; no-reuse workload: {args.work_reqs} x "
         f"{args.work_len} prompt + {args.work_out} output tokens"
