@@ -25,6 +25,7 @@ import zmq
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import CacheConfig, ConfigError
+from lmc_connector.control.agent.affinity import widen_current_thread
 from lmc_connector.control.agent.peer_client import PeerClient, PeerUnavailableError
 from lmc_connector.control.wire import locate as lw
 from lmc_connector.control.wire.codec import MessageError, encode
@@ -134,7 +135,11 @@ class PeerLoads:
         self._engine = engine
         self._client = client
         self._rank = rank
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="lmc-peer-fetch")
+        # Started by the first `submit`, on vLLM's model-runner thread (bound to one core):
+        # the fetch thread runs on every CPU the process may use instead.
+        self._thread = ThreadPoolExecutor(
+            1, thread_name_prefix="lmc-peer-fetch", initializer=widen_current_thread
+        )
         self._done: queue.SimpleQueue[LoadSpec] = queue.SimpleQueue()
         self._pinned: dict[str, list[ChunkKey]] = {}
         self._lock = threading.Lock()

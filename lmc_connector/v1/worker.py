@@ -26,6 +26,7 @@ import torch
 from lmc_connector.cache import CacheEngine, ChunkLayout
 from lmc_connector.cache.layout import dtype_name
 from lmc_connector.config import CacheConfig
+from lmc_connector.control.agent.affinity import threads_on_every_cpu
 from lmc_connector.control.wire.security import ChannelSecurity, worker_security
 from lmc_connector.ops.paged import KVFormat, PagedKV
 from lmc_connector.v1.events import ChunkEventBuffer, LMCKVEvents
@@ -119,7 +120,11 @@ class LMCWorker:
         )
         self.paged = paged
         self.engine = CacheEngine(self.config, layout, device=paged.device)
-        self.engine.open()
+        # This runs on vLLM's model-runner thread, which vLLM's CPU worker binds to one core:
+        # the threads started here (a shared store's writer, the save thread, the servers)
+        # would inherit that core (see `affinity`).
+        with threads_on_every_cpu():
+            self.engine.open()
         started = time.perf_counter()
         warmed = self.engine.prefill_buffers()
         logger.info(
@@ -148,9 +153,14 @@ class LMCWorker:
             self._events = ChunkEventBuffer({t.name: t.event_medium for t in self.engine.tiers})
             self.engine.subscribe(self._events)
         self._loader = ChunkLoader(self.engine, paged, self.engine.codec_device)
-        self.saver = ChunkSaver(self.engine, paged, self.config.save_queue_chunks)
+        with threads_on_every_cpu():
+            self._start_threads(self.engine, paged)
+
+    def _start_threads(self, engine: CacheEngine, paged: PagedKV) -> None:
+        """Start the save thread, the lookup server and (`enable_controller`) the agent."""
+        self.saver = ChunkSaver(engine, paged, self.config.save_queue_chunks)
         self.saver.start()
-        self.pins = PinRegistry(self.engine)
+        self.pins = PinRegistry(engine)
         # One security for every channel of this worker that can leave the host.
         security = worker_security(self.config)
         self._server = LookupServer(
@@ -158,7 +168,7 @@ class LMCWorker:
         )
         self._server.start()
         if self.config.enable_controller:
-            self._start_agent(self.engine, security)
+            self._start_agent(engine, security)
 
     def _start_agent(self, engine: CacheEngine, security: ChannelSecurity) -> None:
         from lmc_connector.control.agent.agent import ControlAgent

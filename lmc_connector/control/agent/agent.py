@@ -32,6 +32,7 @@ import zmq
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import CacheConfig, ConfigError
+from lmc_connector.control.agent.affinity import threads_on_every_cpu, widen_current_thread
 from lmc_connector.control.agent.executor import OpExecutor
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.peer_server import PeerServer
@@ -138,7 +139,9 @@ class ControlAgent:
             self.peers = PeerClient(
                 self._context, engine, config.p2p_timeout_ms / 1000, self.security
             )
-        self._ops = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-ops")
+        self._ops = ThreadPoolExecutor(
+            1, thread_name_prefix="lmc-agent-ops", initializer=widen_current_thread
+        )
         self._queued = threading.BoundedSemaphore(MAX_QUEUED_COMMANDS)
         #: Commands queued per connection (ROUTER identity); touched by the server and ops threads.
         self._queued_by_peer: Counter[bytes] = Counter()
@@ -166,7 +169,14 @@ class ControlAgent:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the command port (raises ConfigError if taken), then register in background."""
+        """Bind the command port (raises ConfigError if taken), then register in background.
+
+        The agent's threads (and its ZeroMQ I/O thread) run on every CPU the process may
+        use, even when started from a thread bound to one core (see `affinity`)."""
+        with threads_on_every_cpu():
+            self._start()
+
+    def _start(self) -> None:
         try:
             self._server.start()
         except zmq.ZMQError as e:
