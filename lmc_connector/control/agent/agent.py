@@ -32,7 +32,7 @@ import zmq
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import CacheConfig, ConfigError
-from lmc_connector.control.agent.affinity import threads_on_every_cpu, widen_current_thread
+from lmc_connector.control.agent.affinity import threads_on_every_cpu
 from lmc_connector.control.agent.executor import OpExecutor
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.peer_server import PeerServer
@@ -139,9 +139,7 @@ class ControlAgent:
             self.peers = PeerClient(
                 self._context, engine, config.p2p_timeout_ms / 1000, self.security
             )
-        self._ops = ThreadPoolExecutor(
-            1, thread_name_prefix="lmc-agent-ops", initializer=widen_current_thread
-        )
+        self._ops = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-ops")
         self._queued = threading.BoundedSemaphore(MAX_QUEUED_COMMANDS)
         #: Commands queued per connection (ROUTER identity); touched by the server and ops threads.
         self._queued_by_peer: Counter[bytes] = Counter()
@@ -172,7 +170,8 @@ class ControlAgent:
         """Bind the command port (raises ConfigError if taken), then register in background.
 
         The agent's threads (and its ZeroMQ I/O thread) run on every CPU the process may
-        use, even when started from a thread bound to one core (see `affinity`)."""
+        use, even when started from a thread bound to one core (see `affinity`); the ops and
+        jobs threads, started later by the command server's thread, inherit that."""
         with threads_on_every_cpu():
             self._start()
 

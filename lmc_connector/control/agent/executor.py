@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
 from lmc_connector.cache.calibrate import CalibrationJob
 from lmc_connector.cache.errors import NotCalibratedError, NotEnoughKVError
-from lmc_connector.control.agent.affinity import widen_current_thread
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.pull import pull
 from lmc_connector.control.wire import commands as cmd
@@ -71,9 +70,7 @@ class OpExecutor:
         self._peers = peers
         self._rank = rank
         self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
-        self._jobs = ThreadPoolExecutor(
-            1, thread_name_prefix="lmc-agent-jobs", initializer=widen_current_thread
-        )
+        self._jobs = ThreadPoolExecutor(1, thread_name_prefix="lmc-agent-jobs")
         self._dropped = 0
         self._dropped_log = Throttle(DROPPED_LOG_EVERY_S)
 
