@@ -79,9 +79,6 @@ def main() -> None:
             time.sleep(0.1)
         return False
 
-    def held(ids: list[int], instance: str) -> bool:
-        return indexed(ids, instance, held=True)
-
     def follow(event_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         event: dict[str, Any] = {}
@@ -96,7 +93,7 @@ def main() -> None:
     # 1. A computes P1; B serves it through the peer (async load); outputs compared.
     p1 = prompt_ids(11, PROMPT_LEN)
     result["a_text"] = on_a(p1)
-    result["a_held"] = held(p1, "A")
+    result["a_held"] = indexed(p1, "A", held=True)
     llm.collective_rpc("lmc_take_records")
     fetched = on_b(p1)
     (loaded,) = llm.collective_rpc("lmc_take_records")
@@ -118,7 +115,7 @@ def main() -> None:
     # 3. A compresses P2 with cachegen; B fetches the compressed bytes as stored.
     p2 = prompt_ids(12, PROMPT_LEN)
     on_a(p2)
-    held(p2, "A")
+    indexed(p2, "A", held=True)
     post("/clear", {"instance_id": "B"})
     scheduled = post("/compress", {"instance_id": "A", "method": "cachegen",
                                    "location": "LocalCPUBackend", "tokens": p2})  # fmt: skip
@@ -129,7 +126,7 @@ def main() -> None:
     for seed, copy in ((14, True), (15, False)):
         ids = prompt_ids(seed, PROMPT_LEN)
         on_a(ids)
-        held(ids, "A")
+        indexed(ids, "A", held=True)
         moved = post("/move", {"old_position": ["A", "LocalCPUBackend"],
                                "new_position": ["B", "LocalCPUBackend"],
                                "tokens": ids, "should_copy": copy})  # fmt: skip
@@ -144,7 +141,7 @@ def main() -> None:
     # 5. A dies with P3 cached and still listed: B's fetch fails, B recomputes and answers.
     p3 = prompt_ids(13, PROMPT_LEN)
     result["a_text_p3"] = on_a(p3)
-    held(p3, "A")
+    indexed(p3, "A", held=True)
     os.killpg(int(a_pid), signal.SIGKILL)
     started = time.perf_counter()
     after = on_b(p3)
