@@ -82,7 +82,7 @@ def test_torch_decoder_reads_what_the_native_encoder_wrote() -> None:
     assert ok and torch.equal(syms.long(), codes.long() % 17)
 
 
-@pytest.mark.parametrize("cut", ["flip", "short", "long"])
+@pytest.mark.parametrize("cut", ["flip", "short", "long", "none"])
 def test_corrupt_words_fail_the_end_state_check(cut: str) -> None:
     codes, dists, tables = make_codes(40, 2, 1, 32, 20, seed=4)
     ((words, states),) = rans.encode(codes, tables)
@@ -92,10 +92,21 @@ def test_corrupt_words_fail_the_end_state_check(cut: str) -> None:
         words = bytes(bad)
     elif cut == "short":
         words = words[:-2]
+    elif cut == "none":
+        words = b""
     else:
         words = words + b"\x01\x00"
     _, ok = rans.decode([words], states_of([(words, states)]), dists, 40, tables)
     assert not ok
+
+
+def test_words_are_decoded_in_place_wherever_they_lie() -> None:
+    """The native decoder reads a blob's words where they are, at any byte offset."""
+    codes, dists, tables = make_codes(40, 2, 1, 32, 20, seed=5)
+    ((words, states),) = rans.encode(codes, tables)
+    for shifted in (memoryview(b"\x00" + words)[1:], memoryview(b"\x00\x00" + words)[2:]):
+        syms, ok = rans.decode([shifted], states_of([(words, states)]), dists, 40, tables)
+        assert ok and torch.equal(syms.long(), codes.long() % 20)
 
 
 PROBE = """

@@ -110,8 +110,9 @@ SIMD static void dec_refill(uint32_t *restrict states, const uint32_t *restrict 
         states[s] = need[s] ? (states[s] << 16) | word[s] : states[s];
 }
 
-/* Decode one run. words: uint16 [nwords] followed by at least `streams` readable padding
- * words; states: uint32 [streams], in: the encoder's final states (each in [L, 2**31)),
+/* Decode one run. words: uint16 [nwords], read in place (reads past the end, which only
+ * corrupt input asks for, read the last word instead; nwords may be 0 and words NULL);
+ * states: uint32 [streams], in: the encoder's final states (each in [L, 2**31)),
  * out: the end states. dists: int32 [nblk][streams], distribution index per stream and block
  * of `tokens` steps (each < dec_len >> PREC). dec[i] = sym | bias << 7 | freq << 19.
  * out: uint8 [nblk * tokens][out_stride]. Returns the words consumed (not nwords: corrupt). */
@@ -123,6 +124,9 @@ int64_t lmc_rans_decode(const uint16_t *restrict words, int64_t nwords,
     for (int64_t i = 0; i < nblk * streams; ++i)
         if (dists[i] < 0 || ((int64_t)dists[i] + 1) << PREC > dec_len)
             return nwords + 1;
+    static const uint16_t none = 0;
+    const uint16_t *from = nwords > 0 ? words : &none;
+    const int64_t last = nwords > 0 ? nwords - 1 : 0;
     uint8_t *need = malloc((size_t)streams + 1);
     uint32_t *word = malloc((size_t)streams * sizeof *word + 1);
     int64_t ptr = need == NULL || word == NULL ? nwords + 1 : 0;
@@ -131,7 +135,7 @@ int64_t lmc_rans_decode(const uint16_t *restrict words, int64_t nwords,
             dec_step(states, dists + b * streams, streams, dec,
                      out + (b * tokens + tt) * out_stride, need);
             for (int64_t s = 0; s < streams; ++s) {
-                word[s] = words[ptr];
+                word[s] = from[ptr < last ? ptr : last];
                 ptr += need[s];
             }
             dec_refill(states, word, need, streams);

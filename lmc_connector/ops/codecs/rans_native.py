@@ -186,8 +186,9 @@ def decode_run(
     assert tables.dec.device.type == "cpu" and out.device.type == "cpu"
     nblk, streams = dists.shape
     n = len(words) // 2
-    buf = np.zeros(n + streams + 1, dtype=np.uint16)
-    buf[:n] = np.frombuffer(words, dtype="<u2", count=n)
+    buf = np.frombuffer(words, dtype="<u2", count=n)  # read in place: no copy to fault in
+    if buf.ctypes.data % 2:
+        buf = buf.copy()
     x = states.to(torch.int32).numpy().astype(np.uint32)
     d = dists.to(torch.int32).contiguous()
     used = lib.lmc_rans_decode(
