@@ -10,6 +10,7 @@ import torch
 from lmc_connector.cache.chunk import Chunk
 
 if TYPE_CHECKING:
+    from lmc_connector.ops.allocator import Allocator
     from lmc_connector.ops.codecs import CalibrationSource, CodecError
 
 
@@ -34,9 +35,11 @@ def decoded_prefix(
     chunks: Sequence[Chunk],
     device: torch.device | str | None = None,
     calibrations: CalibrationSource | None = None,
+    allocate: Allocator | None = None,
 ) -> tuple[list[torch.Tensor], CodecError | None]:
     """The tensors of the leading chunks that decode, and why the next one did not (None
-    when all did): the chunks from there on are misses.
+    when all did): the chunks from there on are misses. Decoded chunks get their memory
+    from `allocate` (on `device`) where given; plain ones are returned as stored.
 
     Runs of encoded chunks of one method are decoded with one batched codec
     call (one by one when the batch fails, to keep the good prefix). Codecs are
@@ -56,7 +59,7 @@ def decoded_prefix(
         while j < len(chunks) and chunks[j].blob is not None and chunks[j].method == chunk.method:
             j += 1
         blobs = [c.blob for c in chunks[i:j] if c.blob is not None]
-        error = _decode_run(blobs, target, calibrations, out)
+        error = _decode_run(blobs, target, calibrations, allocate, out)
         if error is not None:
             return out, error
         i = j
@@ -67,6 +70,7 @@ def _decode_run(
     blobs: list[bytes],
     device: torch.device,
     calibrations: CalibrationSource | None,
+    allocate: Allocator | None,
     out: list[torch.Tensor],
 ) -> CodecError | None:
     """Append the tensors of `blobs` (one codec) to `out`, up to the first that fails."""
@@ -75,13 +79,13 @@ def _decode_run(
     try:
         header = peek_header(blobs[0])
         if header.calibration_id is None:
-            out.extend(get_codec(header.codec).decode_batch(blobs, device))
+            out.extend(get_codec(header.codec).decode_batch(blobs, device, allocate))
             return None
     except CodecError:
         pass
     for blob in blobs:
         try:
-            out.append(decode_blob(blob, device=device, calibrations=calibrations))
+            out.append(decode_blob(blob, device, calibrations, allocate))
         except CodecError as e:
             return e
     return None

@@ -33,6 +33,7 @@ from lmc_connector.cache.tiers.base import leading
 from lmc_connector.cache.transforms import TransformJob, TransformRunner, codec_device
 from lmc_connector.config import CacheConfig, ConfigError
 from lmc_connector.operations import TransformKind
+from lmc_connector.ops.allocator import Allocator
 from lmc_connector.tokens import ChunkKey
 
 __all__ = ["CacheEngine", "CacheEventSink", "Cleared"]
@@ -284,17 +285,22 @@ class CacheEngine:
         return [t.to(target) for t in self.tensors(keys, self.read(keys), target)]
 
     def tensors(
-        self, keys: Sequence[ChunkKey], chunks: Sequence[Chunk], device: torch.device
+        self,
+        keys: Sequence[ChunkKey],
+        chunks: Sequence[Chunk],
+        device: torch.device,
+        allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
         """The tensor form of `chunks` (what `read(keys)` returned): plain ones as stored,
-        encoded ones decoded together on `device`.
+        encoded ones decoded together on `device` (into memory from `allocate`, if given).
 
         A chunk that does not decode (damaged, or its calibration found nowhere)
         is a miss: the result ends before it and its local copies are dropped,
         so that recomputed KV takes its place.
         """
         at = [i for i, c in enumerate(chunks) if c.encoded]
-        decoded, error = decoded_prefix([chunks[i] for i in at], device, self.calibrations.store)
+        encoded = [chunks[i] for i in at]
+        decoded, error = decoded_prefix(encoded, device, self.calibrations.store, allocate)
         if error is not None:
             end = at[len(decoded)]
             bad = keys[end]

@@ -4,7 +4,8 @@ A load never holds the whole prefix on the device: chunks are fetched a few
 at a time (encoded ones decoded together, on `codec_device`), and each one
 goes through a staging slot (page-locked on CUDA) into the paged cache with
 one indexed op per layer. Device memory used: the staging ring plus one
-decode batch.
+decode batch; on the CPU, chunks are decoded into the same few buffers every
+round (`decode_buffers.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from lmc_connector.cache import CacheEngine
 from lmc_connector.ops.paged import PagedKV
+from lmc_connector.v1.decode_buffers import DecodeBuffers
 from lmc_connector.v1.metadata import LoadSpec
 from lmc_connector.v1.staging import Staging
 
@@ -21,13 +23,20 @@ FETCH_CHUNKS = 4
 
 
 class ChunkLoader:
-    """Owns the load path's staging ring. Runs on vLLM's model-runner thread only."""
+    """Owns the load path's staging ring and, decoding on the CPU, its decode buffers. Runs on
+    vLLM's model-runner thread only."""
 
     def __init__(self, engine: CacheEngine, paged: PagedKV, codec_device: torch.device) -> None:
         self._engine = engine
         self._paged = paged
         self._codec_device = codec_device
         self._staging = Staging(paged, engine.layout.chunk_size)
+        layout = engine.layout
+        self._decode_into = (
+            DecodeBuffers(layout.shape(layout.chunk_size), layout.torch_dtype, FETCH_CHUNKS)
+            if codec_device.type == "cpu"
+            else None  # torch's caching allocator already reuses device memory
+        )
 
     def load(self, spec: LoadSpec, table: torch.Tensor) -> int:
         """Write tokens [spec.start, spec.end) of a request into its blocks (`table`, on the
@@ -58,7 +67,8 @@ class ChunkLoader:
         """The next chunks of the prefix as tensors, stopping at the first miss (a chunk
         that does not decode is one)."""
         keys = spec.keys[first : first + FETCH_CHUNKS]
-        return self._engine.tensors(keys, self._engine.read(keys), self._codec_device)
+        chunks = self._engine.read(keys)
+        return self._engine.tensors(keys, chunks, self._codec_device, self._decode_into)
 
     def _write(self, piece: torch.Tensor, table: torch.Tensor, start: int, end: int) -> None:
         paged = self._paged

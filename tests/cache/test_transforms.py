@@ -8,6 +8,7 @@ import torch
 
 from lmc_connector.cache import CacheEngine, TransformJob, UnknownLocationError
 from lmc_connector.cache.errors import StoredMethodError
+from lmc_connector.ops.allocator import Allocator
 from lmc_connector.ops.codecs import UnknownCodecError, get_codec, register, unregister
 from tests.cache.conftest import (
     CHUNK,
@@ -105,14 +106,22 @@ class FailingCodec:
     def encode(self, kv: torch.Tensor) -> bytes:
         raise RuntimeError("device lost")
 
-    def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        blob: bytes,
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
+    ) -> torch.Tensor:
         raise RuntimeError("device lost")
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
         raise RuntimeError("device lost")
 
     def decode_batch(
-        self, blobs: Sequence[bytes], device: torch.device | str | None = None
+        self,
+        blobs: Sequence[bytes],
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
         raise RuntimeError("device lost")
 

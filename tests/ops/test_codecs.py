@@ -126,6 +126,35 @@ def test_batch_encode_matches_single_encode(name: str) -> None:
         assert torch.equal(out, codec.decode(codec.encode(kv)))
 
 
+class Handouts:
+    """An allocator that records the tensors it hands out (as the load path's buffers)."""
+
+    def __init__(self) -> None:
+        self.given: list[torch.Tensor] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        self.given.append(torch.full(shape, float("nan"), dtype=dtype))
+        return self.given[-1]
+
+
+def decodes_into_what_allocate_gives(codec: Codec, kvs: list[torch.Tensor]) -> None:
+    """decode_batch and decode with `allocate` write each chunk into the memory it gives and
+    return the same values as without."""
+    blobs = codec.encode_batch(kvs)
+    handouts = Handouts()
+    outs = [*codec.decode_batch(blobs, "cpu", handouts), codec.decode(blobs[0], "cpu", handouts)]
+    assert len(handouts.given) == len(outs)
+    for out, given, blob in zip(outs, handouts.given, [*blobs, blobs[0]], strict=True):
+        assert out.data_ptr() == given.data_ptr()
+        assert torch.equal(out, codec.decode(blob))
+
+
+@pytest.mark.parametrize("name", ["cachegen", "fp8"])
+def test_decoding_writes_into_the_memory_allocate_gives(name: str) -> None:
+    kvs = [kv_like((2, 3, 16, 32), seed=i) for i in range(3)] + [kv_like((2, 3, 5, 32))]
+    decodes_into_what_allocate_gives(get_codec(name), kvs)
+
+
 @pytest.mark.parametrize("name", ["cachegen", "fp8"])
 def test_decode_to_an_explicit_device(name: str) -> None:
     codec = get_codec(name)

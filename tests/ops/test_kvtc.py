@@ -21,6 +21,7 @@ from lmc_connector.ops.codecs import (
 )
 from lmc_connector.ops.codecs import kvtc_transform as transform
 from tests.ops.kv_builders import attention_like
+from tests.ops.test_codecs import decodes_into_what_allocate_gives
 
 SHAPE = (2, 3, 40, 16)  # K/V, layers, tokens, channels
 
@@ -138,6 +139,11 @@ def test_batch_encode_matches_single_encode(calibration: bytes) -> None:
     assert blobs == [codec.encode(kv) for kv in kvs]
     for blob, out in zip(blobs, codec.decode_batch(blobs), strict=True):
         assert torch.equal(out, codec.decode(blob))
+
+
+def test_decoding_writes_into_the_memory_allocate_gives(calibration: bytes) -> None:
+    kvs = [*attention_like(SHAPE, 2, seed=7), *attention_like((2, 3, 9, 16), 1, seed=8)]
+    decodes_into_what_allocate_gives(get_codec("kvtc", calibration=calibration), kvs)
 
 
 def test_concurrent_encode_decode_gives_the_same_bytes(calibration: bytes) -> None:

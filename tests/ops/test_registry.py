@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
+from lmc_connector.ops.allocator import Allocator
 from lmc_connector.ops.codecs import (
     UnknownCodecError,
     codec_names,
@@ -30,19 +31,28 @@ class EchoCodec:
     def encode(self, kv: torch.Tensor) -> bytes:
         return fmt.pack(TEST_ID, kv.dtype, kv.shape, b"", [kv.float().numpy().tobytes()])
 
-    def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        blob: bytes,
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
+    ) -> torch.Tensor:
         header = peek_header(blob)
         (payload,) = header.sections(blob)
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.float32)
-        return flat.view(header.shape).to(header.dtype)
+        kv = torch.frombuffer(bytearray(payload), dtype=torch.float32).view(header.shape)
+        out = allocate(header.shape, header.dtype) if allocate is not None else None
+        return kv.to(header.dtype) if out is None else out.copy_(kv)
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
         return [self.encode(kv) for kv in kvs]
 
     def decode_batch(
-        self, blobs: Sequence[bytes], device: torch.device | str | None = None
+        self,
+        blobs: Sequence[bytes],
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
-        return [self.decode(b, device) for b in blobs]
+        return [self.decode(b, device, allocate) for b in blobs]
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from lmc_connector import tokens
 from lmc_connector.config import ConfigError, load_config
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.tokens import ChunkKey
+from lmc_connector.v1.decode_buffers import DecodeBuffers
+from lmc_connector.v1.loader import FETCH_CHUNKS
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec
 from lmc_connector.v1.worker import LMCWorker, WorkerSettings
 from tests.control.harness import wait_until
@@ -273,6 +275,42 @@ def test_compressed_chunks_load_through_batched_decode(make_worker: WorkerFactor
     got = paged.read(target, 0, n - 1)
     assert torch.equal(got[:, :, 3 * CHUNK :], want[:, :, 3 * CHUNK :])
     assert torch.allclose(got.float(), want.float(), rtol=0.07, atol=0.5)
+
+
+def test_compressed_chunks_decode_into_the_same_few_buffers_every_round(
+    make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed: list[int] = []
+    take = DecodeBuffers.__call__
+
+    def recorded(self: DecodeBuffers, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = take(self, shape, dtype)
+        handed.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(DecodeBuffers, "__call__", recorded)
+    caches = make_caches(dtype=torch.float16, head=32)
+    worker = make_worker(caches)
+    engine, paged = worker.engine, worker.paged
+    assert engine is not None and paged is not None
+    blocks = list(range(18))
+    fill(caches, blocks, seed=7)
+    n = 9 * CHUNK
+    prompt = list(range(n))
+    keys = tokens.chunk_hashes(prompt, CHUNK)
+    worker.save(save_meta("a", keys, n, blocks))
+    assert worker.saver is not None and worker.saver.drain()
+    want = paged.read(blocks, 0, n - 1)
+    engine.compress(prompt, "fp8", "LocalCPUBackend")
+
+    for req, first in (("b", 20), ("c", 40)):
+        target = list(range(first, first + 18))
+        worker.start_load(load_meta(req, keys, n - 1, target))
+        assert worker.take_load_errors() == set()
+        got = paged.read(target, 0, n - 1)
+        assert torch.allclose(got.float(), want.float(), rtol=0.07, atol=0.5)
+    assert len(handed) == 2 * 9
+    assert len(set(handed)) == FETCH_CHUNKS
 
 
 def test_a_corrupted_chunk_stops_the_load_and_reports_the_rest(

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lmc_connector.ops.allocator import Allocator
 from lmc_connector.ops.codecs import bitpack, rans
 from lmc_connector.ops.codecs import cachegen_model as model
 from lmc_connector.ops.codecs import format as fmt
@@ -75,8 +76,13 @@ class CacheGenCodec:
     def encode(self, kv: torch.Tensor) -> bytes:
         return self.encode_batch([kv])[0]
 
-    def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.decode_batch([blob], device)[0]
+    def decode(
+        self,
+        blob: bytes,
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
+    ) -> torch.Tensor:
+        return self.decode_batch([blob], device, allocate)[0]
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(kvs)
@@ -148,7 +154,10 @@ class CacheGenCodec:
         return blobs
 
     def decode_batch(
-        self, blobs: Sequence[bytes], device: torch.device | str | None = None
+        self,
+        blobs: Sequence[bytes],
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
         from lmc_connector.ops.codecs.registry import peek_header
 
@@ -160,7 +169,7 @@ class CacheGenCodec:
         out: list[torch.Tensor | None] = [None] * len(blobs)
         for idx in group_by(headers, lambda h: (h.shape, h.params, h.dtype)):
             parts = [(headers[i], blobs[i]) for i in idx]
-            for i, t in zip(idx, _decode_same(parts, dev), strict=True):
+            for i, t in zip(idx, _decode_same(parts, dev, allocate), strict=True):
                 out[i] = t
         return [t for t in out if t is not None]
 
@@ -212,7 +221,7 @@ def _slices(per: int, groups: int, group_elems: int, dev: torch.device):  # type
 
 
 def _decode_same(
-    parts: list[tuple[fmt.BlobHeader, bytes]], dev: torch.device
+    parts: list[tuple[fmt.BlobHeader, bytes]], dev: torch.device, allocate: Allocator | None
 ) -> list[torch.Tensor]:
     header = parts[0][0]
     e, layers, tokens, channels = header.shape
@@ -257,12 +266,22 @@ def _decode_same(
     half = torch.tensor(half_list * e, dtype=torch.float32, device=dev)
     step = (scale / half.view(blocks, 1)).view(nb, groups, per, tokens, 1)
     off = (m - 2 * cmax).float().view(nb, groups, per, 1, channels)
-    out = torch.empty((nb, groups, per, tokens, channels), dtype=header.dtype, device=dev)
+    # One tensor for the batch (one copy per slice), or each chunk's memory from `allocate`.
+    batch: torch.Tensor | None = None
+    if allocate is None:
+        batch = torch.empty((nb, groups, per, tokens, channels), dtype=header.dtype, device=dev)
+        outs = list(batch.unbind(0))
+    else:
+        outs = [allocate(header.shape, header.dtype).view(groups, per, tokens, channels)
+                for _ in range(nb)]  # fmt: skip
     syms5 = syms.view(per, tokens, nb, groups, channels)
     for p, g0, g1 in _slices(per, groups, nb * tokens * channels, dev):
         y = syms5[p, :, :, g0:g1].permute(1, 2, 0, 3).to(torch.float32)
         y.add_(off[:, g0:g1, p])
         y.mul_(step[:, g0:g1, p])
-        out[:, g0:g1, p].copy_(y)
-    out = out.view(nb, e, layers, tokens, channels)
-    return [out[b] for b in range(nb)]
+        if batch is not None:
+            batch[:, g0:g1, p].copy_(y)
+        else:
+            for out, y_b in zip(outs, y, strict=True):
+                out[g0:g1, p].copy_(y_b)
+    return [out.view(e, layers, tokens, channels) for out in outs]

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lmc_connector.ops.allocator import Allocator
 from lmc_connector.ops.codecs import bitpack
 from lmc_connector.ops.codecs import format as fmt
 from lmc_connector.ops.codecs import kvtc_model as model
@@ -73,8 +74,13 @@ class KvtcCodec:
     def encode(self, kv: torch.Tensor) -> bytes:
         return self.encode_batch([kv])[0]
 
-    def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.decode_batch([blob], device)[0]
+    def decode(
+        self,
+        blob: bytes,
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
+    ) -> torch.Tensor:
+        return self.decode_batch([blob], device, allocate)[0]
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]:
         out: list[bytes] = [b""] * len(kvs)
@@ -87,7 +93,10 @@ class KvtcCodec:
         return out
 
     def decode_batch(
-        self, blobs: Sequence[bytes], device: torch.device | str | None = None
+        self,
+        blobs: Sequence[bytes],
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
         from lmc_connector.ops.codecs.registry import peek_header
 
@@ -102,7 +111,7 @@ class KvtcCodec:
         out: list[torch.Tensor] = [torch.empty(0)] * len(blobs)
         for idx in group_by(headers, lambda h: (h.shape, h.params, h.dtype)):
             parts = [(headers[i], blobs[i]) for i in idx]
-            for i, t in zip(idx, self._decode_same(parts, dev), strict=True):
+            for i, t in zip(idx, self._decode_same(parts, dev, allocate), strict=True):
                 out[i] = t
         return out
 
@@ -168,7 +177,10 @@ class KvtcCodec:
         return blobs
 
     def _decode_same(
-        self, parts: list[tuple[fmt.BlobHeader, bytes]], dev: torch.device
+        self,
+        parts: list[tuple[fmt.BlobHeader, bytes]],
+        dev: torch.device,
+        allocate: Allocator | None,
     ) -> list[torch.Tensor]:
         header = parts[0][0]
         planes, layers, tokens, channels = header.shape
@@ -201,7 +213,9 @@ class KvtcCodec:
         rows = torch.cat([s + b * tokens for b, s in enumerate(sinks)])
         xj[:, rows] = torch.cat(values, 1) * w.scale + w.mean
         out = xj.view(layers, nb, tokens, planes, channels).permute(1, 3, 0, 2, 4)
-        return list(out.to(header.dtype).contiguous().unbind(0))
+        if allocate is None:
+            return list(out.to(header.dtype).contiguous().unbind(0))
+        return [allocate(header.shape, header.dtype).copy_(chunk) for chunk in out.unbind(0)]
 
 
 def _wide_rows(k: torch.Tensor, w: transform.Weights, tokens: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from lmc_connector.ops.allocator import Allocator
 from lmc_connector.ops.codecs import format as fmt
 from lmc_connector.ops.codecs.calibration import CALIBRATION_ID_BYTES
 from lmc_connector.ops.codecs.calibration_store import CalibrationSource, resolve
@@ -34,13 +35,24 @@ class Codec(Protocol):
 
     def encode(self, kv: torch.Tensor) -> bytes: ...
 
-    def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor: ...
+    def decode(
+        self,
+        blob: bytes,
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
+    ) -> torch.Tensor: ...
 
     def encode_batch(self, kvs: Sequence[torch.Tensor]) -> list[bytes]: ...
 
     def decode_batch(
-        self, blobs: Sequence[bytes], device: torch.device | str | None = None
-    ) -> list[torch.Tensor]: ...
+        self,
+        blobs: Sequence[bytes],
+        device: torch.device | str | None = None,
+        allocate: Allocator | None = None,
+    ) -> list[torch.Tensor]:
+        """The chunks of `blobs`, on `device`; each decoded chunk's memory from `allocate`
+        (a tensor on `device`) where given, so that a caller can hand out memory it reuses."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,19 +157,20 @@ def decode_blob(
     blob: bytes,
     device: torch.device | str | None = None,
     calibrations: CalibrationSource | None = None,
+    allocate: Allocator | None = None,
 ) -> torch.Tensor:
     """Decode a blob of any registered codec, chosen by the codec id in its header. A blob of
     a calibrated codec is decoded with the calibration its header names, looked up in
     `calibrations` (a CalibrationStore or a dict id -> blob); none there is a
-    MissingCalibrationError."""
+    MissingCalibrationError. `allocate`: as for `Codec.decode_batch`."""
     header = peek_header(blob)
     if header.calibration_id is None:
-        return get_codec(header.codec).decode(blob, device)
+        return get_codec(header.codec).decode(blob, device, allocate)
     found = calibrations.get(header.calibration_id) if calibrations is not None else None
     if found is None:
         raise MissingCalibrationError(header.calibration_id)
     calibration = resolve(found, header.calibration_id)
-    return get_codec(header.codec, calibration=calibration).decode(blob, device)
+    return get_codec(header.codec, calibration=calibration).decode(blob, device, allocate)
 
 
 def _entry(name: str) -> _Entry:

@@ -28,16 +28,10 @@ from lmc_connector.cache.tiers.remote.client import Client, StoreSession
 from lmc_connector.cache.tiers.remote.keys import StoreKeys
 from lmc_connector.cache.tiers.remote.ops import ChunkNames
 from lmc_connector.cache.tiers.remote.shelf import StoreShelf
-from lmc_connector.cache.tiers.remote.values import (
-    Allocator,
-    Assembler,
-    StoreValue,
-    empty_cpu,
-    pieces_for,
-    to_value,
-)
+from lmc_connector.cache.tiers.remote.values import Assembler, StoreValue, pieces_for, to_value
 from lmc_connector.cache.tiers.remote.writer import Batch, StoreWriter
 from lmc_connector.cache.tiers.shelf import CalibrationShelf
+from lmc_connector.ops.allocator import Allocator, empty_cpu
 from lmc_connector.remote_url import StoreAddress
 from lmc_connector.tokens import ChunkKey
 

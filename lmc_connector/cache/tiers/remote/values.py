@@ -16,7 +16,7 @@ checksum that does not match) and treats as a miss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,18 +25,12 @@ import torch
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.record import RecordFormatError, pack_header, parse_header, payload
 from lmc_connector.checksum import crc32
+from lmc_connector.ops.allocator import Allocator, empty_cpu
 from lmc_connector.tokens import ChunkKey
 
 #: Just under 1 MiB, so a piece with Redis's own string header stays in jemalloc's 1 MiB
 #: size class (a piece of exactly 1 MiB would take 1.25 MiB of the store's memory).
 PIECE_BYTES = (1 << 20) - 64
-
-#: Where a decoded plain chunk's memory comes from: (shape, dtype) -> an empty CPU tensor.
-Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-
-def empty_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype)
 
 
 def pieces_for(nbytes: int) -> int:
