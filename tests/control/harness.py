@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -37,6 +38,13 @@ def wait_until(check: Callable[[], T], timeout: float = 10.0, what: str = "condi
                 return last
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+def sigint_as_at_a_terminal() -> None:
+    """Run in a child before it starts: SIGINT back to its default, as a program started at a
+    terminal has it. A shell that runs the tests as a background job leaves SIGINT ignored,
+    and children inherit that, so a test's Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Controller:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=sigint_as_at_a_terminal,
         )
         with self.http(timeout=1) as client:
 

@@ -21,7 +21,7 @@ import yaml
 from lmc_connector.control.admin.cli import main, parser
 from lmc_connector.launch import free_port
 from tests.control.conftest import InstanceFactory
-from tests.control.harness import CPU, Controller, wait_until
+from tests.control.harness import CPU, Controller, sigint_as_at_a_terminal, wait_until
 
 PROMPT = list(range(700, 710))
 SCRIPT = Path(sys.executable).with_name("lmc-admin")
@@ -320,6 +320,7 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(
         stdout=subprocess.PIPE,
         stderr=secondary,
         env={**os.environ, "TERM": "xterm", "COLUMNS": "200"},
+        preexec_fn=sigint_as_at_a_terminal,
     )
     os.close(secondary)
     seen = b""
