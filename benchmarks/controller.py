@@ -5,7 +5,9 @@
 * /lookup latency p50/p99 of a 32K-token prompt with 16 instances and 1M indexed
   chunks (target p50 < 2 ms);
 * controller resident memory per indexed chunk (target < 200 bytes);
-* /compress round trip (scheduling only) against two real agents on CPU cache engines.
+* /compress round trip (scheduling only) against two real agents on CPU cache engines;
+* start-up: launch to the first /health answer, wall clock and the process's CPU time
+  (target: well under a second).
 
     .venv/bin/python benchmarks/controller.py [--quick]
 """
@@ -197,6 +199,29 @@ def bench_compress(url: str, monitor_port: int, rounds: int) -> None:
         agent.close()
 
 
+def bench_start(rounds: int) -> None:
+    """Launch `lmc-controller` `rounds` times; wall and CPU seconds until /health answers."""
+    walls, cpus = [], []
+    for _ in range(rounds):
+        port = free_port()
+        args = ["--port", str(port), "--monitor-port", str(free_port()), "--log-level", "warning"]
+        launched = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "lmc_connector.control.controller", *args])
+        try:
+            health = f"http://127.0.0.1:{port}/health"
+            wait_for(lambda url=health: httpx.get(url).status_code == 200, 30)
+            walls.append(time.perf_counter() - launched)
+            times = psutil.Process(proc.pid).cpu_times()
+            cpus.append(times.user + times.system)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    print(f"start-up to the first /health answer ({rounds} launches): wall median "
+          f"{statistics.median(walls):.2f} s (min {min(walls):.2f}), CPU median "
+          f"{statistics.median(cpus):.2f} s (min {min(cpus):.2f}); "
+          "target: well under 1 s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="100K chunks, fewer requests")
@@ -226,6 +251,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    bench_start(3 if args.quick else 10)
 
 
 if __name__ == "__main__":

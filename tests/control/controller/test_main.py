@@ -62,7 +62,9 @@ def test_api_is_open_without_a_key(controller: Controller) -> None:
     assert httpx.get(f"{controller.url}/instances").status_code == 200
 
 
-def test_controller_starts_within_a_second_without_torch_or_vllm(tmp_path: Path) -> None:
+def test_controller_starts_and_answers_without_torch_or_vllm(tmp_path: Path) -> None:
+    """The controller imports neither torch nor vLLM (nor the cache, which needs torch): it
+    starts anywhere, fast (`benchmarks/controller.py` times its start-up)."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     probe = subprocess.run(
         [sys.executable, "-c", "import torch"],
@@ -71,13 +73,8 @@ def test_controller_starts_within_a_second_without_torch_or_vllm(tmp_path: Path)
     )
     assert probe.returncode != 0, "the import blocker is not active"
     ctl = new_controller(tmp_path, env={"PYTHONPATH": str(tmp_path)})
-    times = []
-    for _ in range(2):  # the faster of two starts, so a briefly busy CI machine does not fail it
-        times.append(ctl.start())
-        ctl.stop()
-        if times[-1] < 1.0:
-            break
-    assert min(times) < 1.0, f"controller took {min(times):.2f} s to answer /health"
+    ctl.start()
+    ctl.stop()
     assert "blocked" not in (tmp_path / "controller.log").read_text()
 
 
