@@ -266,11 +266,9 @@ def _decode_same(
     half = torch.tensor(half_list * e, dtype=torch.float32, device=dev)
     step = (scale / half.view(blocks, 1)).view(nb, groups, per, tokens, 1)
     off = (m - 2 * cmax).float().view(nb, groups, per, 1, channels)
-    # One tensor for the batch (one copy per slice), or each chunk's memory from `allocate`.
-    batch: torch.Tensor | None = None
     if allocate is None:
-        batch = torch.empty((nb, groups, per, tokens, channels), dtype=header.dtype, device=dev)
-        outs = list(batch.unbind(0))
+        empty = torch.empty((nb, groups, per, tokens, channels), dtype=header.dtype, device=dev)
+        outs = list(empty.unbind(0))
     else:
         outs = [allocate(header.shape, header.dtype).view(groups, per, tokens, channels)
                 for _ in range(nb)]  # fmt: skip
@@ -279,9 +277,6 @@ def _decode_same(
         y = syms5[p, :, :, g0:g1].permute(1, 2, 0, 3).to(torch.float32)
         y.add_(off[:, g0:g1, p])
         y.mul_(step[:, g0:g1, p])
-        if batch is not None:
-            batch[:, g0:g1, p].copy_(y)
-        else:
-            for out, y_b in zip(outs, y, strict=True):
-                out[g0:g1, p].copy_(y_b)
+        for out, y_b in zip(outs, y, strict=True):
+            out[g0:g1, p].copy_(y_b)
     return [out.view(e, layers, tokens, channels) for out in outs]
