@@ -20,13 +20,14 @@ lanes on parallel threads (rans.py).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Sequence
 
 import torch
 
 from lmc_connector.ops.allocator import Allocator
-from lmc_connector.ops.codecs import bitpack, rans
+from lmc_connector.ops.codecs import bitpack, cachegen_native, rans
 from lmc_connector.ops.codecs import cachegen_model as model
 from lmc_connector.ops.codecs import format as fmt
 from lmc_connector.ops.codecs._tensors import from_bytes, group_by, resolve_device, to_bytes
@@ -120,23 +121,13 @@ class CacheGenCodec:
         base, codes = model.scale_codes(amax.view(nb, -1))
         half = torch.tensor(half_list * e, dtype=torch.float32, device=dev)  # C per block
         scale = model.scales_from_codes(base, codes).view(nb, blocks, tokens)
-        factor = (half.view(blocks, 1) / scale).view(nb, groups, per, tokens, 1)
+        factor = half.view(blocks, 1) / scale  # [nb, blocks, tokens]
         tables = model.TABLES.get(cmax, dev)
-        sym_codes = torch.empty((per, tokens, nb, groups, channels), dtype=torch.int16, device=dev)
-        side = torch.empty((nb, groups, per, channels), dtype=torch.int64, device=dev)
-        x5 = x.view(nb, groups, per, tokens, channels)
-        half5 = half.view(groups, per, 1)
-        for p, g0, g1 in _slices(per, groups, nb * tokens * channels, dev):
-            # Same-dtype elementwise ops only: mixed-dtype ones are many times slower on CPU.
-            y = x5[:, g0:g1, p].to(torch.float32, copy=True)
-            y.mul_(factor[:, g0:g1, p])
-            y.round_()
-            s1 = y.sum(-2)
-            s2 = (y * y).sum(-2)
-            m, dist, sd = model.fit_channels(s1, s2, tokens, half5[g0:g1, p], cmax)
-            side[:, g0:g1, p] = sd
-            y.add_((dist * tables.alphabet - m.long() + 2 * cmax).to(y.dtype).unsqueeze(-2))
-            sym_codes[p, :, :, g0:g1].copy_(y.permute(2, 0, 1, 3))
+        lib = cachegen_native.library() if dev.type == "cpu" else None
+        if lib is not None:
+            sym_codes, side = _quantize_native(lib, x, factor, half, groups, cmax, tables)
+        else:
+            sym_codes, side = _quantize_torch(x, factor, half, groups, cmax, tables)
         streams = groups * channels
         lanes = _lanes(streams)
         coded = rans.encode(sym_codes.view(per * tokens, nb * lanes, streams // lanes), tables)
@@ -172,6 +163,58 @@ class CacheGenCodec:
             for i, t in zip(idx, _decode_same(parts, dev, allocate), strict=True):
                 out[i] = t
         return [t for t in out if t is not None]
+
+
+def _quantize_torch(
+    x: torch.Tensor,
+    factor: torch.Tensor,
+    half: torch.Tensor,
+    groups: int,
+    cmax: int,
+    tables: rans.RansTables,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coder's codes [per * tokens, nb, groups * channels] (int16) and the side info
+    [nb, groups, per, channels] of x [nb, blocks, tokens, channels], in torch ops (any
+    device), slice by slice."""
+    nb, blocks, tokens, channels = x.shape
+    per, dev = blocks // groups, x.device
+    factor5 = factor.view(nb, groups, per, tokens, 1)
+    sym_codes = torch.empty((per, tokens, nb, groups, channels), dtype=torch.int16, device=dev)
+    side = torch.empty((nb, groups, per, channels), dtype=torch.int64, device=dev)
+    x5 = x.view(nb, groups, per, tokens, channels)
+    half5 = half.view(groups, per, 1)
+    for p, g0, g1 in _slices(per, groups, nb * tokens * channels, dev):
+        # Same-dtype elementwise ops only: mixed-dtype ones are many times slower on CPU.
+        y = x5[:, g0:g1, p].to(torch.float32, copy=True)
+        y.mul_(factor5[:, g0:g1, p])
+        y.round_()
+        s1 = y.sum(-2)
+        s2 = (y * y).sum(-2)
+        m, dist, sd = model.fit_channels(s1, s2, tokens, half5[g0:g1, p], cmax)
+        side[:, g0:g1, p] = sd
+        y.add_((dist * tables.alphabet - m.long() + 2 * cmax).to(y.dtype).unsqueeze(-2))
+        sym_codes[p, :, :, g0:g1].copy_(y.permute(2, 0, 1, 3))
+    return sym_codes.view(per * tokens, nb, groups * channels), side
+
+
+def _quantize_native(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    factor: torch.Tensor,
+    half: torch.Tensor,
+    groups: int,
+    cmax: int,
+    tables: rans.RansTables,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_torch` with the C kernels (CPU): the same codes and side info."""
+    nb, blocks, tokens, channels = x.shape
+    rows = x.view(nb * blocks, tokens, channels)
+    q, s1, s2 = cachegen_native.quantize(lib, rows, factor.reshape(nb * blocks, tokens))
+    half_rows = half.view(1, blocks, 1).expand(nb, blocks, 1).reshape(nb * blocks, 1)
+    m, dist, sd = model.fit_channels(s1.float(), s2.float(), tokens, half_rows, cmax)
+    off = dist * tables.alphabet - m.long() + 2 * cmax
+    sym_codes = cachegen_native.codes(lib, q, off, nb, groups, blocks // groups)
+    return sym_codes, sd.view(nb, groups, blocks // groups, channels)
 
 
 def _lanes(streams: int) -> int:
@@ -264,19 +307,42 @@ def _decode_same(
     base_t = torch.tensor(bases, dtype=torch.int64, device=dev)
     scale = model.scales_from_codes(base_t, torch.stack(codes)).view(nb, blocks, tokens)
     half = torch.tensor(half_list * e, dtype=torch.float32, device=dev)
-    step = (scale / half.view(blocks, 1)).view(nb, groups, per, tokens, 1)
-    off = (m - 2 * cmax).float().view(nb, groups, per, 1, channels)
+    step = scale / half.view(blocks, 1)  # [nb, blocks, tokens]
+    off = (m - 2 * cmax).float().view(nb, blocks, channels)
     if allocate is None:
-        empty = torch.empty((nb, groups, per, tokens, channels), dtype=header.dtype, device=dev)
+        empty = torch.empty((nb, *header.shape), dtype=header.dtype, device=dev)
         outs = list(empty.unbind(0))
     else:
-        outs = [allocate(header.shape, header.dtype).view(groups, per, tokens, channels)
-                for _ in range(nb)]  # fmt: skip
+        outs = [allocate(header.shape, header.dtype) for _ in range(nb)]
+    syms = syms.view(per * tokens, nb, streams)
+    lib = cachegen_native.library() if dev.type == "cpu" else None
+    if lib is not None and cachegen_native.writes(header.dtype):
+        for b, out in enumerate(outs):
+            cachegen_native.dequantize(lib, syms, off[b], step[b], groups, out, b)
+    else:
+        _dequantize_torch(syms, off, step, groups, outs)
+    return outs
+
+
+def _dequantize_torch(
+    syms: torch.Tensor,
+    off: torch.Tensor,
+    step: torch.Tensor,
+    groups: int,
+    outs: list[torch.Tensor],
+) -> None:
+    """(sym + off) * step into each chunk's output, in torch ops (any device), slice by slice:
+    syms [per * tokens, nb, groups * channels], off [nb, blocks, channels], step [nb, blocks,
+    tokens]."""
+    nb, blocks, tokens = step.shape
+    per, channels, dev = blocks // groups, off.shape[-1], syms.device
+    off5 = off.view(nb, groups, per, 1, channels)
+    step5 = step.view(nb, groups, per, tokens, 1)
+    out5 = [out.view(groups, per, tokens, channels) for out in outs]
     syms5 = syms.view(per, tokens, nb, groups, channels)
     for p, g0, g1 in _slices(per, groups, nb * tokens * channels, dev):
         y = syms5[p, :, :, g0:g1].permute(1, 2, 0, 3).to(torch.float32)
-        y.add_(off[:, g0:g1, p])
-        y.mul_(step[:, g0:g1, p])
-        for out, y_b in zip(outs, y, strict=True):
+        y.add_(off5[:, g0:g1, p])
+        y.mul_(step5[:, g0:g1, p])
+        for out, y_b in zip(out5, y, strict=True):
             out[g0:g1, p].copy_(y_b)
-    return [out.view(e, layers, tokens, channels) for out in outs]

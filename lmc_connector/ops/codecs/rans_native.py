@@ -1,127 +1,27 @@
-"""The rANS coder as a small C library (`_rans.c`), built on first use, with a checked fallback.
+"""The rANS coder's C kernels (`_rans.c`, built by native.py), with a checked fallback.
 
 The torch coder (rans_torch.py) pays ~16 tensor ops per step; on a CPU that is most of a
-chunk's coding time. The same loops in C are one pass over the symbols. The library is
-compiled with the system's C compiler the first time a process needs it, into
-`$LMC_CACHE_DIR` (default `~/.cache/lmc_connector`; a private temporary directory where that
-cannot be written), named by a hash of the source and the compiler, and loaded with ctypes
-(calls release the GIL). Before it is used, a self-test
-checks that it produces the torch coder's bytes. No compiler, a failed build, a failed
-self-test or `LMC_CODEC_NATIVE=0` means `library()` is None and the codecs use the torch
-coder: same bitstream, slower.
+chunk's coding time. The same loops in C are one pass over the symbols. Before the kernels
+are used, a self-test checks that they produce the torch coder's bytes; where the library
+could not be built or fails it, `library()` is None and the codecs use the torch coder: same
+bitstream, slower.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
-import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmc_connector.ops.codecs import native
 from lmc_connector.ops.codecs.rans_tables import L, RansTables
-
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("_rans.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-_lock = threading.Lock()
-_state: dict[str, ctypes.CDLL | None] = {}
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded, self-tested coder library, or None where the torch coder must be used."""
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"] = _load()
-        return _state["lib"]
-
-
-def _compiler() -> list[str] | None:
-    configured = os.environ.get("CC") or sysconfig.get_config_var("CC") or ""
-    parts = configured.split()
-    if parts and shutil.which(parts[0]):
-        return parts
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    return None
-
-
-def _cache_dir() -> Path:
-    explicit = os.environ.get("LMC_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lmc_connector"
-
-
-def _build(cc: list[str], flags: list[str]) -> Path:
-    """The library built from `_SOURCE` with `flags`: from the cache directory, else compiled
-    there, else (read-only home, ...) compiled into a private temporary directory."""
-    source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(cc + flags).encode() + sys.platform.encode())
-    name = f"rans-{tag.hexdigest()[:16]}.so"
-    target = _cache_dir() / name
-    if target.is_file():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
-    except OSError:
-        target = Path(tempfile.mkdtemp(prefix="lmc-rans-")) / name
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
-    os.close(fd)
-    try:
-        subprocess.run(
-            [*cc, *flags, "-o", tmp, str(_SOURCE)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("LMC_CODEC_NATIVE", "1") == "0" or sys.byteorder != "little":
-        return None
-    cc = _compiler()
-    if cc is None:
-        logger.info("no C compiler found: codecs use the torch rANS coder (slower on CPU)")
-        return None
-    lib = None
-    for flags in (_FLAGS, [*_FLAGS, "-DLMC_PLAIN"]):  # without per-ISA clones, e.g. no ifunc
-        try:
-            lib = ctypes.CDLL(str(_build(cc, flags)))
-            break
-        except (OSError, subprocess.SubprocessError) as e:
-            logger.warning("native rANS coder build failed (%s %s): %s", cc, flags, e)
-    if lib is None:
-        logger.warning("native rANS coder unavailable: using the torch coder")
-        return None
-    lib.lmc_rans_encode.restype = _I
-    lib.lmc_rans_encode.argtypes = [_P, _I, _I, _I, _P, _I, _P, _P, _I]
-    lib.lmc_rans_decode.restype = _I
-    lib.lmc_rans_decode.argtypes = [_P, _I, _P, _P, _I, _I, _I, _P, _I, _P, _I]
-    if not _self_test(lib):
-        logger.warning("native rANS coder failed its self-test: using the torch coder")
-        return None
-    return lib
+    """The kernels library once its coder passed the self-test, or None where the torch
+    coder must be used."""
+    return native.checked("rANS coder", _self_test)
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
