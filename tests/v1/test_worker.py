@@ -88,27 +88,6 @@ def load_meta(
     return LMCConnectorMetadata(loads=[LoadSpec(req_id, keys, 0, 0, end, blocks)])
 
 
-def saved_in_fp8(
-    make_worker: WorkerFactory, chunks: int, seed: int
-) -> tuple[LMCWorker, list[ChunkKey], int, torch.Tensor]:
-    """A worker that saved a prompt of `chunks` chunks from its blocks 0.. (filled from
-    `seed`) and compressed it with fp8 in its CPU tier; the prompt's keys, tokens, exact KV."""
-    caches = make_caches(dtype=torch.float16, head=32)
-    worker = make_worker(caches)
-    engine, paged = worker.engine, worker.paged
-    assert engine is not None and paged is not None
-    blocks = list(range(chunks * CHUNK // BLOCK))
-    fill(caches, blocks, seed=seed)
-    n = chunks * CHUNK
-    prompt = list(range(n))
-    keys = tokens.chunk_hashes(prompt, CHUNK)
-    worker.save(save_meta("a", keys, n, blocks))
-    assert worker.saver is not None and worker.saver.drain()
-    want = paged.read(blocks, 0, n - 1)
-    engine.compress(prompt, "fp8", "LocalCPUBackend")
-    return worker, keys, n, want
-
-
 @pytest.mark.parametrize(
     ("dtype", "cache_dtype"),
     [
@@ -310,9 +289,19 @@ def test_compressed_chunks_decode_into_the_same_few_buffers_every_round(
         return out
 
     monkeypatch.setattr(DecodeBuffers, "__call__", recorded)
-    worker, keys, n, want = saved_in_fp8(make_worker, chunks=9, seed=7)
-    paged = worker.paged
-    assert paged is not None
+    caches = make_caches(dtype=torch.float16, head=32)
+    worker = make_worker(caches)
+    engine, paged = worker.engine, worker.paged
+    assert engine is not None and paged is not None
+    blocks = list(range(18))
+    fill(caches, blocks, seed=7)
+    n = 9 * CHUNK
+    prompt = list(range(n))
+    keys = tokens.chunk_hashes(prompt, CHUNK)
+    worker.save(save_meta("a", keys, n, blocks))
+    assert worker.saver is not None and worker.saver.drain()
+    want = paged.read(blocks, 0, n - 1)
+    engine.compress(prompt, "fp8", "LocalCPUBackend")
 
     for req, first in (("b", 20), ("c", 40)):
         target = list(range(first, first + 18))
@@ -322,39 +311,6 @@ def test_compressed_chunks_decode_into_the_same_few_buffers_every_round(
         assert torch.allclose(got.float(), want.float(), rtol=0.07, atol=0.5)
     assert len(handed) == 2 * 9
     assert len(set(handed)) == FETCH_CHUNKS
-
-
-def test_the_next_round_is_read_while_this_one_is_decoded(
-    make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    worker, keys, n, want = saved_in_fp8(make_worker, chunks=9, seed=9)
-    engine, paged = worker.engine, worker.paged
-    assert engine is not None and paged is not None
-    second_read = threading.Event()
-    readers: list[str] = []
-    overlapped: list[bool] = []
-    read, decode = engine.read, engine.tensors
-
-    def reading(round_keys: list[ChunkKey]) -> object:
-        readers.append(threading.current_thread().name)
-        if round_keys[0] == keys[FETCH_CHUNKS]:
-            second_read.set()
-        return read(round_keys)
-
-    def decoding(round_keys: list[ChunkKey], *args: object) -> object:
-        if round_keys[0] == keys[0]:
-            overlapped.append(second_read.wait(timeout=10))
-        return decode(round_keys, *args)
-
-    monkeypatch.setattr(engine, "read", reading)
-    monkeypatch.setattr(engine, "tensors", decoding)
-    target = list(range(20, 38))
-    worker.start_load(load_meta("b", keys, n - 1, target))
-    assert worker.take_load_errors() == set()
-    assert overlapped == [True]
-    assert len(readers) == 3 and all(name.startswith("lmc-load-read") for name in readers)
-    got = paged.read(target, 0, n - 1)
-    assert torch.allclose(got.float(), want.float(), rtol=0.07, atol=0.5)
 
 
 def test_a_corrupted_chunk_stops_the_load_and_reports_the_rest(
