@@ -39,10 +39,10 @@ SIMD static uint32_t enc_step(const int16_t *restrict row, int64_t streams,
 {
     uint32_t bad = 0;
     for (int64_t s = 0; s < streams; ++s) {
-        uint32_t c = (uint16_t)row[s];
-        bad |= c >= enc_len;
-        c = c < enc_len ? c : 0;
-        uint32_t e = (uint32_t)enc[c];
+        const uint32_t c = (uint16_t)row[s];
+        const uint32_t ok = c < enc_len;
+        bad |= ok ^ 1u;
+        const uint32_t e = (uint32_t)enc[c & -ok];
         uint32_t freq = e & MASK;
         uint32_t x = states[s];
         uint32_t emit = x >= (freq << 19);
