@@ -91,7 +91,7 @@ int64_t lmc_rans_encode(const int16_t *restrict codes, int64_t steps, int64_t st
  * and which streams need a word. */
 SIMD static void dec_step(uint32_t *restrict states, const int32_t *restrict dist,
                           int64_t streams, const int32_t *restrict dec, uint8_t *restrict o,
-                          uint8_t *restrict need)
+                          uint32_t *restrict need)
 {
     for (int64_t s = 0; s < streams; ++s) {
         uint32_t x = states[s];
@@ -104,7 +104,7 @@ SIMD static void dec_step(uint32_t *restrict states, const int32_t *restrict dis
 }
 
 SIMD static void dec_refill(uint32_t *restrict states, const uint32_t *restrict word,
-                            const uint8_t *restrict need, int64_t streams)
+                            const uint32_t *restrict need, int64_t streams)
 {
     for (int64_t s = 0; s < streams; ++s)
         states[s] = need[s] ? (states[s] << 16) | word[s] : states[s];
@@ -127,7 +127,7 @@ int64_t lmc_rans_decode(const uint16_t *restrict words, int64_t nwords,
     static const uint16_t none = 0;
     const uint16_t *from = nwords > 0 ? words : &none;
     const int64_t last = nwords > 0 ? nwords - 1 : 0;
-    uint8_t *need = malloc((size_t)streams + 1);
+    uint32_t *need = malloc((size_t)streams * sizeof *need + 1);
     uint32_t *word = malloc((size_t)streams * sizeof *word + 1);
     int64_t ptr = need == NULL || word == NULL ? nwords + 1 : 0;
     for (int64_t b = 0; b < nblk; ++b) {
