@@ -13,9 +13,10 @@ bits/element) while wide chunks keep min_steps (twice the streams would push its
 buffers out of cache). The streams are split into `lanes` equal runs, coded independently so
 that a CPU codes them on parallel threads (rans.py).
 
-Speed on CPU: the (de)quantization runs in slices of a few MB (bounded temporaries) with
-same-dtype in-place ops, and the coder is int32 throughout, in C where it could be built, its
-lanes on parallel threads (rans.py).
+Speed on CPU: the (de)quantization is two sweeps of C over the chunk (cachegen_native.py)
+where the kernels could be built, else torch ops in slices of a few MB (bounded temporaries),
+as on a GPU; the coder is int32 throughout, in C where it could be built, its lanes on
+parallel threads (rans.py). Both ways write and read the same bytes.
 """
 
 from __future__ import annotations
