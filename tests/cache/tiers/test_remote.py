@@ -21,7 +21,9 @@ import torch
 from lmc_connector import launch
 from lmc_connector.cache import CacheEngine, ChunkLayout
 from lmc_connector.cache.tiers.remote import RemoteBackend
+from lmc_connector.cache.tiers.remote import tier as tier_module
 from lmc_connector.cache.tiers.remote import writer as writer_module
+from lmc_connector.cache.tiers.remote.values import Assembler
 from lmc_connector.config import load_config
 from lmc_connector.launch import Service
 from lmc_connector.ops.codecs import fit_calibration
@@ -81,6 +83,30 @@ def test_a_fresh_engine_loads_what_another_saved_bit_identical(make: Factory) ->
     assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
     # What came from the store was promoted into the reader's CPU tier.
     assert reader.lookup(TOKENS, [CPU]) == len(TOKENS)
+
+
+def test_a_stalled_assembly_is_a_miss_and_the_value_stays_in_the_store(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process's own assembly thread cannot be stalled on demand: the test slows
+    `Assembler.add` (a fake) and shortens the wait for it."""
+    writer, reader = make(), make()
+    kvs = save_prompt(writer)
+    monkeypatch.setattr(tier_module, "ASSEMBLY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tier_module, "_cores_here", lambda: 2)  # assemble on the thread
+    add = Assembler.add
+
+    def stalled(self: Assembler, pieces: list[bytes | None]) -> None:
+        time.sleep(1.0)
+        add(self, pieces)
+
+    monkeypatch.setattr(Assembler, "add", stalled)
+    assert reader.get(reader.hashes(TOKENS)) == []
+    monkeypatch.setattr(Assembler, "add", add)
+    monkeypatch.setattr(tier_module, "ASSEMBLY_TIMEOUT_S", 30.0)  # past the stalled one
+    loaded = reader.get(reader.hashes(TOKENS))
+    assert len(loaded) == len(kvs)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
 
 
 @pytest.mark.parametrize("serde", ["fp8", "cachegen"])

@@ -43,6 +43,9 @@ LOAD_BATCH_BYTES = 256 << 20
 BULK_TIMEOUT_MIN_S = 2.0
 #: Seconds `flush` waits for queued uploads at most.
 FLUSH_TIMEOUT_S = 10.0
+#: Seconds a load waits at most for the assembly thread to place a chunk's pieces (local
+#: copies: a stalled process, not a slow store); past it the chunk is a miss.
+ASSEMBLY_TIMEOUT_S = 30.0
 #: Chunks this worker remembers having written (what the controller's index shows).
 MAX_WRITTEN = 1 << 18
 #: Room for an encoded value beyond the plain chunk's bytes (codec headers of tiny chunks).
@@ -242,9 +245,13 @@ class RemoteBackend(Tier):
         try:
             fetched = self._call("load", True, lambda c: ops.read_pieces(c, names, take))
         finally:
-            futures.wait(pending)
+            _, late = futures.wait(pending, timeout=ASSEMBLY_TIMEOUT_S)
         if fetched is None:
             return None, None  # the store failed: a miss, nothing is dropped
+        if late:
+            logger.warning("%s: placing its pieces took over %.0f s: a miss", name,
+                           ASSEMBLY_TIMEOUT_S)  # fmt: skip
+            return None, None  # nothing wrong with the value: it stays in the store
         for done in pending:
             done.result()  # raises what assembling found wrong
         chunk = assembler.finish()
