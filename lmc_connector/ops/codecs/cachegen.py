@@ -21,7 +21,6 @@ parallel threads (rans.py). Both ways write and read the same bytes.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from collections.abc import Sequence
 
@@ -42,7 +41,6 @@ _PARAMS = struct.Struct("<BHB")
 _REVISION = 3  # 2: int32 rANS state (L = 2**15); 3: lanes
 MAX_LANES = 4
 _LANE_STREAMS = 256  # fewest streams per lane
-_SLICE_ELEMS = 1 << 21  # bulk work slices on CPU: ~8 MB of float32
 _SMALL_STREAMS = 8192  # see the module docstring
 
 
@@ -124,11 +122,7 @@ class CacheGenCodec:
         scale = model.scales_from_codes(base, codes).view(nb, blocks, tokens)
         factor = half.view(blocks, 1) / scale  # [nb, blocks, tokens]
         tables = model.TABLES.get(cmax, dev)
-        lib = cachegen_native.library() if dev.type == "cpu" else None
-        if lib is not None:
-            sym_codes, side = _quantize_native(lib, x, factor, half, groups, cmax, tables)
-        else:
-            sym_codes, side = _quantize_torch(x, factor, half, groups, cmax, tables)
+        sym_codes, side = _quantize(x, factor, half, groups, cmax, tables)
         streams = groups * channels
         lanes = _lanes(streams)
         coded = rans.encode(sym_codes.view(per * tokens, nb * lanes, streams // lanes), tables)
@@ -166,7 +160,7 @@ class CacheGenCodec:
         return [t for t in out if t is not None]
 
 
-def _quantize_torch(
+def _quantize(
     x: torch.Tensor,
     factor: torch.Tensor,
     half: torch.Tensor,
@@ -175,10 +169,23 @@ def _quantize_torch(
     tables: rans.RansTables,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The coder's codes [per * tokens, nb, groups * channels] (int16) and the side info
-    [nb, groups, per, channels] of x [nb, blocks, tokens, channels], in torch ops (any
-    device), slice by slice."""
+    [nb, groups, per, channels] of x [nb, blocks, tokens, channels]: with the C kernels on a
+    CPU where they could be built, else in torch ops (any device), slice by slice."""
     nb, blocks, tokens, channels = x.shape
     per, dev = blocks // groups, x.device
+    lib = cachegen_native.library() if dev.type == "cpu" else None
+    if lib is not None:
+        rows = nb * blocks
+        q, s1, s2 = cachegen_native.quantize(
+            lib, x.view(rows, tokens, channels), factor.reshape(rows, tokens)
+        )
+        by_block = (nb, blocks, channels)
+        m, dist, sd = model.fit_channels(
+            s1.float().view(by_block), s2.float().view(by_block), tokens, half.view(blocks, 1), cmax
+        )
+        off = (dist * tables.alphabet - m.long() + 2 * cmax).view(rows, channels)
+        codes = cachegen_native.codes(lib, q, off, nb, groups, per)
+        return codes, sd.view(nb, groups, per, channels)
     factor5 = factor.view(nb, groups, per, tokens, 1)
     sym_codes = torch.empty((per, tokens, nb, groups, channels), dtype=torch.int16, device=dev)
     side = torch.empty((nb, groups, per, channels), dtype=torch.int64, device=dev)
@@ -196,26 +203,6 @@ def _quantize_torch(
         y.add_((dist * tables.alphabet - m.long() + 2 * cmax).to(y.dtype).unsqueeze(-2))
         sym_codes[p, :, :, g0:g1].copy_(y.permute(2, 0, 1, 3))
     return sym_codes.view(per * tokens, nb, groups * channels), side
-
-
-def _quantize_native(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    factor: torch.Tensor,
-    half: torch.Tensor,
-    groups: int,
-    cmax: int,
-    tables: rans.RansTables,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_torch` with the C kernels (CPU): the same codes and side info."""
-    nb, blocks, tokens, channels = x.shape
-    rows = x.view(nb * blocks, tokens, channels)
-    q, s1, s2 = cachegen_native.quantize(lib, rows, factor.reshape(nb * blocks, tokens))
-    half_rows = half.view(1, blocks, 1).expand(nb, blocks, 1).reshape(nb * blocks, 1)
-    m, dist, sd = model.fit_channels(s1.float(), s2.float(), tokens, half_rows, cmax)
-    off = dist * tables.alphabet - m.long() + 2 * cmax
-    sym_codes = cachegen_native.codes(lib, q, off, nb, groups, blocks // groups)
-    return sym_codes, sd.view(nb, groups, blocks // groups, channels)
 
 
 def _lanes(streams: int) -> int:
@@ -254,10 +241,10 @@ def _absmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _slices(per: int, groups: int, group_elems: int, dev: torch.device):  # type: ignore[no-untyped-def]
-    """(p, g0, g1) slices of the [groups, per] blocks of ~_SLICE_ELEMS elements each: on CPU
-    the bulk (de)quantization runs slice by slice so that its float32 temporaries stay a few
-    MB whatever the chunk (a Llama-3.1-8B chunk is 16M elements)."""
-    target = _SLICE_ELEMS if dev.type == "cpu" else 1 << 62
+    """(p, g0, g1) slices of the [groups, per] blocks of ~SLICE_ELEMS elements each: on CPU
+    the torch (de)quantization runs slice by slice so that its float32 temporaries stay a
+    few MB whatever the chunk (a Llama-3.1-8B chunk is 16M elements)."""
+    target = cachegen_native.SLICE_ELEMS if dev.type == "cpu" else 1 << 62
     step = max(1, min(groups, target // max(1, group_elems)))
     for p in range(per):
         for g0 in range(0, groups, step):
@@ -316,27 +303,27 @@ def _decode_same(
     else:
         outs = [allocate(header.shape, header.dtype) for _ in range(nb)]
     syms = syms.view(per * tokens, nb, streams)
-    lib = cachegen_native.library() if dev.type == "cpu" else None
-    if lib is not None and cachegen_native.writes(header.dtype):
-        for b, out in enumerate(outs):
-            cachegen_native.dequantize(lib, syms, off[b], step[b], groups, out, b)
-    else:
-        _dequantize_torch(syms, off, step, groups, outs)
+    _dequantize(syms, off, step, groups, outs)
     return outs
 
 
-def _dequantize_torch(
+def _dequantize(
     syms: torch.Tensor,
     off: torch.Tensor,
     step: torch.Tensor,
     groups: int,
     outs: list[torch.Tensor],
 ) -> None:
-    """(sym + off) * step into each chunk's output, in torch ops (any device), slice by slice:
-    syms [per * tokens, nb, groups * channels], off [nb, blocks, channels], step [nb, blocks,
-    tokens]."""
+    """(sym + off) * step into each chunk's output, for syms [per * tokens, nb, groups *
+    channels], off [nb, blocks, channels], step [nb, blocks, tokens]: with the C kernels on a
+    CPU where they could be built, else in torch ops (any device), slice by slice."""
     nb, blocks, tokens = step.shape
     per, channels, dev = blocks // groups, off.shape[-1], syms.device
+    lib = cachegen_native.library() if dev.type == "cpu" else None
+    if lib is not None:
+        for b, out in enumerate(outs):
+            cachegen_native.dequantize(lib, syms, off[b], step[b], groups, out, b)
+        return
     off5 = off.view(nb, groups, per, 1, channels)
     step5 = step.view(nb, groups, per, tokens, 1)
     out5 = [out.view(groups, per, tokens, channels) for out in outs]
