@@ -13,13 +13,15 @@ class Chunk:
 
     Exactly one of `kv` (a CPU tensor `[planes, layers, tokens, channels]`,
     never modified after insertion) and `blob` (bytes of the codec format,
-    produced by `method`) is set. `borrowed`: `kv` views memory torch does not own (a
-    received message, a file's bytes), which the buffer pool must never hand out again.
+    produced by `method`; a read-only view of pooled memory where it was read
+    back from a store) is set. `borrowed`: `kv` views memory torch does not own
+    (a received message, a file's bytes), which the buffer pool must never hand
+    out again.
     """
 
     num_tokens: int
     kv: torch.Tensor | None = None
-    blob: bytes | None = None
+    blob: bytes | memoryview | None = None
     method: str | None = None
     borrowed: bool = False
 

@@ -67,7 +67,7 @@ def decoded_prefix(
 
 
 def _decode_run(
-    blobs: list[bytes],
+    blobs: list[bytes | memoryview],
     device: torch.device,
     calibrations: CalibrationSource | None,
     allocate: Allocator | None,

@@ -4,7 +4,8 @@ Allocating a fresh 32 MiB tensor per put costs more in page faults than the
 copy itself. Buffers of removed chunks are kept here and handed out again,
 but only when nothing else can still see them: no other Python reference to
 the chunk or its tensor, and no view of its storage. Anything in doubt is
-simply freed.
+simply freed. The bytes of encoded chunks are cut from free buffers too
+(`slabs.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import defaultdict
 import torch
 
 from lmc_connector.cache.chunk import Chunk
+from lmc_connector.cache.slabs import ByteSlabs, viewed_elsewhere
 
 Shape = tuple[tuple[int, ...], torch.dtype]
 
@@ -25,16 +27,11 @@ Shape = tuple[tuple[int, ...], torch.dtype]
 _OWNER_CHUNK_REFS = 3
 # The chunk's slot, the local variable, and getrefcount's argument.
 _OWNER_TENSOR_REFS = 3
-# The tensor and the temporary storage wrapper made to ask.
-_OWNER_STORAGE_USES = 2
-
-
-def _storage_uses(kv: torch.Tensor) -> int:
-    return int(torch._C._storage_Use_Count(kv.untyped_storage()._cdata))
 
 
 class BufferPool:
-    """Free CPU buffers by (shape, dtype), at most `max_bytes` in all. Thread-safe."""
+    """Free CPU buffers by (shape, dtype), at most `max_bytes` in all, and the slabs that
+    encoded chunks' bytes are cut from (at most `max_bytes` more). Thread-safe."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -43,9 +40,13 @@ class BufferPool:
         self._drawn_from = False
         self._free: defaultdict[Shape, list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
+        self._slabs = ByteSlabs(self._draw_any, self._give_back, max_bytes)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised contiguous CPU tensor of `shape`, reused when one is free."""
+        """An uninitialised contiguous CPU tensor of `shape`, reused when one is free. Flat
+        bytes (`(n,)`, uint8: an encoded chunk) are cut from a free buffer of any shape."""
+        if dtype == torch.uint8 and len(shape) == 1:
+            return self._slabs.take(shape[0])
         with self._lock:
             self._drawn_from = True
             free = self._free.get((shape, dtype))
@@ -54,6 +55,24 @@ class BufferPool:
                 self.pooled_bytes -= kv.nbytes
                 return kv
         return torch.empty(shape, dtype=dtype)
+
+    def _draw_any(self, nbytes: int) -> torch.Tensor | None:
+        """A free buffer of at least `nbytes`, of any shape (for a slab)."""
+        with self._lock:
+            self._drawn_from = True
+            for free in self._free.values():
+                if free and free[-1].nbytes >= nbytes:
+                    kv = free.pop()
+                    self.pooled_bytes -= kv.nbytes
+                    return kv
+        return None
+
+    def _give_back(self, kv: torch.Tensor) -> None:
+        """A slab nobody sees any more: free again, if it fits the budget."""
+        with self._lock:
+            if self.pooled_bytes + kv.nbytes <= self.max_bytes:
+                self._free[(tuple(kv.shape), kv.dtype)].append(kv)
+                self.pooled_bytes += kv.nbytes
 
     def prefill(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Fill the pool with buffers of `shape` whose memory is already touched, so that the
@@ -78,7 +97,7 @@ class BufferPool:
             return False
         if chunk.borrowed:
             return False  # memory torch does not own (a received message): never written
-        if sys.getrefcount(kv) > _OWNER_TENSOR_REFS or _storage_uses(kv) > _OWNER_STORAGE_USES:
+        if sys.getrefcount(kv) > _OWNER_TENSOR_REFS or viewed_elsewhere(kv):
             return False
         with self._lock:
             if self.pooled_bytes + kv.nbytes > self.max_bytes:

@@ -20,10 +20,12 @@ SQUEEZE_BATCH = 8
 #: Turns plain chunks into encoded ones (the engine's codec on its codec device).
 Compressor = Callable[[list[Chunk]], list[Chunk]]
 
-#: Removed chunks' buffers kept for reuse: a share of the capacity, at most a fixed amount.
-#: In steady state every put evicts one chunk, so a few buffers are enough.
+#: Free buffers kept for reuse: a share of the capacity, at most a fixed amount. A new
+#: worker touches them all at start-up, so that the chunks of its first few long prompts
+#: (loaded from a shared store, plain or encoded, or computed and saved) land in warm
+#: memory; in steady state every put evicts one chunk, and its buffer serves the next.
 POOL_SHARE = 4
-POOL_MAX_BYTES = 256 * 2**20
+POOL_MAX_BYTES = 2**30
 
 logger = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ class CacheGenCodec:
 
     def decode(
         self,
-        blob: bytes,
+        blob: bytes | memoryview,
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> torch.Tensor:
@@ -141,7 +141,7 @@ class CacheGenCodec:
 
     def decode_batch(
         self,
-        blobs: Sequence[bytes],
+        blobs: Sequence[bytes | memoryview],
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
@@ -252,7 +252,9 @@ def _slices(per: int, groups: int, group_elems: int, dev: torch.device):  # type
 
 
 def _decode_same(
-    parts: list[tuple[fmt.BlobHeader, bytes]], dev: torch.device, allocate: Allocator | None
+    parts: list[tuple[fmt.BlobHeader, bytes | memoryview]],
+    dev: torch.device,
+    allocate: Allocator | None,
 ) -> list[torch.Tensor]:
     header = parts[0][0]
     e, layers, tokens, channels = header.shape

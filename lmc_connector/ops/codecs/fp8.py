@@ -37,7 +37,7 @@ class Fp8Codec:
 
     def decode(
         self,
-        blob: bytes,
+        blob: bytes | memoryview,
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> torch.Tensor:
@@ -67,7 +67,7 @@ class Fp8Codec:
 
     def decode_batch(
         self,
-        blobs: Sequence[bytes],
+        blobs: Sequence[bytes | memoryview],
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:

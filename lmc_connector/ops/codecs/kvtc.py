@@ -76,7 +76,7 @@ class KvtcCodec:
 
     def decode(
         self,
-        blob: bytes,
+        blob: bytes | memoryview,
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> torch.Tensor:
@@ -94,7 +94,7 @@ class KvtcCodec:
 
     def decode_batch(
         self,
-        blobs: Sequence[bytes],
+        blobs: Sequence[bytes | memoryview],
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
@@ -178,7 +178,7 @@ class KvtcCodec:
 
     def _decode_same(
         self,
-        parts: list[tuple[fmt.BlobHeader, bytes]],
+        parts: list[tuple[fmt.BlobHeader, bytes | memoryview]],
         dev: torch.device,
         allocate: Allocator | None,
     ) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ class Codec(Protocol):
 
     def decode(
         self,
-        blob: bytes,
+        blob: bytes | memoryview,
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> torch.Tensor: ...
@@ -46,7 +46,7 @@ class Codec(Protocol):
 
     def decode_batch(
         self,
-        blobs: Sequence[bytes],
+        blobs: Sequence[bytes | memoryview],
         device: torch.device | str | None = None,
         allocate: Allocator | None = None,
     ) -> list[torch.Tensor]:
@@ -154,7 +154,7 @@ def peek_header(blob: bytes | bytearray | memoryview) -> fmt.BlobHeader:
 
 
 def decode_blob(
-    blob: bytes,
+    blob: bytes | memoryview,
     device: torch.device | str | None = None,
     calibrations: CalibrationSource | None = None,
     allocate: Allocator | None = None,

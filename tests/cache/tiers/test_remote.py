@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -129,6 +130,36 @@ def test_codec_serde_stores_fewer_bytes_and_loads_within_tolerance(
     for got, want in zip(loaded, kvs, strict=True):
         error = (got.float() - want.float()).norm() / want.float().norm()
         assert 0 < error < 0.25
+
+
+def test_encoded_values_are_read_into_memory_the_tier_is_given(
+    make: Factory, store: redis.Redis
+) -> None:
+    """The reader's CPU tier hands out memory it touched at start-up (`cache/slabs.py`): a
+    blob read back is a read-only view of what `allocate` gave, holding the stored bytes."""
+    layout = ChunkLayout("m", 1, 0, "float16", 2, 4, 64, 64)
+    tokens = list(range(128))
+    writer, reader = make(layout, remote_serde="fp8"), make(layout)
+    keys = writer.hashes(tokens)
+    for i, key in enumerate(keys):
+        writer.put(
+            key, torch.randn(layout.shape(64), generator=torch.Generator().manual_seed(i)).half()
+        )
+    remote(writer).flush()
+    given: list[torch.Tensor] = []
+
+    def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        given.append(torch.empty(shape, dtype=dtype))
+        return given[-1]
+
+    remote(reader).allocate = allocate
+    assert len(reader.get(keys)) == 2
+    for key, memory in zip(keys, given, strict=True):
+        blob = reader.tier(CPU).load(key)[1].blob  # type: ignore[union-attr]
+        assert isinstance(blob, memoryview) and blob.readonly
+        assert memory.dtype == torch.uint8 and memory.shape == (len(blob),)
+        assert np.frombuffer(blob, dtype=np.uint8).ctypes.data == memory.data_ptr()
+        assert bytes(blob) == store.get(f"{remote(reader).keys.head(key)}:0")
 
 
 def test_keys_name_the_layout_and_the_chunk_so_other_layouts_never_meet(

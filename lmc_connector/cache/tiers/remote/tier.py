@@ -224,9 +224,7 @@ class RemoteBackend(Tier):
         if head is None:
             self._forget([key])
             return None, None
-        assembler = Assembler(head, name, key, self.allocate or empty_cpu)
-        if assembler.count > self._max_pieces:
-            raise ValueError(f"{assembler.count} pieces is more than this layout's chunks need")
+        assembler = Assembler(head, name, key, self._max_pieces, self.allocate or empty_cpu)
         pending: list[Future[None]] = []
         # Overlap only with a core to overlap on: vLLM binds a CPU worker's threads to one
         # core, where a hand-off per piece waits on the scheduler instead.

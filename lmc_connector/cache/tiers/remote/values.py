@@ -62,27 +62,35 @@ class Assembler:
     """Builds one chunk from its head and pieces as they arrive; pieces may be added from
     another thread than the reader's (one at a time), while the next ones are fetched.
 
-    A plain chunk is assembled into memory from `allocate` (numpy copies, which let go
-    of the GIL), its checksum computed piece by piece while the piece is still in the
-    processor's cache. Raises RecordFormatError for anything malformed, missing or not
-    matching its checksum.
+    Every payload is assembled into memory from `allocate` (numpy copies, which let go of
+    the GIL): a plain chunk's tensor, or an encoded chunk's bytes (a flat uint8 tensor,
+    which the blob views); its checksum is computed piece by piece while the piece is still
+    in the processor's cache. Raises RecordFormatError for anything malformed, missing or
+    not matching its checksum.
     """
 
     def __init__(
-        self, head: bytes, where: str, key: ChunkKey, allocate: Allocator = empty_cpu
+        self,
+        head: bytes,
+        where: str,
+        key: ChunkKey,
+        max_pieces: int,
+        allocate: Allocator = empty_cpu,
     ) -> None:
         self.header = parse_header(head, where, key)
         self.count = pieces_for(self.header.payload_len)
+        if self.count > max_pieces:
+            raise RecordFormatError(
+                f"{where}: {self.count} pieces is more than this layout's chunks need"
+            )
         self._where = where
         self._crc = self.header.crc_start
         self._next = 0
-        self._parts: list[bytes] = []
-        self._kv: torch.Tensor | None = None
-        self._target: np.ndarray | None = None
-        if not self.header.encoded:
-            shape, dtype = self.header.plain_layout()
-            self._kv = allocate(shape, dtype)
-            self._target = self._kv.view(torch.uint8).numpy().reshape(-1)
+        if self.header.encoded:
+            self._kv = allocate((self.header.payload_len,), torch.uint8)
+        else:
+            self._kv = allocate(*self.header.plain_layout())
+        self._target: np.ndarray = self._kv.view(torch.uint8).numpy().reshape(-1)
 
     def add(self, pieces: Sequence[bytes | None]) -> None:
         """The next pieces, in order."""
@@ -93,10 +101,7 @@ class Assembler:
                 raise RecordFormatError(
                     f"{self._where}: piece {self._next} is missing or has the wrong size"
                 )
-            if self._target is not None:
-                self._target[start : start + size] = np.frombuffer(piece, dtype=np.uint8)
-            else:
-                self._parts.append(piece)
+            self._target[start : start + size] = np.frombuffer(piece, dtype=np.uint8)
             self._crc = crc32(piece, self._crc)
             self._next += 1
 
@@ -104,7 +109,7 @@ class Assembler:
         if self._next != self.count:
             raise RecordFormatError(f"{self._where}: {self._next} of {self.count} pieces")
         self.header.verify(self._crc)
-        if self._kv is None:
-            blob = b"".join(self._parts)
+        if self.header.encoded:
+            blob = self._target.data.toreadonly()
             return Chunk(self.header.num_tokens, blob=blob, method=self.header.name)
         return Chunk(self.header.num_tokens, kv=self._kv)
