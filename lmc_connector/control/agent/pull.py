@@ -10,6 +10,7 @@ from lmc_connector import tokens as tok
 from lmc_connector.cache import CacheEngine
 from lmc_connector.control.agent.peer_client import PeerClient, PeerUnavailableError
 from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire.types import prompt_of
 from lmc_connector.operations import JobOutcome
 from lmc_connector.tokens import ChunkKey
 
@@ -22,7 +23,7 @@ def pull(engine: CacheEngine, client: PeerClient, op: cmd.PullOp, rank: int) -> 
     started = time.perf_counter()
     outcome = JobOutcome()
     address = op.sources[rank]
-    keys = engine.hashes(op.tokens)
+    keys = engine.hashes(prompt_of(op.tokens, op.scope))
     held: list[ChunkKey] = []
     try:
         for key, chunk in client.fetch(address, keys, op.source_location):

@@ -15,6 +15,7 @@ from lmc_connector.control.controller.errors import ControlError
 from lmc_connector.control.controller.instances import Instance
 from lmc_connector.control.controller.state import ControllerState
 from lmc_connector.control.wire.locate import PeerFound
+from lmc_connector.control.wire.types import PromptScope, key_scope
 from lmc_connector.tokens import ChunkKey
 
 
@@ -68,9 +69,11 @@ def pull_sources(
     location: str,
     destination_id: str,
     tokens: Sequence[int],
+    scope: PromptScope | None = None,
 ) -> tuple[list[str], int]:
     """For `/move` across instances: the source's peer servers by rank, and the tokens of
-    `tokens` it holds in `location` on every rank. Raises ControlError naming the fix."""
+    `tokens` (keyed under `scope`) it holds in `location` on every rank. Raises ControlError
+    naming the fix."""
     with state.lock:
         source = state.instance(source_id)
         destination = state.instance(destination_id)
@@ -90,7 +93,7 @@ def pull_sources(
                 f"instance '{source_id}' serves no peers: start it with enable_p2p: true "
                 "(and p2p_init_ports)"
             )
-        keys = tok.chunk_hashes(tokens, source.chunk_size)
+        keys = tok.chunk_hashes(tokens, source.chunk_size, key_scope(scope))
         held = state.index.prefix(source_id, keys, range(source.world_size), location)
         chunks = 0 if held is None else held[1]
         return addresses, tok.prefix_tokens(chunks, len(tokens), source.chunk_size)

@@ -81,6 +81,7 @@ class PullOp(msgspec.Struct, tag="pull"):
     tokens: TokenList
     remove_source: bool = False
     num_tokens: int = 0
+    scope: PromptScope | None = None
 
 
 class CalibrateOp(msgspec.Struct, tag="calibrate"):

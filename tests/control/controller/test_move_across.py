@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lmc_connector.launch import free_port
+from lmc_connector.tokens import KeyScope, Prompt
 from tests.control.agent.test_peers import CHUNKS, TOKENS, fill_per_rank, p2p, plain
 from tests.control.conftest import InstanceFactory, new_controller
 from tests.control.harness import CPU, DISK, Controller, Worker, registered, wait_until
@@ -85,6 +86,33 @@ def test_move_across_instances_pulls_rank_for_rank(
         assert all(torch.equal(x, y) for x, y in zip(got, expected[rank], strict=True))
         assert not any(torch.equal(x, y) for x, y in zip(got, expected[1 - rank], strict=True))
         assert a[rank].engine.lookup(TOKENS) == (len(TOKENS) if should_copy else 0)
+
+
+def test_a_salted_prompt_moves_under_its_salt_and_the_plain_one_stays(
+    pair: tuple[list[Worker], list[Worker]], client: httpx.Client
+) -> None:
+    a, b = pair
+    salted = Prompt(TOKENS, KeyScope(cache_salt="tenant-a"))
+    for worker in a:
+        worker.fill(salted, seed=200 + worker.engine.layout.rank, scope=salted.scope)
+    expected = [plain(w, salted) for w in a]
+
+    def indexed() -> bool:
+        body = {"tokens": TOKENS, "cache_salt": "tenant-a"}
+        return bool(client.post("/lookup", json=body).json()["layout_info"])
+
+    wait_until(indexed, what="the salted prompt in the index")
+    answer = move(client, a, b, cache_salt="tenant-a")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["num_tokens"] == len(TOKENS)
+    assert finished(client, answer.json()["event_id"])["status"] == "finished"
+    for rank in (0, 1):
+        got = plain(b[rank], salted)
+        assert len(got) == CHUNKS
+        assert all(torch.equal(x, y) for x, y in zip(got, expected[rank], strict=True))
+        assert b[rank].engine.lookup(TOKENS) == 0
+        assert a[rank].engine.lookup(salted) == 0
+        assert a[rank].engine.lookup(TOKENS) == len(TOKENS)
 
 
 def test_lookup_shows_both_instances_after_a_copy(

@@ -131,7 +131,7 @@ class MoveRequest(ScopedTokens, forbid_unknown_fields=True):
       the source, rank for rank, and without `should_copy` the source drops it afterwards
       (`copy` is accepted as LMCache's older name). Tracked like compress.
 
-    `cache_salt`, `lora_name` and `lora_path` name a scoped prompt within one instance.
+    `cache_salt`, `lora_name` and `lora_path` name a scoped prompt, in either shape.
     """
 
     tokens: Tokens

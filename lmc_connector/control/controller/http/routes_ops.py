@@ -192,9 +192,12 @@ async def _move_across(
     new: bodies.Position,
 ) -> Response:
     (source_id, source_location), (destination_id, location) = old, new
+    scope = req.scope()
     sources, num_tokens = await asyncio.to_thread(
-        pull_sources, service.state, source_id, source_location, destination_id, req.tokens
+        pull_sources, service.state, source_id, source_location, destination_id, req.tokens, scope
     )
-    op = cmd.PullOp(sources, source_location, location, req.tokens, not _copy(req), num_tokens)
+    op = cmd.PullOp(
+        sources, source_location, location, req.tokens, not _copy(req), num_tokens, scope
+    )
     operation = await service.run("move", destination_id, op, _location(location), background=True)
     return _scheduled(operation)
