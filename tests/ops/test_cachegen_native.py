@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmc_connector.ops.codecs import cachegen_native, get_codec, native
+from tests.ops.kernels import both_ways
 from tests.ops.test_codecs import DTYPES, SHAPES, kv_like
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: torch ops only")
@@ -22,14 +23,6 @@ def torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cachegen_native, "library", lambda: None)
 
 
-def both_ways(fn, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """fn() with the C kernels, then with the torch ops."""
-    native = fn()
-    with monkeypatch.context() as m:
-        m.setattr(cachegen_native, "library", lambda: None)
-        return native, fn()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernels_encode_the_torch_ops_blob(
@@ -37,7 +30,7 @@ def test_kernels_encode_the_torch_ops_blob(
 ) -> None:
     codec = get_codec("cachegen")
     kv = kv_like(shape, dtype, seed=sum(shape))
-    native, reference = both_ways(lambda: codec.encode(kv), monkeypatch)
+    native, reference = both_ways(cachegen_native, lambda: codec.encode(kv), monkeypatch)
     assert native == reference
 
 
@@ -48,7 +41,7 @@ def test_kernels_decode_the_torch_ops_kv(
 ) -> None:
     codec = get_codec("cachegen")
     blob = codec.encode(kv_like(shape, dtype, seed=1 + sum(shape)))
-    native, reference = both_ways(lambda: codec.decode(blob), monkeypatch)
+    native, reference = both_ways(cachegen_native, lambda: codec.decode(blob), monkeypatch)
     assert native.dtype == reference.dtype == dtype
     assert torch.equal(native.view(torch.uint8), reference.view(torch.uint8))
 
@@ -58,9 +51,9 @@ def test_kernels_agree_on_a_batch_and_on_non_finite_input(monkeypatch: pytest.Mo
     kvs = [kv_like((2, 4, 32, 48), torch.float16, seed=s) for s in range(3)]
     kvs[1][0, 2, 5, 7] = float("nan")
     kvs[2][1, 0, 3, 1] = float("-inf")
-    blobs, reference = both_ways(lambda: codec.encode_batch(kvs), monkeypatch)
+    blobs, reference = both_ways(cachegen_native, lambda: codec.encode_batch(kvs), monkeypatch)
     assert blobs == reference
-    native, torch_kv = both_ways(lambda: codec.decode_batch(blobs), monkeypatch)
+    native, torch_kv = both_ways(cachegen_native, lambda: codec.decode_batch(blobs), monkeypatch)
     for a, b in zip(native, torch_kv, strict=True):
         assert torch.equal(a, b)
 

@@ -18,17 +18,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "_kernels.h"
+
 #define PREC 12
 #define MASK ((1u << PREC) - 1)
 #define LOW (1u << 15)
 #define ENC_C 13
 #define SYM_BITS 7
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(LMC_PLAIN)
-#define SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SIMD
-#endif
 
 /* One encoder step over all streams: codes the symbols of `row`, leaves each stream's
  * candidate word in w and whether it is emitted in flag. Returns nonzero on a bad code. */

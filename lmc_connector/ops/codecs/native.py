@@ -1,7 +1,8 @@
 """The codecs' C kernels as one small library, built on first use, loaded with ctypes.
 
-Sources: `_rans.c` (the rANS coder, rans_native.py) and `_cachegen.c` (CacheGen's
-quantizer and dequantizer, cachegen_native.py). The library is compiled with the system's C
+Sources: `_rans.c` (the rANS coder, rans_native.py), `_cachegen.c` (CacheGen's quantizer
+and dequantizer, cachegen_native.py) and `_fp8.c` (fp8's dequantizer, fp8_native.py), with
+`_kernels.h` (what they share). The library is compiled with the system's C
 compiler the first time a process needs it, into `$LMC_CACHE_DIR` (default
 `~/.cache/lmc_connector`; a private temporary directory where that cannot be written), named
 by a hash of the sources and the compiler, and loaded with ctypes (calls release the GIL).
@@ -27,7 +28,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("_rans.c", "_cachegen.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("_rans.c", "_cachegen.c", "_fp8.c")]
+_HEADERS = [Path(__file__).with_name("_kernels.h")]
 # No contraction of a product and a sum into one rounding: the kernels match torch bit for bit.
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
 P = ctypes.c_void_p
@@ -39,6 +41,7 @@ _SIGNATURES = [
     ("lmc_cg_quantize", None, [P, I64, I64, I64, P, P, P, P]),
     ("lmc_cg_codes", None, [P, P, I64, I64, I64, I64, I64, P]),
     ("lmc_cg_dequant", I64, [P, P, P, I64, I64, I64, I64, I64, I64, I64, P]),
+    ("lmc_fp8_dequant", I64, [P, P, P, I64, I64, I64, P]),
 ]
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
@@ -90,7 +93,7 @@ def _build(cc: list[str], flags: list[str]) -> Path:
     """The library built from the sources with `flags`: from the cache directory, else
     compiled there, else (read-only home, ...) compiled into a private temporary directory."""
     tag = hashlib.sha256(" ".join(cc + flags).encode() + sys.platform.encode())
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         tag.update(source.read_bytes())
     name = f"kernels-{tag.hexdigest()[:16]}.so"
     target = _cache_dir() / name
