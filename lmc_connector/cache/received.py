@@ -14,8 +14,8 @@ from lmc_connector.cache.layout import ChunkLayout
 def chunk_from_bytes(
     layout: ChunkLayout, num_tokens: int, data: memoryview, method: str | None
 ) -> Chunk:
-    """A chunk of `layout` from plain tensor bytes (the tensor is a view of `data`, which it
-    keeps alive: no copy) or a codec blob (header and checksum verified). Raises ValueError
+    """A chunk of `layout` from plain tensor bytes or a codec blob (header and checksum
+    verified): either way a view of `data`, which it keeps alive (no copy). Raises ValueError
     when the bytes are not a chunk of this layout."""
     if not 0 < num_tokens <= layout.chunk_size:
         raise ValueError(f"a chunk of {num_tokens} tokens does not fit chunk_size")
@@ -23,7 +23,7 @@ def chunk_from_bytes(
     if method is not None:
         from lmc_connector.ops.codecs import CodecError, peek_header
 
-        blob = bytes(data)
+        blob = data.toreadonly()
         try:
             header = peek_header(blob)
         except CodecError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,19 @@ def test_bytes_that_are_not_a_chunk_of_the_layout_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=error):
         chunk_from_bytes(LAYOUT, tokens, memoryview(bytes(nbytes)), method)
+
+
+def test_a_blob_becomes_a_read_only_view_of_the_received_buffer() -> None:
+    from lmc_connector.ops.codecs import get_codec
+
+    blob = get_codec("fp8").encode(torch.randn(LAYOUT.shape(8)).to(torch.bfloat16))
+    data = memoryview(bytearray(blob))
+    chunk = chunk_from_bytes(LAYOUT, 8, data, "fp8")
+    assert isinstance(chunk.blob, memoryview) and chunk.blob.readonly
+    assert chunk.blob == blob
+    assert (
+        np.frombuffer(chunk.blob, np.uint8).ctypes.data == np.frombuffer(data, np.uint8).ctypes.data
+    )
 
 
 def test_a_blob_of_another_shape_is_refused() -> None:
