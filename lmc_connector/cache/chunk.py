@@ -13,10 +13,10 @@ class Chunk:
 
     Exactly one of `kv` (a CPU tensor `[planes, layers, tokens, channels]`,
     never modified after insertion) and `blob` (bytes of the codec format,
-    produced by `method`; a read-only view of pooled memory where it was read
-    back from a store) is set. `borrowed`: `kv` views memory torch does not own
-    (a received message, a file's bytes), which the buffer pool must never hand
-    out again.
+    produced by `method`; a read-only view where it was read back from a
+    store, into pooled memory, or received from a peer, in its frame) is set.
+    `borrowed`: `kv` views memory torch does not own (a received message, a
+    file's bytes), which the buffer pool must never hand out again.
     """
 
     num_tokens: int

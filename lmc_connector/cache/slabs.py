@@ -51,12 +51,6 @@ class ByteSlabs:
         self._slab_bytes = 0
         self._lock = threading.Lock()
 
-    @property
-    def slab_bytes(self) -> int:
-        """Bytes of the slabs held now (being cut or retired)."""
-        with self._lock:
-            return self._slab_bytes
-
     def take(self, nbytes: int) -> torch.Tensor:
         """An uninitialised uint8 tensor of `nbytes`: a range of a slab where one has room."""
         with self._lock:
