@@ -34,18 +34,6 @@ def test_kernels_encode_the_torch_ops_blob(
     assert native == reference
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_kernels_decode_the_torch_ops_kv(
-    shape: tuple[int, ...], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    codec = get_codec("cachegen")
-    blob = codec.encode(kv_like(shape, dtype, seed=1 + sum(shape)))
-    native, reference = both_ways(cachegen_native, lambda: codec.decode(blob), monkeypatch)
-    assert native.dtype == reference.dtype == dtype
-    assert torch.equal(native.view(torch.uint8), reference.view(torch.uint8))
-
-
 def test_kernels_agree_on_a_batch_and_on_non_finite_input(monkeypatch: pytest.MonkeyPatch) -> None:
     codec = get_codec("cachegen")
     kvs = [kv_like((2, 4, 32, 48), torch.float16, seed=s) for s in range(3)]

@@ -87,10 +87,10 @@ class Assembler:
         self._crc = self.header.crc_start
         self._next = 0
         if self.header.encoded:
-            self._kv = allocate((self.header.payload_len,), torch.uint8)
+            self._memory = allocate((self.header.payload_len,), torch.uint8)
         else:
-            self._kv = allocate(*self.header.plain_layout())
-        self._target: np.ndarray = self._kv.view(torch.uint8).numpy().reshape(-1)
+            self._memory = allocate(*self.header.plain_layout())
+        self._target: np.ndarray = self._memory.view(torch.uint8).numpy().reshape(-1)
 
     def add(self, pieces: Sequence[bytes | None]) -> None:
         """The next pieces, in order."""
@@ -112,4 +112,4 @@ class Assembler:
         if self.header.encoded:
             blob = self._target.data.toreadonly()
             return Chunk(self.header.num_tokens, blob=blob, method=self.header.name)
-        return Chunk(self.header.num_tokens, kv=self._kv)
+        return Chunk(self.header.num_tokens, kv=self._memory)
