@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import zmq
 
-from lmc_connector.cache import CacheEngine, Chunk, UnknownLocationError
+from lmc_connector.cache import CacheEngine, UnknownLocationError
+from lmc_connector.cache.record import payload
 from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcServer
@@ -26,15 +26,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two warnings about bad peer requests.
 WARN_EVERY_S = 10.0
-
-
-def chunk_payload(chunk: Chunk) -> bytes | memoryview:
-    """The bytes of a chunk as stored, without a copy: the blob, or a view of the tensor."""
-    if chunk.blob is not None:
-        return chunk.blob
-    assert chunk.kv is not None
-    flat: torch.Tensor = chunk.kv.reshape(-1).view(torch.uint8)
-    return flat.numpy().data
 
 
 class PeerServer:
@@ -108,7 +99,7 @@ class PeerServer:
             return
         header = pw.Chunks([pw.ChunkInfo(c.num_tokens, c.method) for c in chunks])
         frames: list[bytes | memoryview] = [encode(header)]
-        frames.extend(chunk_payload(c) for c in chunks)
+        frames.extend(payload(c) for c in chunks)
         self.served_chunks += len(chunks)
         self.served_bytes += sum(c.nbytes for c in chunks)
         call.reply(frames)

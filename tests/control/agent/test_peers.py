@@ -207,12 +207,12 @@ def test_async_load_admits_the_missing_chunks_pinned_until_released(
 def test_peer_server_sends_plain_chunks_without_copying_them(
     pair: tuple[list[Worker], list[Worker]],
 ) -> None:
-    from lmc_connector.control.agent.peer_server import chunk_payload
+    from lmc_connector.cache.record import payload
 
     a, _ = pair
     chunk = a[0].engine.stored(a[0].engine.hashes(TOKENS))[0]
     assert chunk.kv is not None
-    view = chunk_payload(chunk)
+    view = payload(chunk)
     assert isinstance(view, memoryview)
     assert view.nbytes == chunk.nbytes
     assert torch.frombuffer(view, dtype=torch.uint8).data_ptr() == chunk.kv.data_ptr()
