@@ -71,7 +71,7 @@ def start_agent(
             RELEASE.wait()
             return real_run(job)  # type: ignore[arg-type]
 
-        engine.run = blocked_run  # type: ignore[method-assign]
+        engine.run = blocked_run  # type: ignore[method-assign,assignment]
     agent = ControlAgent(config, engine, 0, 1, "bench")
     agent.start()
     return agent

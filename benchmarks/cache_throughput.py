@@ -18,6 +18,7 @@ import torch
 
 from lmc_connector.cache import CacheEngine, ChunkLayout
 from lmc_connector.config import load_config
+from lmc_connector.tokens import ChunkKey
 
 LLAMA_8B = ChunkLayout("llama-3.1-8b", 1, 0, "bfloat16", 2, 32, 8 * 128, 256)
 
@@ -58,12 +59,12 @@ def main() -> None:
     config = load_config({"max_local_cpu_size": (total + chunk_bytes // 2) / 1e9}, env={})
     engine = CacheEngine(config, layout)
     next_key = iter(range(1, 1 << 30))
-    keys: list[int] = []
+    keys: list[ChunkKey] = []
 
     def put_all() -> None:
         keys.clear()
         for src in sources:
-            keys.append(next(next_key))
+            keys.append(ChunkKey(next(next_key)))
             assert engine.put(keys[-1], src)
 
     def get_all() -> None:

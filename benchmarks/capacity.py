@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def _serve(
     args: argparse.Namespace, controller: str | None, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams, TokensPrompt
 
     extra = {"chunk_size": CHUNK_SIZE, "max_local_cpu_size": args.cpu_gb, **(extra or {})}
     if args.child != "plain":
@@ -106,14 +106,15 @@ def _serve(
         },
     )
     one = SamplingParams(max_tokens=1, temperature=0.0)
-    llm.generate([{"prompt_token_ids": prompt_ids(-1, 256)}], one, use_tqdm=False)  # warm-up
+    warm_up = TokensPrompt(prompt_token_ids=prompt_ids(-1, 256))
+    llm.generate([warm_up], one, use_tqdm=False)
     if controller is not None:
         calibrate(llm, one, controller, args)
     seconds, hits = [], []
     sequence = requests(args.prompts, args.requests, seed=7)
     for n, index in enumerate(sequence, 1):
         start = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": prompt_ids(index, args.prompt_len)}], one,
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(index, args.prompt_len))], one,
                            use_tqdm=False)  # fmt: skip
         seconds.append(time.perf_counter() - start)
         hits.append(out[0].num_cached_tokens or 0)

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,6 +56,10 @@ def minilm_chunks(
     test_ids, train_ids = lm.split(256, test=count, train=train)
     capture = lambda ids: lm.capture(ids).kv.half().to(device)  # noqa: E731
     return [capture(i) for i in test_ids], [capture(i) for i in train_ids]
+
+
+def _clone(kvs: Sequence[torch.Tensor], i: int) -> torch.Tensor:
+    return kvs[i].clone()
 
 
 def _sync(device: str) -> None:
@@ -135,7 +140,7 @@ def main() -> None:
     print("-" * len(head))
     for label, kvs in (("minilm-l6", minilm), ("llama-3.1-8b", llama)):
         mb = kvs[0].numel() * 2 / 2**20
-        copy, _ = median_mbps(lambda i, k=kvs: k[i].clone(), len(kvs), mb, dev)
+        copy, _ = median_mbps(partial(_clone, kvs), len(kvs), mb, dev)
         for name in codec_names():
             params = {}
             if is_calibrated(name):

@@ -82,7 +82,7 @@ class Load:
                     event_id = self.events[-1 - step % min(len(self.events), 1000)]
                     await self._call(http, "/check_finish", {"event_id": event_id})
 
-    async def _call(self, http: httpx.AsyncClient, path: str, body: object) -> dict | None:  # type: ignore[type-arg]
+    async def _call(self, http: httpx.AsyncClient, path: str, body: object) -> dict | None:
         started = time.perf_counter()
         try:
             answer = await http.post(path, json=body)

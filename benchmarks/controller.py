@@ -87,7 +87,8 @@ def bench_index(url: str, monitor_port: int, pid: int, total_chunks: int, lookup
     for i in range(INSTANCES):
         # every instance holds a different-length prefix of the prompt, then filler chunks
         keys = prompt_keys[: (i + 1) * len(prompt_keys) // INSTANCES]
-        keys = keys + [random.getrandbits(64) for _ in range(per_instance - len(keys))]
+        filler = per_instance - len(keys)
+        keys = keys + [tok.ChunkKey(random.getrandbits(64)) for _ in range(filler)]
         for start in range(0, len(keys), BATCH_KEYS):
             op = m.ChunkOp(True, CPU, keys[start : start + BATCH_KEYS])
             batches.append(encode(m.ChunkEvents(f"inst-{i}", 0, "s0", [op])))
@@ -103,7 +104,7 @@ def bench_index(url: str, monitor_port: int, pid: int, total_chunks: int, lookup
     churn = min(200_000, events // 4)
     base = ingested(url)
     started = time.perf_counter()
-    victims = [random.getrandbits(64) for _ in range(churn // 2)]
+    victims = [tok.ChunkKey(random.getrandbits(64)) for _ in range(churn // 2)]
     for kind in (True, False):
         for start in range(0, len(victims), BATCH_KEYS):
             op = m.ChunkOp(kind, CPU, victims[start : start + BATCH_KEYS])

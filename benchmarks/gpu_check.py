@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from lmc_connector import tokens  # noqa: E402
 from lmc_connector.config import load_config  # noqa: E402
 from lmc_connector.ops import paged  # noqa: E402
-from lmc_connector.ops.codecs import get_codec  # noqa: E402
+from lmc_connector.ops.codecs import Codec, get_codec  # noqa: E402
 from lmc_connector.ops.paged import KVFormat, PagedKV  # noqa: E402
 from lmc_connector.v1.metadata import LMCConnectorMetadata, LoadSpec, SaveSpec  # noqa: E402
 from lmc_connector.v1.worker import LMCWorker, WorkerSettings  # noqa: E402
@@ -58,7 +59,9 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
 # -- 1. gather/scatter on vLLM's own views -----------------------------------------------------
 
 
-def vllm_views(layout: object, spec: object, layers: int, blocks: int, device: torch.device):
+def vllm_views(
+    layout: object, spec: object, layers: int, blocks: int, device: torch.device
+) -> list[torch.Tensor]:
     """Per-layer views built by vLLM's own allocator code for one KV cache layout."""
     from vllm.v1.kv_cache_interface import (
         KVCacheTensor,
@@ -85,7 +88,9 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def reference_read(kvs: list[torch.Tensor], fmt: KVFormat, table: list[int], n: int):
+def reference_read(
+    kvs: list[torch.Tensor], fmt: KVFormat, table: list[int], n: int
+) -> torch.Tensor:
     """Tokens [0, n) by per-plane advanced indexing: slow, simple, independent of PagedKV."""
     movable = [kv.view(paged.storage_dtype(kv.dtype)) for kv in kvs]
     planes = [paged.plane_views(kv, fmt) for kv in movable]
@@ -222,6 +227,10 @@ def _time_transfers(device: torch.device, kv_bytes: int) -> None:
     row("host -> device, pinned", None, f"{kv_bytes / t_up / 1e9:.1f} GB/s")
 
 
+def _encode_into(codec: Codec, batch: list[torch.Tensor], blobs: list[bytes]) -> None:
+    blobs.extend(codec.encode_batch(batch))
+
+
 def _time_codecs(device: torch.device, chunk: torch.Tensor, chunks: int) -> None:
     check_codecs(device, chunk)
     batch = [chunk] * min(chunks, 4)
@@ -230,8 +239,8 @@ def _time_codecs(device: torch.device, chunk: torch.Tensor, chunks: int) -> None
         codec = get_codec(name)
         codec.decode_batch(codec.encode_batch(batch[:1]), device)  # warm-up
         blobs: list[bytes] = []
-        t_enc = timed(device, lambda c=codec, b=blobs: b.extend(c.encode_batch(batch)))
-        t_dec = timed(device, lambda c=codec, b=blobs: c.decode_batch(b, device))
+        t_enc = timed(device, partial(_encode_into, codec, batch, blobs))
+        t_dec = timed(device, partial(codec.decode_batch, blobs, device))
         row(
             f"codec {name}: encode / decode {len(batch)} chunks",
             None,

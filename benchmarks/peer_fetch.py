@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def _engine(capacity_bytes: int) -> CacheEngine:
 
 def _serve(args: argparse.Namespace) -> None:
     """The serving worker: chunks for every round behind a peer server and a plain ROUTER."""
-    from lmc_connector.control.agent.peer_server import PeerServer, chunk_payload
+    from lmc_connector.cache.record import payload
+    from lmc_connector.control.agent.peer_server import PeerServer
 
     total = args.chunks * (args.rounds + 1)
     engine = _engine(total * CHUNK_BYTES + CHUNK_BYTES)
@@ -77,7 +79,7 @@ def _serve(args: argparse.Namespace) -> None:
     while True:  # the plain reference: [id, request id, first key, count] -> raw tensor views
         identity, rid, first, count = plain.recv_multipart()
         keys = [ChunkKey(k) for k in range(int(first), int(first) + int(count))]
-        frames = [chunk_payload(c) for c in engine.stored(keys)]
+        frames = [payload(c) for c in engine.stored(keys)]
         plain.send_multipart([identity, rid, *frames], copy=False)
 
 
@@ -146,7 +148,10 @@ def transfer(args: argparse.Namespace) -> float:
                 return _plain_fetch(plain, first, args.chunks, client.batch)
 
             # Alternate which goes first, so drifts of a shared machine hit both alike.
-            order = [(peer_fetch, peer_s), (plain_fetch, plain_s)]
+            order: list[tuple[Callable[[], int], list[float]]] = [
+                (peer_fetch, peer_s),
+                (plain_fetch, plain_s),
+            ]
             for fetch, times in order if round_ % 2 else order[::-1]:
                 start = time.perf_counter()
                 got = fetch()
@@ -198,7 +203,7 @@ def _wait_indexed(controller: str, ids: list[int], timeout: float = 60.0) -> Non
 def _b_child(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams, TokensPrompt
 
     logging.basicConfig(level=logging.INFO)  # the connector's log lines go to B's stderr
 
@@ -236,7 +241,7 @@ def _b_child(args: argparse.Namespace) -> dict[str, Any]:
 
     def ttft(ids: list[int], kind: str = "") -> float:
         start = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)[0]
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], one, use_tqdm=False)[0]
         if kind:
             cached[kind].append(out.num_cached_tokens or 0)
         return time.perf_counter() - start

@@ -79,7 +79,7 @@ class SizeCase:
         self.mib, self.count = mib, count
         self.layout = ChunkLayout("bench", 1, 0, "bfloat16", 2, mib, 1024, 256)
         self.chunks = [torch.randn(self.layout.shape(256)).to(torch.bfloat16) for _ in range(count)]
-        self.data = [memoryview(c.view(torch.uint8).numpy()).cast("B") for c in self.chunks]
+        self.data = [memoryview(c.view(torch.uint8).numpy().data).cast("B") for c in self.chunks]
         self.nbytes = count * mib * MiB
         self.engine = engine_for(url, self.layout, max_local_cpu_size=4 * self.nbytes / 1e9)
         self.tier = store_tier(self.engine)

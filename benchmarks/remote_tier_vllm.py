@@ -28,6 +28,8 @@ from benchmarks._vllm_children import allocator, run_vllm_child
 from examples import child_result
 
 if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
+
     from lmc_connector.cache import ChunkLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +55,10 @@ def _prompts(serde: str, length: int) -> list[list[int]]:
 
 
 def _child(
-    kind: str, model: str, url: str, prompt_len: int, work: dict[str, int], dtype: str
+    kind: str, model: str, url: str, prompt_len: int, work: dict[str, int], dtype: ModelDType
 ) -> None:
     from ttft import _ids
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams, TokensPrompt
 
     extra: dict[str, Any] = {"chunk_size": CHUNK, "max_local_cpu_size": 4}
     if kind != "baseline":
@@ -73,7 +75,7 @@ def _child(
 
     def ttft(ids: list[int]) -> tuple[float, int]:
         start = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": ids}], one, use_tqdm=False)[0]
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], one, use_tqdm=False)[0]
         return time.perf_counter() - start, out.num_cached_tokens or 0
 
     ttft(_ids(99, 256))  # warm-up
@@ -95,7 +97,7 @@ def _child(
         rates = []
         for round_ in range(2):
             seeds = range(3000 + 100 * round_, 3000 + 100 * round_ + work["reqs"])
-            batch = [{"prompt_token_ids": _ids(s, work["len"])} for s in seeds]
+            batch = [TokensPrompt(prompt_token_ids=_ids(s, work["len"])) for s in seeds]
             start = time.perf_counter()
             outs = llm.generate(batch, gen, use_tqdm=False)
             tokens = sum(len(o.prompt_token_ids or []) + len(o.outputs[0].token_ids) for o in outs)

@@ -111,7 +111,7 @@ def _engine_kwargs(args: argparse.Namespace, kind: str, tmp: str) -> dict[str, A
 
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams, TokensPrompt
 
     tmp = tempfile.mkdtemp(prefix="ttft-example-")
     llm = LLM(**_engine_kwargs(args, args.child, tmp))
@@ -119,7 +119,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     def timed(ids: list[int], tokens: int = 1) -> float:
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
         return time.perf_counter() - start
 
     timed(_ids(99, 256))  # warm-up
@@ -144,13 +144,13 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 def _no_reuse_throughput(llm: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Distinct prompts, a few output tokens each; the best of a few rounds, each with fresh
     prompts, so one-off warm-ups do not count."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams, TokensPrompt
 
     gen = SamplingParams(max_tokens=args.work_out, temperature=0.0, ignore_eos=True)
     rates, cached = [], 0
     for round_ in range(WORK_ROUNDS):
         seeds = range(1000 + 100 * round_, 1000 + 100 * round_ + args.work_reqs)
-        work = [{"prompt_token_ids": _ids(seed, args.work_len)} for seed in seeds]
+        work = [TokensPrompt(prompt_token_ids=_ids(seed, args.work_len)) for seed in seeds]
         start = time.perf_counter()
         outs = llm.generate(work, gen, use_tqdm=False)
         elapsed = time.perf_counter() - start

@@ -114,7 +114,7 @@ def _llama_config(
         max_position_embeddings=max_positions,
         bos_token_id=0,
         eos_token_id=1,
-        torch_dtype="float32",
+        dtype="float32",
         tie_word_embeddings=False,
     )
 
@@ -159,7 +159,7 @@ def build_tiny_model(
     _save_tokenizer(out, TINY_VOCAB)
     config = _llama_config(TINY_VOCAB, hidden, layers, heads, kv_heads, 2 * hidden, max_positions)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    model = LlamaForCausalLM(config)
     model.save_pretrained(str(out), safe_serialization=True)
     (out / _MARKER).write_text(json.dumps(spec))
     return out

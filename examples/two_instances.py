@@ -263,7 +263,8 @@ def started(
                 )
             )
             flows.append(Walkthrough(url, controller_url, "tiny-llama", name, ignore_eos=True))
-        yield TwoInstances(*flows, servers, store=with_store)
+        a, b = flows
+        yield TwoInstances(a, b, servers, store=with_store)
 
 
 def main(argv: list[str] | None = None) -> int:

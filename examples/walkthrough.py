@@ -161,7 +161,11 @@ class Walkthrough:
     def mistakes(self, method: str, location: str, tokens: list[int]) -> None:
         """Send what a user gets wrong most often; each answer must say how to fix it."""
         say("\n== mistakes a user makes, and what the controller answers")
-        good = {"instance_id": self.instance_id, "method": method, "location": location}
+        good: dict[str, object] = {
+            "instance_id": self.instance_id,
+            "method": method,
+            "location": location,
+        }
         wrong = {
             "unknown instance": {**good, "instance_id": "my-instance"},
             "misspelled method": {**good, "method": "cachegn"},
