@@ -1,7 +1,7 @@
 """Tiny Llamas that vLLM can serve on a CPU, built offline.
 
 `build_trained_model(path)` trains a byte-level BPE tokenizer and a small
-Llama (hidden 256, 4 layers, head size 64, 2K context) on the standard
+Llama (hidden 128, 4 layers, head size 64, 2K context) on the standard
 library's docstrings, in about two minutes on 2 cores, and saves both in
 bfloat16: its attention is a trained model's and its greedy answers are
 English words. The walk-through and the fidelity benchmark use it.

@@ -29,17 +29,17 @@ TRAINER_VERSION = 1
 class Recipe:
     """Everything that decides the trained weights; a change rebuilds the cached model."""
 
-    hidden: int = 256
+    hidden: int = 128
     layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 768
+    heads: int = 2
+    kv_heads: int = 1
+    intermediate: int = 512
     vocab: int = 4096
     context: int = 2048
     short_context: int = 256
     long_fraction: float = 0.15
     tokens_per_step: int = 2048
-    steps: int = 300
+    steps: int = 280
     lr: float = 3e-3
     warmup: int = 20
     seed: int = 1234
