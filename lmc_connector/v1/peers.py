@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
+from lmc_connector.affinity import widen_current_thread
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import CacheConfig, ConfigError
-from lmc_connector.control.agent.affinity import widen_current_thread
 from lmc_connector.control.agent.peer_client import PeerClient, PeerUnavailableError
 from lmc_connector.control.wire import locate as lw
 from lmc_connector.control.wire.codec import MessageError, encode

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmc_connector.affinity import threads_on_every_cpu
 from lmc_connector.cache import CacheEngine, ChunkLayout
 from lmc_connector.cache.layout import dtype_name
 from lmc_connector.config import CacheConfig
-from lmc_connector.control.agent.affinity import threads_on_every_cpu
 from lmc_connector.control.wire.security import ChannelSecurity, worker_security
 from lmc_connector.ops.paged import KVFormat, PagedKV
 from lmc_connector.v1.events import ChunkEventBuffer, LMCKVEvents

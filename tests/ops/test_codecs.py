@@ -126,6 +126,14 @@ def test_batch_encode_matches_single_encode(name: str) -> None:
         assert torch.equal(out, codec.decode(codec.encode(kv)))
 
 
+@pytest.mark.parametrize("name", ["cachegen", "fp8"])
+def test_a_strided_view_encodes_like_its_contiguous_copy(name: str) -> None:
+    codec = get_codec(name)
+    view = kv_like((3, 2, 16, 32), seed=4).transpose(0, 1)  # K and V interleaved by layer
+    assert not view.is_contiguous()
+    assert codec.encode(view) == codec.encode(view.contiguous())
+
+
 class Handouts:
     """An allocator that records the tensors it hands out (as the load path's buffers)."""
 

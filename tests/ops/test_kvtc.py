@@ -141,6 +141,14 @@ def test_batch_encode_matches_single_encode(calibration: bytes) -> None:
         assert torch.equal(out, codec.decode(blob))
 
 
+def test_a_strided_view_encodes_like_its_contiguous_copy(calibration: bytes) -> None:
+    codec = get_codec("kvtc", calibration=calibration)
+    (whole,) = attention_like((3, 2, 40, 16), 1, seed=7)
+    view = whole.transpose(0, 1)  # K and V interleaved by layer
+    assert not view.is_contiguous()
+    assert codec.encode(view) == codec.encode(view.contiguous())
+
+
 def test_decoding_writes_into_the_memory_allocate_gives(calibration: bytes) -> None:
     kvs = [*attention_like(SHAPE, 2, seed=7), *attention_like((2, 3, 9, 16), 1, seed=8)]
     decodes_into_what_allocate_gives(get_codec("kvtc", calibration=calibration), kvs)

@@ -30,9 +30,9 @@ from functools import partial
 
 import zmq
 
+from lmc_connector.affinity import threads_on_every_cpu
 from lmc_connector.cache import CacheEngine
 from lmc_connector.config import CacheConfig, ConfigError
-from lmc_connector.control.agent.affinity import threads_on_every_cpu
 from lmc_connector.control.agent.executor import OpExecutor
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.peer_server import PeerServer

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from lmc_connector.ops.allocator import Allocator
-from lmc_connector.ops.codecs import bitpack, cachegen_native, rans
+from lmc_connector.ops.codecs import bitpack, cachegen_native, rans, threads
 from lmc_connector.ops.codecs import cachegen_model as model
 from lmc_connector.ops.codecs import format as fmt
 from lmc_connector.ops.codecs._tensors import from_bytes, group_by, resolve_device, to_bytes
@@ -109,7 +109,7 @@ class CacheGenCodec:
         cmax = max(half_list)
         groups = _groups(blocks, tokens, channels, self.min_steps, rans.native_on(dev))
         per = blocks // groups
-        x = (kvs[0].unsqueeze(0) if nb == 1 else torch.stack(kvs)).view(
+        x = (kvs[0].unsqueeze(0) if nb == 1 else torch.stack(kvs)).reshape(
             nb, blocks, tokens, channels
         )
         amax = _absmax_rows(x)
@@ -323,8 +323,11 @@ def _dequantize(
     per, channels, dev = blocks // groups, off.shape[-1], syms.device
     lib = cachegen_native.library() if dev.type == "cpu" else None
     if lib is not None:
-        for b, out in enumerate(outs):
-            cachegen_native.dequantize(lib, syms, off[b], step[b], groups, out, b)
+
+        def chunk(b: int) -> None:
+            cachegen_native.dequantize(lib, syms, off[b], step[b], groups, outs[b], b)
+
+        threads.parallel(chunk, nb, threads.decode_threads())
         return
     off5 = off.view(nb, groups, per, 1, channels)
     step5 = step.view(nb, groups, per, tokens, 1)

@@ -4,21 +4,19 @@
 [steps, runs, streams] (a run is a chunk, or one lane of a chunk: a codec splits a chunk's
 streams into lanes so that its runs can be coded in parallel) and pick the coder: the native
 C coder (rans_native.py) for CPU tensors where it could be built, its runs spread over
-`torch.get_num_threads()` threads, else the vectorised torch coder (rans_torch.py), which
+threads (threads.py), else the vectorised torch coder (rans_torch.py), which
 runs on any device. Both write and read the same bytes, so a chunk encoded on a GPU decodes
 on a CPU and the other way round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from lmc_connector.ops.codecs import rans_native, rans_torch
+from lmc_connector.ops.codecs import rans_native, rans_torch, threads
 from lmc_connector.ops.codecs.rans_tables import (
     MAX_SYMBOLS,
     PREC,
@@ -42,10 +40,6 @@ __all__ = [
     "native_on",
 ]
 
-_POOL_SIZE = 8
-_pool: list[ThreadPoolExecutor] = []
-T = TypeVar("T")
-
 
 def native_on(device: torch.device) -> bool:
     """Whether `encode` and `decode` use the native coder for tensors on `device`."""
@@ -62,7 +56,7 @@ def encode(codes: torch.Tensor, tables: RansTables) -> list[tuple[bytes, bytes]]
         def run(r: int) -> tuple[bytes, bytes]:
             return rans_native.encode_run(lib, codes, r, tables)
 
-        return _parallel(run, codes.shape[1])
+        return threads.parallel(run, codes.shape[1], threads.encode_threads())
     words, states = rans_torch.encode(codes, tables)
     return [
         (_bytes(w.to(torch.int16)), _bytes(s)) for w, s in zip(words, states.unbind(0), strict=True)
@@ -92,26 +86,7 @@ def decode(
         return rans_native.decode_run(lib, words[r], states[r], dists[:, r], tokens, tables,
                                       out[:, r])  # fmt: skip
 
-    return out, all(_parallel(run, runs))
-
-
-def _parallel(fn: Callable[[int], T], count: int) -> list[T]:
-    """fn(0..count-1), spread over up to torch.get_num_threads() threads (the native coder
-    releases the GIL)."""
-    workers = min(count, torch.get_num_threads(), _POOL_SIZE)
-    if workers <= 1:
-        return [fn(i) for i in range(count)]
-    if not _pool:
-        _pool.append(ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="lmc-rans"))
-
-    def share(w: int) -> list[T]:
-        return [fn(i) for i in range(w, count, workers)]
-
-    parts = list(_pool[0].map(share, range(workers)))
-    out: list[T] = [None] * count  # type: ignore[list-item]
-    for w, part in enumerate(parts):
-        out[w::workers] = part
-    return out
+    return out, all(threads.parallel(run, runs, threads.decode_threads()))
 
 
 def _bytes(t: torch.Tensor) -> bytes:

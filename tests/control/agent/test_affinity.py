@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from lmc_connector.control.agent.affinity import threads_on_every_cpu
+from lmc_connector.affinity import threads_on_every_cpu
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.launch import free_port
