@@ -15,6 +15,7 @@ configuration; asserts nothing. The model is a config-only Llama served with
 `--load-format dummy` (random weights: prefill cost is real, answers are not).
 
     python benchmarks/capacity.py [--quick] [--methods cachegen,kvtc] [--working-set-per-tier 8]
+                                  [--zipf 0.8]
 """
 
 from __future__ import annotations
