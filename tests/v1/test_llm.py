@@ -85,12 +85,14 @@ def generate(llm: Any, ids: list[int], max_tokens: int = 8) -> Any:
     return llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
 
 
+def record_kv(shape: list[int], data: bytes) -> torch.Tensor:
+    """The KV of a `kv_probe` record (float32 bytes)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+
+
 def take_records(llm: Any) -> list[tuple[str, str, torch.Tensor]]:
     (records,) = llm.collective_rpc("lmc_take_records")
-    return [
-        (kind, req, torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape))
-        for kind, req, shape, data in records
-    ]
+    return [(kind, req, record_kv(shape, data)) for kind, req, shape, data in records]
 
 
 def test_repeat_loads_bit_identical_kv_and_same_output(llm: Any) -> None:
@@ -223,8 +225,7 @@ def read_records(record: Path) -> list[tuple[str, torch.Tensor]]:
     out = []
     for path in sorted(record.iterdir(), key=lambda p: int(p.name.split("-")[0])):
         _, kind, dims = path.name.split("-")
-        kv = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.float32)
-        out.append((kind, kv.reshape([int(d) for d in dims.split("x")])))
+        out.append((kind, record_kv([int(d) for d in dims.split("x")], path.read_bytes())))
     return out
 
 

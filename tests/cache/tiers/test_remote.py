@@ -30,6 +30,7 @@ from lmc_connector.launch import Service
 from lmc_connector.ops.codecs import fit_calibration
 from tests.cache.conftest import CHUNK, LAYOUT, RecordingSink, make_kv
 from tests.control.harness import wait_until
+from tests.one_core import on_one_core
 
 REMOTE = "RemoteBackend"
 CPU = "LocalCPUBackend"
@@ -403,20 +404,6 @@ def test_chunks_over_a_mebibyte_travel_in_pieces_and_come_back_whole(
     assert [store.strlen(f"{head}:{i}") for i in range(4)] == [(1 << 20) - 64] * 2 + [128, 0]
     loaded = reader.get(reader.hashes(tokens))
     assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
-
-
-def on_one_core(read: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-    """`read()` on a thread bound to one core, as vLLM binds a CPU worker's threads."""
-    loaded: list[torch.Tensor] = []
-
-    def bound() -> None:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        loaded.extend(read())
-
-    thread = threading.Thread(target=bound)
-    thread.start()
-    thread.join(timeout=60)
-    return loaded
 
 
 ONE_CORE = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity")

@@ -21,6 +21,7 @@ from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.wire.security import ChannelSecurity
 from lmc_connector.launch import free_port
 from tests.control.harness import Worker, engine_config, start_worker
+from tests.one_core import on_one_core
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -50,19 +51,7 @@ def _start_from_one_core(instance_id: str) -> tuple[Worker, set[int]]:
     p2p = {"enable_p2p": True, "controller_reply_url": f"127.0.0.1:{free_port()}",
            "p2p_init_ports": [free_port()]}  # fmt: skip
     config = engine_config(free_port(), instance_id, [free_port()], **p2p)
-    started: list[Worker] = []
-    after: list[set[int]] = []
-
-    def model_runner() -> None:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        started.append(start_worker(config, 0, 1))
-        after.append(os.sched_getaffinity(0))
-
-    thread = threading.Thread(target=model_runner)
-    thread.start()
-    thread.join(timeout=30)
-    assert started, "the worker did not start"
-    return started[0], after[0]
+    return on_one_core(lambda: (start_worker(config, 0, 1), os.sched_getaffinity(0)), timeout=30)
 
 
 @pytest.fixture
