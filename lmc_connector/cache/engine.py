@@ -436,11 +436,12 @@ class CacheEngine:
         """Carry out a scheduled job (may take long; never holds the lock while coding)."""
         return self._transforms.run(job)
 
-    def compress(self, tokens: Sequence[int], method: str, location: str) -> int:
-        """Encode the cached prefix of `tokens` in `location`; returns the tokens covered."""
+    def compress(self, tokens: Sequence[int] | None, method: str, location: str) -> int:
+        """Encode the cached prefix of `tokens` (None: every chunk) in `location`; returns the
+        tokens covered."""
         return self.run(self.schedule("compress", tokens, method, location)).outcome.num_tokens
 
-    def decompress(self, tokens: Sequence[int], method: str, location: str) -> int:
+    def decompress(self, tokens: Sequence[int] | None, method: str, location: str) -> int:
         """Turn encoded chunks of the cached prefix back into plain tensors."""
         return self.run(self.schedule("decompress", tokens, method, location)).outcome.num_tokens
 

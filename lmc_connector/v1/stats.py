@@ -119,7 +119,7 @@ class LMCConnectorStats(KVConnectorStats):
 
     # -- vLLM's side ------------------------------------------------------------------------
 
-    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+    def aggregate(self, other: KVConnectorStats) -> LMCConnectorStats:
         if other.is_empty():
             return self
         data = other.data

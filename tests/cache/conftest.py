@@ -1,5 +1,5 @@
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 from lmc_connector.cache import CacheEngine, ChunkLayout
 from lmc_connector.config import load_config
+from lmc_connector.tokens import ChunkKey
 
 CHUNK = 4
 LAYOUT = ChunkLayout(
@@ -32,12 +33,12 @@ class RecordingSink:
     """Collects admit/evict events the way the control agent receives them."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, str, int]] = []
+        self.events: list[tuple[str, str, ChunkKey]] = []
 
-    def chunks_admitted(self, location: str, keys: list[int]) -> None:
+    def chunks_admitted(self, location: str, keys: Sequence[ChunkKey]) -> None:
         self.events += [("admit", location, k) for k in keys]
 
-    def chunks_evicted(self, location: str, keys: list[int]) -> None:
+    def chunks_evicted(self, location: str, keys: Sequence[ChunkKey]) -> None:
         self.events += [("evict", location, k) for k in keys]
 
 
@@ -67,7 +68,7 @@ def make_engine(tmp_path: Path) -> Iterator[EngineFactory]:
     yield build
 
 
-def put_prompt(engine: CacheEngine, tokens: list[int], seed: int = 0) -> list[int]:
+def put_prompt(engine: CacheEngine, tokens: list[int], seed: int = 0) -> list[ChunkKey]:
     """Store every chunk of `tokens` (as the connector does after prefill); return the keys."""
     keys = engine.hashes(tokens)
     for i, key in enumerate(keys):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmc_connector.cache import UnknownLocationError
+from lmc_connector.tokens import ChunkKey
 from tests.cache.conftest import (
     CHUNK,
     CHUNK_BYTES,
@@ -51,7 +52,7 @@ def test_put_copies_the_callers_tensor(make_engine: EngineFactory) -> None:
 def test_put_rejects_a_chunk_of_another_layout(make_engine: EngineFactory) -> None:
     engine = make_engine()
     with pytest.raises(ValueError, match="does not fit layout"):
-        engine.put(1, torch.zeros(2, 3, CHUNK, 8, dtype=torch.float16))
+        engine.put(ChunkKey(1), torch.zeros(2, 3, CHUNK, 8, dtype=torch.float16))
 
 
 def test_lru_eviction_spares_recently_used_chunks(make_engine: EngineFactory) -> None:

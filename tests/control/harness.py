@@ -24,7 +24,7 @@ DISK = "LocalDiskBackend"
 HEARTBEAT_S = 0.1
 
 
-def wait_until(check: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+def wait_until(check: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None

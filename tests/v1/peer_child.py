@@ -8,13 +8,16 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from examples import child_result
 from lmc_connector.launch import free_port
 from tests.v1.test_llm import prompt_ids
+
+if TYPE_CHECKING:
+    from vllm import TokensPrompt
 
 CHUNK = 64
 PROMPT_LEN = 300
@@ -57,7 +60,8 @@ def main() -> None:
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
     def on_b(ids: list[int]) -> Any:
-        return llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        prompt: TokensPrompt = {"prompt_token_ids": ids}
+        return llm.generate([prompt], params, use_tqdm=False)[0]
 
     def on_a(ids: list[int]) -> str:
         body = {"model": model, "prompt": ids, "max_tokens": 8, "temperature": 0,

@@ -16,6 +16,7 @@ import torch
 from lmc_connector.ops import paged
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.v1 import LMCConnectorV1
+from lmc_connector.v1.metadata import LMCConnectorMetadata
 from tests.ops.paged_reference import gather_rows, scatter_rows
 
 pytestmark = pytest.mark.vllm
@@ -100,6 +101,7 @@ class Harness:
 
         out = self.scheduler.schedule()
         meta = out.kv_connector_metadata
+        assert isinstance(meta, LMCConnectorMetadata)
         self.loads += [(s.req_id, s.start, s.end) for s in meta.loads]
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)  # type: ignore[arg-type]
@@ -187,6 +189,7 @@ def test_loaded_blocks_hold_the_saved_values(harness: Harness) -> None:
         t.zero_()
     harness.add("b", prompt, max_tokens=1)
     out = harness.scheduler.schedule()
+    assert out.kv_connector_metadata is not None
     harness.worker.bind_connector_metadata(out.kv_connector_metadata)
     harness.worker.start_load_kv(None)  # type: ignore[arg-type]
     blocks = harness.scheduler.kv_cache_manager.get_block_ids("b")[0]

@@ -4,7 +4,7 @@ scheduler publishes, decoded as a subscriber decodes vLLM's `KVEventBatch`."""
 from __future__ import annotations
 
 import msgspec
-from vllm.distributed.kv_events import BlockStored, KVEventBatch
+from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 from lmc_connector.v1.events import ChunkEventBuffer, EventDescriber
 from tests.cache.conftest import CHUNK, EngineFactory, put_prompt
@@ -13,12 +13,16 @@ from tests.cache.conftest import make_engine as make_engine  # the fixture
 PROMPT = list(range(1000, 1000 + 2 * CHUNK + 2))  # two full chunks and a partial one
 
 
-def published(describer: EventDescriber, buffer: ChunkEventBuffer) -> list[object]:
+def published(
+    describer: EventDescriber, buffer: ChunkEventBuffer
+) -> list[BlockStored | BlockRemoved | AllBlocksCleared]:
     """One engine step: the worker's events go to the scheduler, out on the wire, and back."""
     events = buffer.take()
     assert events is not None
     describer.add(events.get_all_events())
-    wire = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=describer.take()))
+    # vLLM's KVEventBatch.events is typed as its three concrete events, while the connector API
+    # (and so EventDescriber.take) hands out list[KVCacheEvent]; vLLM's scheduler passes those.
+    wire = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=describer.take()))  # type: ignore[arg-type]
     return list(msgspec.msgpack.decode(wire, type=KVEventBatch).events)
 
 

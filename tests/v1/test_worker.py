@@ -164,9 +164,12 @@ def test_save_returns_before_the_copy_completes(make_worker: WorkerFactory) -> N
     try:
         assert held.wait(10)
         returned = threading.Event()
-        saving = threading.Thread(
-            target=lambda: (worker.save(save_meta("a", keys, CHUNK, [1, 2])), returned.set())
-        )
+
+        def save() -> None:
+            worker.save(save_meta("a", keys, CHUNK, [1, 2]))
+            returned.set()
+
+        saving = threading.Thread(target=save)
         saving.start()
         assert returned.wait(10), "save waited for the copy"
         assert worker.finished_saves({"a"}) == set()  # vLLM keeps the blocks meanwhile
@@ -241,9 +244,12 @@ def test_preemption_cancels_queued_saves_and_waits_for_the_running_one(
         worker.save(save_meta("a", keys_of(4 * CHUNK), 4 * CHUNK, list(range(8))))
         wait_until(lambda: saver._current is not None, what="the first chunk in progress")
         preempt = LMCConnectorMetadata(preempted=["a"])
-        canceller = threading.Thread(
-            target=lambda: (worker.before_forward(preempt), cancelled.set())
-        )
+
+        def cancel() -> None:
+            worker.before_forward(preempt)
+            cancelled.set()
+
+        canceller = threading.Thread(target=cancel)
         canceller.start()
         # The chunk in progress is stuck behind the lock: the cancel must wait for it.
         assert not cancelled.wait(0.3)
@@ -329,7 +335,8 @@ def test_a_corrupted_chunk_stops_the_load_and_reports_the_rest(
     tier = engine.tier("LocalCPUBackend")
     marker, chunk = tier.load(keys[1])
     assert chunk is not None and chunk.blob is not None
-    broken = type(chunk)(chunk.num_tokens, blob=chunk.blob[:-9] + b"corrupted", method="fp8")
+    blob = bytes(chunk.blob)
+    broken = type(chunk)(chunk.num_tokens, blob=blob[:-9] + b"corrupted", method="fp8")
     assert tier.replace(keys[1], marker, broken)
 
     target = list(range(40, 46))

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from examples import child_result
+
+if TYPE_CHECKING:
+    from vllm import TokensPrompt
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
         },
     )
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    prompt = {"prompt_token_ids": prompt_ids(7, 200)}
+    prompt: TokensPrompt = {"prompt_token_ids": prompt_ids(7, 200)}
     runs = [llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2)]
     body = {"instance_id": "tp2", "method": "cachegen", "location": "LocalCPUBackend",
             "tokens": prompt["prompt_token_ids"]}  # fmt: skip

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_keys_name_the_layout_and_the_chunk_so_other_layouts_never_meet(
     assert make(other_model).lookup(TOKENS) == 0
 
 
-def _fields(layout: ChunkLayout) -> dict[str, object]:
+def _fields(layout: ChunkLayout) -> dict[str, Any]:
     return {name: getattr(layout, name) for name in layout.__slots__}
 
 
@@ -228,7 +229,7 @@ def test_a_corrupted_value_is_a_miss_and_is_removed(make: Factory, store: redis.
     reader = make()
     keys = reader.hashes(TOKENS)
     second = remote(reader).keys.head(keys[1])
-    piece = bytearray(store.get(f"{second}:0") or b"")
+    piece = bytearray(cast("bytes | None", store.get(f"{second}:0")) or b"")
     piece[5] ^= 0xFF
     store.set(f"{second}:0", bytes(piece))
     assert len(reader.get(keys)) == 1  # the first chunk only: a miss from the second on
@@ -427,7 +428,7 @@ def test_on_one_core_a_damaged_piece_is_still_a_miss_and_is_removed(
     save_big_chunks(writer)
     keys = reader.hashes(BIG_TOKENS)
     second = remote(reader).keys.head(keys[1])
-    piece = bytearray(store.get(f"{second}:1") or b"")
+    piece = bytearray(cast("bytes | None", store.get(f"{second}:1")) or b"")
     piece[5] ^= 0xFF
     store.set(f"{second}:1", bytes(piece))
     assert len(on_one_core(lambda: reader.get(keys))) == 1

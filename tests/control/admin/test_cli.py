@@ -291,7 +291,7 @@ def stuck_instance(make_instance: InstanceFactory) -> Iterator[str]:
             release.wait(60)
             return job
 
-        w.engine.run = blocked  # type: ignore[method-assign]
+        w.engine.run = blocked
     yield "cli-stuck"
     release.set()
 

@@ -17,6 +17,7 @@ import torch
 
 from lmc_connector.control.agent.peer_client import PeerUnavailableError
 from lmc_connector.launch import free_port
+from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.metadata import LoadSpec
 from lmc_connector.v1.peers import PeerLoads, PeerLocator
 from tests.control.conftest import InstanceFactory, new_controller
@@ -169,9 +170,9 @@ def test_a_silent_controller_is_a_miss_and_is_not_asked_again_at_once(
     silent = PeerLocator(config)
     silent.start()
     try:
-        assert silent.find([1, 2, 3], 0) is None
+        assert silent.find([ChunkKey(1), ChunkKey(2), ChunkKey(3)], 0) is None
         started = time.monotonic()
-        assert silent.find([1, 2, 3], 0) is None
+        assert silent.find([ChunkKey(1), ChunkKey(2), ChunkKey(3)], 0) is None
         assert time.monotonic() - started < 0.05
         assert silent.asked == 1
     finally:

@@ -107,9 +107,9 @@ def test_a_job_done_of_another_session_cannot_end_a_running_compress(
 
     def blocked_run(job: object) -> object:
         release.wait(30)
-        return real_run(job)  # type: ignore[arg-type]
+        return real_run(job)
 
-    worker.engine.run = blocked_run  # type: ignore[method-assign]
+    worker.engine.run = blocked_run
     body = {"instance_id": "forge-done", "method": "fp8", "location": CPU, "tokens": PROMPT}
     event_id = httpx.post(f"{target.url}/compress", json=body, timeout=10).json()["event_id"]
     with MonitorPeer(target.monitor_port) as attacker:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 from lmc_connector.tokens import KeyScope, Prompt
@@ -17,8 +19,8 @@ def lookup(http: httpx.Client, tokens: list[int]) -> dict[str, list[object]]:
     return response.json()["layout_info"]
 
 
-def wait_event(http: httpx.Client, event_id: str) -> dict[str, object]:
-    def done() -> dict[str, object] | None:
+def wait_event(http: httpx.Client, event_id: str) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
         event = http.get(f"/events/{event_id}").json()
         return event if event["status"] in ("finished", "failed") else None
 
@@ -37,7 +39,7 @@ def test_compress_schedules_at_once_and_event_finishes_per_worker(
     assert answer.json()["num_tokens"] == len(PROMPT)
     event = wait_event(http, answer.json()["event_id"])
     assert event["status"] == "finished", event
-    assert [p["chunks_done"] for p in event["workers"]] == [3, 3]  # type: ignore[index]
+    assert [p["chunks_done"] for p in event["workers"]] == [3, 3]
     assert all(all(w.encoded(PROMPT)) for w in workers)
 
 
@@ -73,10 +75,12 @@ def test_lookup_hashes_with_each_instances_chunk_size(
         w.fill(prompt[:12])
     for w in make_instance("lookup-8", chunk_size=8):
         w.fill(prompt)
-    layout = wait_until(
-        lambda: (info := lookup(http, prompt)).get("lookup-4") and info.get("lookup-8") and info,
-        what="both instances indexed",
-    )
+
+    def indexed() -> dict[str, list[object]] | None:
+        info = lookup(http, prompt)
+        return info if info.get("lookup-4") and info.get("lookup-8") else None
+
+    layout = wait_until(indexed, what="both instances indexed")
     assert layout["lookup-4"] == [CPU, 12]
     assert layout["lookup-8"] == [CPU, 20]
 

@@ -22,7 +22,9 @@ def scrape(http: httpx.Client) -> list[Sample]:
     return [s for family in openmetrics(answer.text) for s in family.samples]
 
 
-def value(samples: list[Sample], name: str, default: float | None = None, **labels: str) -> float:
+def value(
+    samples: list[Sample], name: str, default: float | None = None, /, **labels: str
+) -> float:
     for s in samples:
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
             return float(s.value)

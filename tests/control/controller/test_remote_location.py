@@ -50,7 +50,7 @@ def test_compress_and_decompress_in_the_store(
     assert answer["num_tokens"] == len(PROMPT)
     event = wait_event(http, answer["event_id"])
     assert event["status"] == "finished", event
-    assert [w["chunks_done"] for w in event["workers"]] == [3, 3]  # type: ignore[index]
+    assert [w["chunks_done"] for w in event["workers"]] == [3, 3]
     assert all(all(w.encoded(PROMPT, REMOTE)) for w in workers)
     answer = http.post("/decompress", json=body).json()
     assert wait_event(http, answer["event_id"])["status"] == "finished"

@@ -10,6 +10,7 @@ from lmc_connector.control.controller.state import Notice
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as m
 from lmc_connector.operations import JobOutcome
+from lmc_connector.tokens import ChunkKey
 
 CPU, DISK = "LocalCPUBackend", "LocalDiskBackend"
 PROMPT = list(range(40))  # 10 chunks of 4
@@ -45,7 +46,7 @@ def register(
 def admit(
     c: Controller,
     rank: int,
-    keys: list[int],
+    keys: list[ChunkKey],
     location: str = CPU,
     now: float = 0.0,
     session: str = "s",
@@ -102,8 +103,8 @@ def test_heartbeat_from_an_unknown_worker_asks_for_a_resync_once_per_interval() 
 def test_snapshot_replaces_what_the_worker_had() -> None:
     c = Controller()
     register(c, 0)
-    admit(c, 0, [1, 2, 3])
-    c.handle(m.Snapshot("i", 0, "s0", {CPU: [3, 4]}), 0.0)
+    admit(c, 0, [ChunkKey(1), ChunkKey(2), ChunkKey(3)])
+    c.handle(m.Snapshot("i", 0, "s0", {CPU: [ChunkKey(3), ChunkKey(4)]}), 0.0)
     assert c.index.count("i", 0, CPU) == 2 and c.index.size("i") == 2
 
 
@@ -111,19 +112,19 @@ def test_reregistration_after_a_restart_forgets_the_previous_life() -> None:
     c = Controller(worker_timeout=5)
     register(c, 0)
     register(c, 1)
-    admit(c, 0, [1, 2, 3])
+    admit(c, 0, [ChunkKey(1), ChunkKey(2), ChunkKey(3)])
     c.handle(m.Heartbeat("i", 1, "s1", "127.0.0.1", 8001), 6.0)
     register(c, 0, session="restarted", now=6.0)  # the old life is silent for 6 s
     assert c.instances["i"].workers[0].spec.session == "restarted0"
     assert c.index.size("i") == 0
-    admit(c, 0, [9], now=6.0)  # a late batch of the old session
+    admit(c, 0, [ChunkKey(9)], now=6.0)  # a late batch of the old session
     assert c.index.size("i") == 0
 
 
 def test_a_live_worker_is_not_replaced_by_a_registration_of_another_session() -> None:
     c = Controller(worker_timeout=5)
     register(c, 0)
-    admit(c, 0, [1, 2, 3])
+    admit(c, 0, [ChunkKey(1), ChunkKey(2), ChunkKey(3)])
     register(c, 0, session="forged", now=1.0)
     assert c.instances["i"].workers[0].spec.session == "s0"
     assert c.index.size("i") == 3 and c.stats.refused == 1
@@ -176,20 +177,22 @@ def test_prefix_prefers_the_first_registered_location_on_a_tie() -> None:
     index = ChunkIndex()
     index.declare("i", [CPU, DISK])
     for location in (CPU, DISK):
-        index.admit("i", 0, location, [1, 2])
-    assert index.prefix("i", [1, 2, 3], [0]) == (CPU, 2)
+        index.admit("i", 0, location, [ChunkKey(1), ChunkKey(2)])
+    assert index.prefix("i", [ChunkKey(1), ChunkKey(2), ChunkKey(3)], [0]) == (CPU, 2)
 
 
 def test_a_registration_sent_again_is_acknowledged_again_and_loses_nothing() -> None:
     c = Controller()
     register(c, 0, world_size=1)
-    admit(c, 0, [1, 2, 3])
+    admit(c, 0, [ChunkKey(1), ChunkKey(2), ChunkKey(3)])
     running = c.operations.create("compress", "i", [0])
     c.operations.start(running)
     answer = register(c, 0, world_size=1)  # the same session: its answer was late or lost
     assert answer is not None and answer[1] == cmd.Registered("s0")
     assert running.status == "running" and c.index.count("i", 0, CPU) == 3
-    c.handle(m.Snapshot("i", 0, "s0", {CPU: [1, 2, 3, 4]}), 0.0)  # sent after each Register
+    c.handle(
+        m.Snapshot("i", 0, "s0", {CPU: [ChunkKey(1), ChunkKey(2), ChunkKey(3), ChunkKey(4)]}), 0.0
+    )  # sent after each Register
     assert c.instances["i"].workers[0].spec.session == "s0"
     assert c.index.count("i", 0, CPU) == 4
 

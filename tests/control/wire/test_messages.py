@@ -10,7 +10,7 @@ from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.types import PromptScope
 from lmc_connector.operations import JobOutcome
-from lmc_connector.tokens import KeyScope
+from lmc_connector.tokens import ChunkKey, KeyScope
 
 #: A Register as the first release encoded it; later releases must keep decoding it.
 REGISTER_V1 = msgspec.msgpack.encode(
@@ -50,8 +50,10 @@ def decode_worker(data: bytes) -> mon.WorkerMessage:
     [
         mon.Register("i", 0, 1, "s", "h", 1, "m", 4, ["LocalCPUBackend"], ["cachegen"], 7),
         mon.Heartbeat("i", 0, "s", "h", 1, {"LocalCPUBackend": mon.TierReport(1, 2, 3)}),
-        mon.ChunkEvents("i", 0, "s", [mon.ChunkOp(True, "LocalCPUBackend", [0, 2**64 - 1])]),
-        mon.Snapshot("i", 0, "s", {"LocalCPUBackend": [5]}),
+        mon.ChunkEvents(
+            "i", 0, "s", [mon.ChunkOp(True, "LocalCPUBackend", [ChunkKey(0), ChunkKey(2**64 - 1)])]
+        ),
+        mon.Snapshot("i", 0, "s", {"LocalCPUBackend": [ChunkKey(5)]}),
         mon.JobDone("i", 0, "s", "e", JobOutcome(num_tokens=12, chunks_done=3, errors=["x"])),
         mon.Deregister("i", 0, "s"),
     ],
@@ -70,7 +72,7 @@ def test_commands_and_replies_round_trip() -> None:
 
 def test_ops_carry_the_prompts_salt_and_adapter() -> None:
     scope = PromptScope(cache_salt="tenant-a", lora_name="sql", lora_path="/adapters/sql")
-    ops = [
+    ops: list[cmd.Op] = [
         cmd.TransformOp("compress", "cachegen", "LocalCPUBackend", [1, 2], scope=scope),
         cmd.PinOp([1, 2], scope=scope),
         cmd.UnpinOp([1, 2], scope=scope),
@@ -173,15 +175,15 @@ def test_peer_and_locate_messages_round_trip_and_bound_their_sizes() -> None:
     from lmc_connector.control.wire import locate as lw
     from lmc_connector.control.wire import peer as pw
 
-    fetch = pw.Fetch("abc", [1, 2**64 - 1], "LocalCPUBackend")
+    fetch = pw.Fetch("abc", [ChunkKey(1), ChunkKey(2**64 - 1)], "LocalCPUBackend")
     assert pw.peer_request_decoder().decode(encode(fetch)) == fetch
     reply = pw.Chunks([pw.ChunkInfo(4, "cachegen"), pw.ChunkInfo(2)])
     assert pw.chunks_decoder().decode(encode(reply)) == reply
-    ask = lw.FindPeer("inst", [5, 6], 1)
+    ask = lw.FindPeer("inst", [ChunkKey(5), ChunkKey(6)], 1)
     assert lw.find_peer_decoder().decode(encode(ask)) == ask
     with pytest.raises(MessageError):
         pw.peer_request_decoder().decode(
-            encode(pw.Fetch("abc", list(range(pw.MAX_FETCH_KEYS + 1))))
+            encode(pw.Fetch("abc", [ChunkKey(k) for k in range(pw.MAX_FETCH_KEYS + 1)]))
         )
     pull = cmd.Prepare("e", cmd.PullOp(["tcp://h:1"], "A", "B", [1], True, 1), ttl_s=1.0)
     assert cmd.command_decoder().decode(encode(pull)) == pull

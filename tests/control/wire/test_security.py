@@ -139,7 +139,12 @@ def test_the_zap_handler_ends_with_its_context() -> None:
     (handler,) = [t for t in set(threading.enumerate()) - before if t.name == "lmc-zap"]
     sock.close(linger=0)
     done = threading.Event()
-    threading.Thread(target=lambda: (context.term(), done.set()), daemon=True).start()
+
+    def term() -> None:
+        context.term()
+        done.set()
+
+    threading.Thread(target=term, daemon=True).start()
     assert done.wait(5), "Context.term() hung on the ZAP handler's socket"
     wait_until(lambda: not handler.is_alive(), 5, "the ZAP handler to end")
 
