@@ -6,7 +6,8 @@ Starts its own redis-server on loopback (`scripts/system_deps.sh` installs it) a
    chunks, best of rounds): put = `put` of private chunks until their uploads are done,
    get = `get` with empty local tiers (read from the store into the CPU tier); next to raw
    `SET`/`GET` of the same bytes, one value per command, for 1, 8 and 32 MiB values on the
-   same server (the best raw figure is the reference);
+   same server (the best raw figure is the reference); after each round both sides delete
+   what they wrote, so every round but the first writes into memory the server reuses;
 2. lookup latency of 32-chunk prompts against the store (p50/p99; distinct prompts in
    turn) next to one raw pipelined round trip of 32 `EXISTS` of the same names;
 3. bytes per token in the store for `naive`, `fp8` and `cachegen` (real all-MiniLM-L6-v2 K/V);
@@ -117,7 +118,10 @@ class SizeCase:
         self.engine.clear("LocalCPUBackend")
         self.timed("raw GET", raw_get)
         self.timed("tier get", get)
+        # Both sides give their values back, so that the next round's writes land in memory
+        # the server has used before (as in a store that evicts), not in fresh pages.
         client.unlink(*(f"raw:{self.mib}:{r}:{i}" for i in range(self.count)))
+        self.engine.clear("RemoteBackend")
 
 
 def throughput(url: str, client: redis.Redis, total_mib: int, rounds: int) -> float:
