@@ -1,13 +1,16 @@
 """The seed walk-through (compress and decompress the KV cache), end to end, as one command.
 
 Trains the small local model if needed (once, about two minutes; see
-`examples/tiny_model.py`), starts `lmc-controller` and vLLM's OpenAI server
-with our connector, sends the seed's completion, tokenizes the prompt,
-compresses its KV with CacheGen, serves the prompt again from the compressed
-cache, decompresses, serves it again, and prints a report with the three
-answers side by side: from exact KV, from the compressed cache and from the
-decompressed one. Every step prints the equivalent command to repeat it by
-hand. Every process it starts is stopped on exit, Ctrl-C or failure.
+`examples/tiny_model.py`), starts the controller and vLLM's OpenAI server
+with our connector under the seed page's own names (`lmcache_controller`,
+`"kv_connector":"LMCacheConnectorV1"`; `lmc-controller` and `LMCConnectorV1`
+where the LMCache package is installed, which keeps those names), sends the
+seed's completion, tokenizes the prompt, compresses its KV with CacheGen,
+serves the prompt again from the compressed cache, decompresses, serves it
+again, and prints a report with the three answers side by side: from exact
+KV, from the compressed cache and from the decompressed one. Every step
+prints the equivalent command to repeat it by hand. Every process it starts
+is stopped on exit, Ctrl-C or failure.
 
 A random-weight model (`examples.tiny_model.build_tiny_model`) may pick the
 end-of-sequence token at once; for such a model only, the completions ask for
@@ -35,6 +38,7 @@ import httpx
 
 from examples.walkthrough_report import MISTAKE_FIX, Report, check, print_report, say
 from lmc_connector import launch as services
+from lmc_connector.entrypoints import lmcache_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PROMPT = "Explain the significance of KV cache in language models."
@@ -239,9 +243,12 @@ def started(
 
     controller_url = f"http://localhost:{ports.controller}"
     vllm_url = f"http://localhost:{ports.vllm}"
+    # The seed page's own names where they mean this package (LMCache not installed).
+    seed_names = not lmcache_installed()
+    script = services.SEED_CONTROLLER_SCRIPT if seed_names else "lmc-controller"
     say("\n== start the controller")
-    cmd = services.controller_command("localhost", ports.controller, ports.monitor)
-    show("lmc-controller " + " ".join(cmd[1:]))
+    cmd = services.controller_command("localhost", ports.controller, ports.monitor, script)
+    show(f"{script} " + " ".join(cmd[1:]))
     controller = services.running(
         "lmc-controller", cmd, controller_url, log_dir / "controller.log", timeout=30
     )
@@ -252,6 +259,7 @@ def started(
             ports.vllm,
             served_name,
             max_model_len=max_model_len(model_dir),
+            connector=services.SEED_CONNECTOR_CONFIG if seed_names else None,
             extra_args=_cpu_args() + extra_args,
         )
         show(f"LMCACHE_CONFIG_FILE={config_file} " + " ".join(vcmd[2:]))

@@ -24,6 +24,10 @@ from pathlib import Path
 import httpx
 
 CONNECTOR_CONFIG = {"kv_connector": "LMCConnectorV1", "kv_role": "kv_both"}
+#: The seed page's (LMCache's) names for the connector and the controller command: this
+#: package's where LMCache is not installed (`entrypoints.vllm_plugin`).
+SEED_CONNECTOR_CONFIG = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+SEED_CONTROLLER_SCRIPT = "lmcache_controller"
 
 
 class ServiceError(RuntimeError):
@@ -143,9 +147,11 @@ def running(
         stop(service)
 
 
-def controller_command(host: str, port: int, monitor_port: int) -> list[str]:
+def controller_command(
+    host: str, port: int, monitor_port: int, script: str = "lmc-controller"
+) -> list[str]:
     return [
-        venv_script("lmc-controller"),
+        venv_script(script),
         "--host",
         host,
         "--port",

@@ -43,7 +43,7 @@ def bare_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield folder
 
 
-@pytest.mark.parametrize("script", ["lmc-controller", "lmc-admin"])
+@pytest.mark.parametrize("script", ["lmc-controller", "lmcache_controller", "lmc-admin"])
 def test_console_script_runs_from_the_wheel_without_torch(bare_venv: Path, script: str) -> None:
     assert "usage" in run(bare_venv / "bin" / script, "--help", cwd=bare_venv).lower()
     probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('vllm'))"
@@ -85,7 +85,8 @@ def test_every_entry_point_is_a_thin_function_of_entrypoints(wheel: Path) -> Non
     targets = [line.split("=", 1)[1].strip() for line in text.splitlines() if "=" in line]
     assert sorted(targets) == [
         "lmc_connector.entrypoints:admin",
-        "lmc_connector.entrypoints:controller",
+        "lmc_connector.entrypoints:controller",  # lmc-controller
+        "lmc_connector.entrypoints:controller",  # lmcache_controller, the seed page's name
         "lmc_connector.entrypoints:vllm_plugin",
     ]
 
