@@ -25,6 +25,7 @@ import msgspec
 import yaml
 
 from lmc_connector.config_lmcache import LMCACHE_ALIASES, LMCACHE_KEYS, is_lmcache_variable
+from lmc_connector.control.wire.types import MAX_INSTANCE_ID_LENGTH
 from lmc_connector.remote_url import RemoteUrlError, parse_remote_url
 
 logger = logging.getLogger(__name__)
@@ -142,12 +143,21 @@ KEYS: tuple[str, ...] = CacheConfig.__struct_fields__
 #: Keys whose ports are checked to be TCP ports.
 _LIST_KEYS = {"lmcache_worker_ports", "p2p_init_ports"}
 ENV_SOURCE = "environment"
+EXTRA_SOURCE = "kv_connector_extra_config"
 
 
 def _is_list(info: msgspec.inspect.Type) -> bool:
     if isinstance(info, msgspec.inspect.UnionType):
         return any(_is_list(t) for t in info.types)
     return isinstance(info, msgspec.inspect.ListType)
+
+
+def _is_text(info: msgspec.inspect.Type) -> bool:
+    """A string, or an optional one (no other kind of value)."""
+    kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    return any(isinstance(t, msgspec.inspect.StrType) for t in kinds) and all(
+        isinstance(t, msgspec.inspect.StrType | msgspec.inspect.NoneType) for t in kinds
+    )
 
 
 def _field_types() -> dict[str, msgspec.inspect.Type]:
@@ -159,6 +169,8 @@ def _field_types() -> dict[str, msgspec.inspect.Type]:
 _TYPES = _field_types()
 #: Keys holding lists: a single value or LMCache's comma form ("8001,8002") is accepted.
 LIST_VALUED = frozenset(key for key, info in _TYPES.items() if _is_list(info))
+#: Keys holding text: an environment variable's value is taken as written, not as YAML.
+TEXT_VALUED = frozenset(key for key, info in _TYPES.items() if _is_text(info))
 
 
 def _likeness(a: str, b: str) -> float:
@@ -196,7 +208,15 @@ def _type_text(info: msgspec.inspect.Type) -> str:
 
 
 def _split_list(text: str) -> list[Any]:
-    """LMCache's comma form of a list: "8001, 8002" -> [8001, 8002]."""
+    """LMCache's comma form of a list: "8001, 8002" -> [8001, 8002]; a list written as YAML
+    inside a string ("[8001, 8002]") is read as such."""
+    if text.lstrip().startswith("["):
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed
     items: list[Any] = []
     for part in (p.strip() for p in text.split(",")):
         if part:
@@ -209,6 +229,8 @@ def _split_list(text: str) -> list[Any]:
 
 def _normalise(key: str, given: Any, where: str) -> Any:
     value = given
+    if key in TEXT_VALUED and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # `lmcache_instance_id: 42` names instance "42"
     if key in LIST_VALUED and isinstance(value, str):
         value = _split_list(value)
     elif key in LIST_VALUED and value is not None and not isinstance(value, list):
@@ -218,8 +240,9 @@ def _normalise(key: str, given: Any, where: str) -> Any:
     try:
         return getattr(msgspec.convert({key: value}, CacheConfig, strict=False), key)
     except msgspec.ValidationError as e:
+        quote = " (quote it to give it as text)" if key in TEXT_VALUED else ""
         raise ConfigError(
-            f"{where}={given!r} is not valid: expected {_type_text(_TYPES[key])}"
+            f"{where}={given!r} is not valid: expected {_type_text(_TYPES[key])}{quote}"
         ) from e
 
 
@@ -251,7 +274,10 @@ def _merge(layers: list[_Layer]) -> _Merged:
         seen: dict[str, str] = {}
         for raw_key, value in layer.values.items():
             given = str(raw_key)
-            key = LMCACHE_ALIASES.get(given, given)
+            bare = given
+            if layer.source == EXTRA_SOURCE and given.startswith(EXTRA_CONFIG_PREFIX):
+                bare = given[len(EXTRA_CONFIG_PREFIX) :]
+            key = LMCACHE_ALIASES.get(bare, bare)
             if key in KEYS:
                 if key in seen:
                     problems.append(
@@ -263,12 +289,12 @@ def _merge(layers: list[_Layer]) -> _Merged:
                     merged[key] = _normalise(key, value, layer.where(given))
                 except ConfigError as e:
                     problems.append(str(e))
-            elif given in LMCACHE_KEYS:
+            elif bare in LMCACHE_KEYS:
                 name = f"{ENV_PREFIX}{given.upper()}" if layer.source == ENV_SOURCE else given
                 ignored.setdefault(layer.source, []).append(name)
             else:
                 fix = " (rename or unset the variable)" if layer.source == ENV_SOURCE else ""
-                problems.append(f"{layer.where(given)}: unknown key: {_suggest(given)}{fix}")
+                problems.append(f"{layer.where(given)}: unknown key: {_suggest(bare)}{fix}")
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
@@ -308,21 +334,21 @@ def _env_layer(env: Mapping[str, str]) -> tuple[list[_Layer], list[str]]:
         if is_lmcache_variable(name):
             ignored.append(name)
             continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if LMCACHE_ALIASES.get(key, key) in TEXT_VALUED:
+            values[key] = text
+            continue
         try:
-            values[name[len(ENV_PREFIX) :].lower()] = yaml.safe_load(text)
+            values[key] = yaml.safe_load(text)
         except yaml.YAMLError:
-            values[name[len(ENV_PREFIX) :].lower()] = text
+            values[key] = text
     return ([_Layer(ENV_SOURCE, values)] if values else []), ignored
 
 
 def _extra_layer(extra: Mapping[str, Any] | None) -> list[_Layer]:
     if not extra:
         return []
-    stripped = {
-        (k[len(EXTRA_CONFIG_PREFIX) :] if k.startswith(EXTRA_CONFIG_PREFIX) else k): v
-        for k, v in extra.items()
-    }
-    return [_Layer("kv_connector_extra_config", stripped)]
+    return [_Layer(EXTRA_SOURCE, extra)]
 
 
 @functools.cache
@@ -332,6 +358,11 @@ def _warn_once(message: str) -> None:
 
 
 def _check_requirements(config: CacheConfig) -> None:
+    if not 0 < len(config.lmcache_instance_id) <= MAX_INSTANCE_ID_LENGTH:
+        raise ConfigError(
+            f"lmcache_instance_id has {len(config.lmcache_instance_id)} characters: give it 1 "
+            f"to {MAX_INSTANCE_ID_LENGTH} (it names this vLLM instance to the controller)"
+        )
     if config.chunk_size <= 0:
         raise ConfigError(f"chunk_size={config.chunk_size} must be a positive integer")
     if config.local_cpu and config.max_local_cpu_size <= 0:

@@ -165,7 +165,7 @@ def test_lmcache_yaml_loads_with_one_warning_listing_every_ignored_setting(
         "p2p_lookup_ports",
         "LMCACHE_USE_EXPERIMENTAL",
         "LMCACHE_TRACK_USAGE",
-        "kv_connector_extra_config: use_native, transfer_channel",
+        "kv_connector_extra_config: use_native, lmcache.transfer_channel",  # as written
     ):
         assert name in warning, name
     assert "chunk_size" not in warning and "lmcache_worker_ports" not in warning
@@ -336,3 +336,41 @@ def test_save_queue_must_hold_at_least_one_chunk() -> None:
     assert load_config({"save_queue_chunks": 8}, env={}).save_queue_chunks == 8
     with pytest.raises(ConfigError, match="save_queue_chunks=0 must be a positive"):
         load_config({"save_queue_chunks": 0}, env={})
+
+
+def test_a_list_written_as_yaml_inside_a_string_is_a_list(tmp_path: Path) -> None:
+    assert load_config({"lmcache_worker_ports": "[8001, 8002]"}, env={}).lmcache_worker_ports == [
+        8001,
+        8002,
+    ]
+    env = write_yaml(tmp_path, "p2p_init_ports: '[8200, 8201]'\n")
+    assert load_config(env=env).p2p_init_ports == [8200, 8201]
+
+
+def test_text_keys_take_an_environment_value_as_written() -> None:
+    for text in ("007", "yes", "1e3", "null"):
+        env = {"LMCACHE_LMCACHE_INSTANCE_ID": text}
+        assert load_config(env=env).lmcache_instance_id == text
+
+
+def test_a_number_given_for_a_text_key_is_its_text_and_a_boolean_says_to_quote_it() -> None:
+    assert load_config({"lmcache_instance_id": 42}, env={}).lmcache_instance_id == "42"
+    with pytest.raises(ConfigError, match=r"lmcache_instance_id=True .*quote it"):
+        load_config({"lmcache_instance_id": True}, env={})
+
+
+def test_an_instance_id_the_controller_would_refuse_fails_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="lmcache_instance_id has 0 characters: give it 1 to 256"):
+        load_config({"lmcache_instance_id": ""}, env={})
+    with pytest.raises(ConfigError, match="has 257 characters"):
+        load_config({"lmcache_instance_id": "x" * 257}, env={})
+    assert load_config({"lmcache_instance_id": "x" * 256}, env={}).lmcache_instance_id
+
+
+def test_extra_config_with_and_without_the_lmcache_prefix_for_one_key_is_a_conflict() -> None:
+    extra = {"lmcache.lmcache_instance_id": "a", "lmcache_instance_id": "b"}
+    with pytest.raises(ConfigError, match=r"lmcache\.lmcache_instance_id and lmcache_instance_id"):
+        load_config(extra, env={})
+    assert load_config({"lmcache.chunk_size": 512}, env={}).chunk_size == 512
+    with pytest.raises(ConfigError, match=r"lmcache\.chunksize: unknown key: did you mean"):
+        load_config({"lmcache.chunksize": 512}, env={})

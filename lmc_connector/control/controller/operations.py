@@ -33,8 +33,9 @@ MAX_ACTIVE = 10_000
 MAX_ACTIVE_S = 6 * 3600.0
 
 
-class OperationPart(JobOutcome, kw_only=True):
-    """One worker's share of an operation, as /events/{event_id} shows it."""
+class OperationPart(JobOutcome, kw_only=True, omit_defaults=False):
+    """One worker's share of an operation, as /events/{event_id} shows it: every field,
+    zeros included (the wire's JobOutcome leaves those out)."""
 
     rank: int
     status: Status = "pending"

@@ -33,7 +33,8 @@ Host = Annotated[
     ),
 ]
 #: Instance ids name a vLLM deployment; long ids are a mistake or an attack (they are echoed).
-InstanceId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+MAX_INSTANCE_ID_LENGTH = 256
+InstanceId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH)]
 #: Location and method names (`LocalCPUBackend`, `cachegen`, ...).
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 #: A worker's peer server as a ZMQ address (`tcp://host:port`), as the controller hands it out.

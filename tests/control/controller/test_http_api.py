@@ -57,6 +57,21 @@ def test_decompress_restores_plain_chunks(
     assert not any(any(w.encoded(PROMPT)) for w in workers)
 
 
+def test_a_worker_with_nothing_to_do_still_shows_every_field_of_its_part(
+    http: httpx.Client, make_instance: InstanceFactory
+) -> None:
+    workers = make_instance("nothing-to-do")
+    for w in workers:
+        w.fill(PROMPT)
+    body = {"instance_id": "nothing-to-do", "method": "fp8", "location": CPU, "tokens": PROMPT}
+    event = wait_event(http, http.post("/decompress", json=body).json()["event_id"])  # all plain
+    assert event["status"] == "finished", event
+    for part in event["workers"]:
+        assert part["status"] == "finished"
+        assert (part["chunks_done"], part["bytes_before"], part["bytes_after"]) == (0, 0, 0)
+        assert {"seconds", "chunks_skipped", "errors", "rank"} <= part.keys()
+
+
 def test_num_tokens_is_the_minimum_over_tensor_parallel_workers(
     http: httpx.Client, make_instance: InstanceFactory
 ) -> None:
