@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from lmc_connector.tokens import KeyScope, Prompt
-from tests.control.conftest import InstanceFactory
+from tests.control.conftest import InstanceFactory, Worker
 from tests.control.harness import CPU, DISK, Controller, registered, wait_until
 
 PROMPT = list(range(100, 110))  # 10 tokens: chunks of 4, 4 and a partial 2
@@ -27,14 +27,19 @@ def wait_event(http: httpx.Client, event_id: str) -> dict[str, Any]:
     return wait_until(done, what=f"event {event_id} to end")
 
 
+def filled(make_instance: InstanceFactory, instance: str) -> tuple[list[Worker], dict[str, Any]]:
+    """The workers of a new instance, each holding PROMPT, and a request body for it."""
+    workers = make_instance(instance)
+    for w in workers:
+        w.fill(PROMPT)
+    return workers, {"instance_id": instance, "location": CPU, "tokens": PROMPT}
+
+
 def test_compress_schedules_at_once_and_event_finishes_per_worker(
     http: httpx.Client, make_instance: InstanceFactory
 ) -> None:
-    workers = make_instance("compress-a")
-    for w in workers:
-        w.fill(PROMPT)
-    body = {"instance_id": "compress-a", "method": "cachegen", "location": CPU, "tokens": PROMPT}
-    answer = http.post("/compress", json=body)
+    workers, body = filled(make_instance, "compress-a")
+    answer = http.post("/compress", json={**body, "method": "cachegen"})
     assert answer.status_code == 200, answer.text
     assert answer.json()["num_tokens"] == len(PROMPT)
     event = wait_event(http, answer.json()["event_id"])
@@ -46,10 +51,8 @@ def test_compress_schedules_at_once_and_event_finishes_per_worker(
 def test_decompress_restores_plain_chunks(
     http: httpx.Client, make_instance: InstanceFactory
 ) -> None:
-    workers = make_instance("decompress-a")
-    for w in workers:
-        w.fill(PROMPT)
-    body = {"instance_id": "decompress-a", "method": "fp8", "location": CPU, "tokens": PROMPT}
+    workers, body = filled(make_instance, "decompress-a")
+    body["method"] = "fp8"
     wait_event(http, http.post("/compress", json=body).json()["event_id"])
     answer = http.post("/decompress", json=body).json()
     assert answer["num_tokens"] == len(PROMPT)
@@ -60,11 +63,9 @@ def test_decompress_restores_plain_chunks(
 def test_a_worker_with_nothing_to_do_still_shows_every_field_of_its_part(
     http: httpx.Client, make_instance: InstanceFactory
 ) -> None:
-    workers = make_instance("nothing-to-do")
-    for w in workers:
-        w.fill(PROMPT)
-    body = {"instance_id": "nothing-to-do", "method": "fp8", "location": CPU, "tokens": PROMPT}
-    event = wait_event(http, http.post("/decompress", json=body).json()["event_id"])  # all plain
+    _, body = filled(make_instance, "nothing-to-do")
+    answer = http.post("/decompress", json={**body, "method": "fp8"})  # every chunk is plain
+    event = wait_event(http, answer.json()["event_id"])
     assert event["status"] == "finished", event
     for part in event["workers"]:
         assert part["status"] == "finished"
