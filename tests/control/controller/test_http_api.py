@@ -177,6 +177,26 @@ def test_malformed_bodies_name_the_problem_and_leave_the_controller_running(
     assert http.get("/health").status_code == 200
 
 
+def test_an_empty_json_body_is_an_empty_object(http: httpx.Client) -> None:
+    json_header = {"Content-Type": "application/json"}
+    assert http.post("/health", content=b"", headers=json_header).status_code == 200
+    missing = http.post("/compress", content=b"", headers=json_header)
+    assert missing.status_code == 422 and "instance_id" in missing.json()["detail"]
+
+
+def test_bad_query_parameters_and_unknown_routes_answer_in_the_refusal_shape(
+    http: httpx.Client,
+) -> None:
+    for answer, status, words in (
+        (http.get("/operations", params={"limit": 0}), 422, "query limit"),
+        (http.get("/controller/workers", params={"worker_id": "x"}), 422, "query worker_id"),
+        (http.get("/no-such-route"), 404, "Not Found"),
+    ):
+        assert answer.status_code == status, answer.text
+        assert answer.json().keys() == {"detail", "event_id"}
+        assert words in answer.json()["detail"]
+
+
 def test_a_body_that_is_not_declared_json_is_refused_before_anything_runs(
     http: httpx.Client, make_instance: InstanceFactory
 ) -> None:

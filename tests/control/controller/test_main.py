@@ -37,7 +37,12 @@ def test_api_key_is_required_when_set(tmp_path: Path) -> None:
     ctl.env = {"LMC_CONTROLLER_API_KEY": "s3cret"}  # only for the harness's readiness probe
     ctl.start()
     try:
-        assert httpx.get(f"{ctl.url}/instances").status_code == 401
+        refused = httpx.get(f"{ctl.url}/instances")
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        assert refused.json() == {
+            "detail": "missing or wrong API key: send 'Authorization: Bearer <api key>'",
+            "event_id": None,
+        }
         wrong = {"Authorization": "Bearer nope"}
         assert httpx.get(f"{ctl.url}/instances", headers=wrong).status_code == 401
         right = {"Authorization": "Bearer s3cret"}

@@ -2,11 +2,11 @@
 
 With an API key every route requires it except /docs and /openapi.json (the
 schema, the same for every deployment) and the dashboard page at / (which
-holds no data: it asks for the key and sends it with every request it makes). Every refusal is JSON
-`{"detail": ..., "event_id": ...}`: 400 for invalid JSON or a bad choice, 415
-for a body that is not JSON, 422 for a body of the wrong shape, 401 without
-the API key, 404 for an unknown instance or operation, 503 when workers do
-not answer in time.
+holds no data: it asks for the key and sends it with every request it makes). Every refusal is
+JSON `{"detail": ..., "event_id": ...}`: 400 for invalid JSON or a bad choice, 415 for a body
+that is not JSON, 422 for a body or query parameter of the wrong shape (an empty body is an
+empty object), 401 without the API key, 404 for an unknown instance, operation or route, 503
+when workers do not answer in time.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import Any
 
 import msgspec
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmc_connector.control.controller.errors import ControlError
 from lmc_connector.control.controller.http import (
@@ -59,6 +61,19 @@ def create_app(service: ControllerService) -> FastAPI:
     @app.exception_handler(ControlError)
     async def refused(request: Request, error: ControlError) -> Response:
         return error_response(error.status, str(error), error.event_id)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, error: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{' '.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        return error_response(422, f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        response = error_response(error.status_code, str(error.detail))
+        response.headers.update(error.headers or {})
+        return response
 
     for module in (routes_ops, routes_query, routes_metrics, routes_dashboard):
         app.include_router(module.router)

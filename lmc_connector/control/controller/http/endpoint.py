@@ -83,6 +83,8 @@ def body(kind: type[B]) -> Callable[[Request], Awaitable[B]]:
             )
         settings = (await service_of(request)).settings
         data = await _read_body(request, settings.max_body_bytes)
+        if not data.strip():
+            data = b"{}"  # no body: the fields' defaults, or a 422 naming what is required
         try:
             decoded = msgspec.json.decode(data, type=kind)
         except msgspec.ValidationError as e:
