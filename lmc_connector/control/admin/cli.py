@@ -41,6 +41,7 @@ from lmc_connector.control.admin.tokens import (
     UsageError,
     add_token_options,
     required_tokens,
+    scope_of,
     tokens_of,
 )
 
@@ -176,6 +177,8 @@ def _subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         s = _sub(sub, name, "an operation's status")
         s.add_argument("event_id")
         _add_wait(s)
+    s = _sub(sub, "operations", "recent operations: in progress first, then the last ended")
+    s.add_argument("--limit", type=int, default=50, help="most operations to show (1-1000)")
     _sub(sub, "metrics", "Prometheus metrics text")
 
 
@@ -202,24 +205,27 @@ def parser() -> argparse.ArgumentParser:
 def _request(client: ControllerClient, args: argparse.Namespace) -> Any:
     c = args.command
     if c in ("compress", "decompress"):
-        return client.transform(c, args.instance, args.method, args.location, tokens_of(args))
+        return client.transform(
+            c, args.instance, args.method, args.location, tokens_of(args), scope_of(args)
+        )
     if c == "calibrate":
         return client.calibrate(args.instance, args.method)
     if c == "lookup":
-        return client.lookup(required_tokens(args))
+        return client.lookup(required_tokens(args), scope_of(args))
     if c == "pin":
-        return client.pin(args.instance, required_tokens(args), args.location)
+        return client.pin(args.instance, required_tokens(args), args.location, scope_of(args))
     if c == "unpin":
-        return client.unpin(args.instance, required_tokens(args))
+        return client.unpin(args.instance, required_tokens(args), scope_of(args))
     if c == "clear":
         return client.clear(args.instance, args.location)
     if c == "move" and args.to_instance:
         old, new = (args.instance, args.source), (args.to_instance, args.destination)
-        return client.move_across(old, new, required_tokens(args), args.copy)
+        return client.move_across(old, new, required_tokens(args), args.copy, scope_of(args))
     if c == "move":
         if args.copy:
             raise UsageError("--copy needs --to-instance (copies go to another instance)")
-        return client.move(args.instance, args.source, args.destination, required_tokens(args))
+        tokens, scope = required_tokens(args), scope_of(args)
+        return client.move(args.instance, args.source, args.destination, tokens, scope)
     if c == "health":
         return client.health(args.instance)
     if c in ("worker-info", "workers"):
@@ -236,6 +242,8 @@ def _request(client: ControllerClient, args: argparse.Namespace) -> Any:
         return client.event(args.event_id)
     if c == "check-finish":
         return client.check_finish(args.event_id)
+    if c == "operations":
+        return client.operations(args.limit)
     return client.metrics()
 
 

@@ -7,7 +7,7 @@ saying what to do next; the response JSON is returned as plain dicts.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +18,8 @@ DEFAULT_URL = "http://127.0.0.1:9000"
 DEFAULT_TIMEOUT_S = 30.0
 #: What FastAPI answers for a route it does not have: the controller's own 404s say more.
 _GENERIC_DETAILS = ("Not Found", "Method Not Allowed")
+#: What besides token ids names a prompt: `cache_salt`, `lora_name`, `lora_path` (as given).
+Scope = Mapping[str, str]
 
 
 class ControllerUnreachableError(ConnectionError):
@@ -121,12 +123,13 @@ class ControllerClient:
         method: str,
         location: str,
         tokens: Sequence[int] | None,
+        scope: Scope | None = None,
     ) -> Any:
         """`kind` "compress" or "decompress"; `tokens` None means every chunk in `location`."""
         body: dict[str, Any] = {"instance_id": instance_id, "method": method, "location": location}
         if tokens is not None:
             body["tokens"] = list(tokens)
-        return self.call("POST", f"/{kind}", body)
+        return self.call("POST", f"/{kind}", {**body, **(scope or {})})
 
     def compress(
         self, instance_id: str, method: str, location: str, tokens: Sequence[int] | None
@@ -141,22 +144,36 @@ class ControllerClient:
     def calibrate(self, instance_id: str, method: str = "kvtc") -> Any:
         return self.call("POST", "/calibrate", {"instance_id": instance_id, "method": method})
 
-    def lookup(self, tokens: Sequence[int]) -> Any:
-        return self.call("POST", "/lookup", {"tokens": list(tokens)})
+    def lookup(self, tokens: Sequence[int], scope: Scope | None = None) -> Any:
+        return self.call("POST", "/lookup", {"tokens": list(tokens), **(scope or {})})
 
-    def pin(self, instance_id: str, tokens: Sequence[int], location: str | None = None) -> Any:
+    def pin(
+        self,
+        instance_id: str,
+        tokens: Sequence[int],
+        location: str | None = None,
+        scope: Scope | None = None,
+    ) -> Any:
         body = {"instance_id": instance_id, "tokens": list(tokens), "location": location}
-        return self.call("POST", "/pin", body)
+        return self.call("POST", "/pin", {**body, **(scope or {})})
 
-    def unpin(self, instance_id: str, tokens: Sequence[int]) -> Any:
-        return self.call("POST", "/unpin", {"instance_id": instance_id, "tokens": list(tokens)})
+    def unpin(self, instance_id: str, tokens: Sequence[int], scope: Scope | None = None) -> Any:
+        body = {"instance_id": instance_id, "tokens": list(tokens), **(scope or {})}
+        return self.call("POST", "/unpin", body)
 
     def clear(self, instance_id: str, location: str | None = None) -> Any:
         return self.call("POST", "/clear", {"instance_id": instance_id, "location": location})
 
-    def move(self, instance_id: str, source: str, destination: str, tokens: Sequence[int]) -> Any:
+    def move(
+        self,
+        instance_id: str,
+        source: str,
+        destination: str,
+        tokens: Sequence[int],
+        scope: Scope | None = None,
+    ) -> Any:
         body = {"instance_id": instance_id, "source": source, "destination": destination}
-        return self.call("POST", "/move", {**body, "tokens": list(tokens)})
+        return self.call("POST", "/move", {**body, "tokens": list(tokens), **(scope or {})})
 
     def move_across(
         self,
@@ -164,12 +181,16 @@ class ControllerClient:
         new_position: tuple[str, str],
         tokens: Sequence[int],
         should_copy: bool = False,
+        scope: Scope | None = None,
     ) -> Any:
         """LMCache's `/move`: (instance_id, location) to (instance_id, location)."""
-        body = {"old_position": list(old_position), "new_position": list(new_position)}
-        return self.call(
-            "POST", "/move", {**body, "tokens": list(tokens), "should_copy": should_copy}
-        )
+        body: dict[str, Any] = {
+            "old_position": list(old_position),
+            "new_position": list(new_position),
+            "tokens": list(tokens),
+            "should_copy": should_copy,
+        }
+        return self.call("POST", "/move", {**body, **(scope or {})})
 
     def health(self, instance_id: str | None = None) -> Any:
         return self.call("POST", "/health", {"instance_id": instance_id})
@@ -198,6 +219,10 @@ class ControllerClient:
 
     def check_finish(self, event_id: str) -> Any:
         return self.call("POST", "/check_finish", {"event_id": event_id})
+
+    def operations(self, limit: int = 50) -> Any:
+        """Recent operations: those in progress first, then the last ended."""
+        return self.call("GET", f"/operations?limit={int(limit)}")
 
     def metrics(self) -> str:
         return str(self.call("GET", "/metrics"))

@@ -259,6 +259,27 @@ def _query_instance(out: Console, data: dict[str, Any], wide: bool) -> None:
     _table(out, ["INSTANCE"], rows, "")
 
 
+def _operations(out: Console, data: dict[str, Any], wide: bool) -> None:
+    headers = ["EVENT", "KIND", "METHOD", "INSTANCE", "STATUS", "TOKENS", "STARTED", "TOOK"]
+    rows = []
+    for op in data["operations"]:
+        created, finished = op.get("created_at"), op.get("finished_at")
+        took = finished - created if finished is not None and created is not None else None
+        rows.append(
+            [
+                op["event_id"],
+                op.get("kind", "-"),
+                text(op.get("method")),
+                text(op.get("instance_id")),
+                op["status"],
+                text(op.get("num_tokens")),
+                when(created),
+                age(took) if took is not None else "-",
+            ]
+        )
+    _table(out, headers, rows, "no operations")
+
+
 def _mapping(out: Console, data: dict[str, Any], wide: bool) -> None:
     _fields(
         out, [(k, text(v) if not isinstance(v, dict) else json.dumps(v)) for k, v in data.items()]
@@ -272,6 +293,7 @@ _RENDERERS: list[tuple[frozenset[str], Renderer]] = [
     (frozenset({"kind", "status", "workers"}), _event),
     (frozenset({"status", "indexed_chunks"}), _health),
     (frozenset({"instances"}), _instances),
+    (frozenset({"operations"}), _operations),
     (frozenset({"worker_infos"}), lambda o, d, w: _workers(o, d["worker_infos"], w)),
     (frozenset({"workers", "total_count"}), lambda o, d, w: _workers(o, d["workers"], w)),
     (frozenset({"worker_id", "ip", "usage"}), lambda o, d, w: _workers(o, [d], w)),

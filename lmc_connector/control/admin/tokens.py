@@ -23,12 +23,30 @@ def add_token_options(p: argparse.ArgumentParser, every_chunk: bool = False) -> 
     p.add_argument("--prompt", help="text to tokenize through vLLM (needs --vllm-url)")
     p.add_argument("--vllm-url", help="vLLM server for --prompt, e.g. http://localhost:8000")
     p.add_argument("--model", help="model name for /tokenize (default: vLLM's first model)")
+    p.add_argument("--cache-salt", help="the cache_salt the prompt was sent to vLLM with")
+    p.add_argument("--lora-name", help="the LoRA adapter the prompt was served with")
+    p.add_argument("--lora-path", help="that adapter's path (as in --lora-modules name=path)")
     if every_chunk:
         p.add_argument(
             "--all",
             action="store_true",
             help="every chunk of the instance in --location instead of one prompt's",
         )
+
+
+def scope_of(args: argparse.Namespace) -> dict[str, str]:
+    """The body fields naming a scoped prompt (cache salt, LoRA adapter) the options give."""
+    given = {
+        "cache_salt": args.cache_salt,
+        "lora_name": args.lora_name,
+        "lora_path": args.lora_path,
+    }
+    scope = {k: v for k, v in given.items() if v is not None}
+    if scope and getattr(args, "all", False):
+        raise UsageError(
+            "--all takes every chunk: it takes no --cache-salt, --lora-name, --lora-path"
+        )
+    return scope
 
 
 def parse_tokens_text(text: str, source: str) -> list[int]:

@@ -348,3 +348,48 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(
     text = seen.decode(errors="replace")
     assert "interrupted" in text and re.search(r"event [0-9a-f]{32} --wait", text), text
     assert "Traceback" not in text
+
+
+def test_a_salted_or_adapted_prompt_is_named_by_its_options(
+    controller: Controller, make_instance: InstanceFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmc_connector.tokens import KeyScope
+
+    (worker,) = make_instance("cli-scoped", world_size=1)
+    worker.fill(PROMPT, scope=KeyScope(cache_salt="tenant-a"))
+    worker.fill(PROMPT[:8], scope=KeyScope(lora_name="sql", lora_path="/adapters/sql"))
+    tokens = ",".join(map(str, PROMPT))
+
+    def cached(*scope: str) -> object:
+        capsys.readouterr()
+        assert admin(controller, "--json", "lookup", "--tokens", tokens, *scope) == 0
+        return json.loads(capsys.readouterr().out)["layout_info"]
+
+    assert wait_until(lambda: cached("--cache-salt", "tenant-a"), what="indexed") == {
+        "cli-scoped": [CPU, 10]
+    }
+    assert cached() == {}
+    adapter = ("--lora-name", "sql", "--lora-path", "/adapters/sql")
+    assert cached(*adapter) == {"cli-scoped": [CPU, 8]}
+    pin = ("--json", "pin", "--instance", "cli-scoped", "--tokens", tokens)
+    assert admin(controller, *pin, "--cache-salt", "tenant-a") == 0
+    assert json.loads(capsys.readouterr().out)["num_tokens"] == 10
+    compress = ("compress", "--instance", "cli-scoped", "--tokens", tokens, "--wait")
+    assert admin(controller, "--json", *compress, *adapter) == 0
+    assert json.loads(capsys.readouterr().out)["num_tokens"] == 8
+    assert admin(controller, "compress", "--instance", "cli-scoped", "--all", *adapter) == 2
+
+
+def test_operations_lists_the_recent_ones_newest_first(
+    controller: Controller, make_instance: InstanceFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_instance("cli-ops", world_size=1)
+    assert admin(controller, "--json", "clear", "--instance", "cli-ops") == 0
+    cleared = json.loads(capsys.readouterr().out)["event_id"]
+    assert admin(controller, "--json", "operations", "--limit", "1") == 0
+    (newest,) = json.loads(capsys.readouterr().out)["operations"]
+    assert (newest["event_id"], newest["kind"]) == (cleared, "clear")
+    assert admin(controller, "operations") == 0
+    table = capsys.readouterr().out
+    assert cleared in table and "EVENT" in table and "clear" in table
+    assert admin(controller, "operations", "--limit", "0") == 2
