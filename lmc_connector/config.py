@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -295,11 +295,7 @@ def _merge(layers: list[_Layer]) -> _Merged:
             else:
                 fix = " (rename or unset the variable)" if layer.source == ENV_SOURCE else ""
                 problems.append(f"{layer.where(given)}: unknown key: {_suggest(bare)}{fix}")
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
-    if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(f"{len(problems)} problems in the configuration:\n{listed}")
+    _raise_all(problems)
     return _Merged(merged, ignored)
 
 
@@ -358,70 +354,103 @@ def _warn_once(message: str) -> None:
 
 
 def _check_requirements(config: CacheConfig) -> None:
+    """ConfigError listing every requirement the merged values miss."""
+    problems = [str(problem) for problem in _requirement_problems(config)]
+    _raise_all(problems)
+
+
+def _requirement_problems(config: CacheConfig) -> Iterator[str | ConfigError]:
     if not 0 < len(config.lmcache_instance_id) <= MAX_INSTANCE_ID_LENGTH:
-        raise ConfigError(
+        yield (
             f"lmcache_instance_id has {len(config.lmcache_instance_id)} characters: give it 1 "
             f"to {MAX_INSTANCE_ID_LENGTH} (it names this vLLM instance to the controller)"
         )
     if config.chunk_size <= 0:
-        raise ConfigError(f"chunk_size={config.chunk_size} must be a positive integer")
+        yield f"chunk_size={config.chunk_size} must be a positive integer"
     if config.local_cpu and config.max_local_cpu_size <= 0:
-        raise ConfigError(
-            f"max_local_cpu_size={config.max_local_cpu_size} must be > 0 when local_cpu is true"
-        )
+        yield f"max_local_cpu_size={config.max_local_cpu_size} must be > 0 when local_cpu is true"
     if config.local_disk is not None and config.max_local_disk_size <= 0:
-        raise ConfigError(
+        yield (
             f"max_local_disk_size={config.max_local_disk_size} must be > 0 when local_disk is set"
         )
     if not config.local_cpu and config.local_disk is None:
-        raise ConfigError("no cache location: set local_cpu: true, or local_disk to a directory")
+        yield "no cache location: set local_cpu: true, or local_disk to a directory"
     if config.enable_controller:
-        _require(
+        yield from _missing(
             config,
             "enable_controller",
             ("controller_pull_url", "lmcache_worker_ports"),
             'controller_pull_url: "localhost:9001", lmcache_worker_ports: 8001',
         )
     if config.enable_p2p:
-        _require(
+        yield from _missing(
             config,
             "enable_p2p",
             ("enable_controller", "controller_reply_url", "p2p_init_ports"),
             'enable_controller: true, controller_reply_url: "localhost:9002", p2p_init_ports: 8200',
         )
+    yield from _address_problems(config)
     if config.p2p_timeout_ms <= 0:
-        raise ConfigError(f"p2p_timeout_ms={config.p2p_timeout_ms} must be > 0 (e.g. 2000)")
+        yield f"p2p_timeout_ms={config.p2p_timeout_ms} must be > 0 (e.g. 2000)"
     if config.control_secret_file is not None and not Path(config.control_secret_file).is_file():
-        raise ConfigError(
+        yield (
             f"control_secret_file={config.control_secret_file!r} is not a readable file: point "
             "it at the file holding the secret the controller reads with --secret-file"
         )
     if config.save_queue_chunks <= 0:
-        raise ConfigError(
-            f"save_queue_chunks={config.save_queue_chunks} must be a positive number of chunks"
-        )
-    _check_lookup_host(config)
+        yield f"save_queue_chunks={config.save_queue_chunks} must be a positive number of chunks"
     if config.lookup_timeout_ms <= 0:
-        raise ConfigError(f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0")
+        yield f"lookup_timeout_ms={config.lookup_timeout_ms} must be > 0"
     if config.controller_heartbeat_interval <= 0:
-        raise ConfigError(
+        yield (
             f"controller_heartbeat_interval={config.controller_heartbeat_interval} must be "
             "> 0 seconds (2 is a good value)"
         )
-    _check_remote(config)
-    if config.compress_before_evict is not None:
-        _check_codec("compress_before_evict", config.compress_before_evict, "is no codec", [])
     for key in _LIST_KEYS:
         bad = [p for p in getattr(config, key) if not 0 < p < 65536]
         if bad:
-            raise ConfigError(f"{key}: {bad} are not TCP ports; use numbers in 1..65535")
+            yield f"{key}: {bad} are not TCP ports; use numbers in 1..65535"
+    for check in (_check_lookup_host, _check_remote, _check_evict_codec):
+        try:
+            check(config)
+        except ConfigError as e:
+            yield e
 
 
-def _require(config: CacheConfig, switch: str, keys: tuple[str, ...], example: str) -> None:
-    """ConfigError naming the `keys` left unset that `switch: true` needs, with an example."""
+def _raise_all(problems: list[str]) -> None:
+    """One ConfigError naming every problem (none: nothing raised)."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{len(problems)} problems in the configuration:\n{listed}")
+
+
+def _address_problems(config: CacheConfig) -> Iterator[str]:
+    """The controller's addresses, checked now rather than when a worker first dials them."""
+    from lmc_connector.control.wire.sockets import parse_host_port
+
+    for key in ("controller_pull_url", "controller_reply_url"):
+        value = getattr(config, key)
+        if value is not None:
+            try:
+                parse_host_port(value, key)
+            except ValueError as e:
+                yield str(e)
+
+
+def _check_evict_codec(config: CacheConfig) -> None:
+    if config.compress_before_evict is not None:
+        _check_codec("compress_before_evict", config.compress_before_evict, "is no codec", [])
+
+
+def _missing(
+    config: CacheConfig, switch: str, keys: tuple[str, ...], example: str
+) -> Iterator[str]:
+    """What `switch: true` needs of `keys` and was left unset, with an example."""
     missing = [key for key in keys if not getattr(config, key)]
     if missing:
-        raise ConfigError(f"{switch}: true requires {' and '.join(missing)} (e.g. {example})")
+        yield f"{switch}: true requires {' and '.join(missing)} (e.g. {example})"
 
 
 def _check_remote(config: CacheConfig) -> None:

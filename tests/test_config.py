@@ -374,3 +374,21 @@ def test_extra_config_with_and_without_the_lmcache_prefix_for_one_key_is_a_confl
     assert load_config({"lmcache.chunk_size": 512}, env={}).chunk_size == 512
     with pytest.raises(ConfigError, match=r"lmcache\.chunksize: unknown key: did you mean"):
         load_config({"lmcache.chunksize": 512}, env={})
+
+
+def test_every_unmet_requirement_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config({"chunk_size": 0, "max_local_cpu_size": 0, "p2p_timeout_ms": 0}, env={})
+    message = str(raised.value)
+    assert message.startswith("3 problems in the configuration:")
+    for part in ("chunk_size=0", "max_local_cpu_size=0", "p2p_timeout_ms=0"):
+        assert part in message
+
+
+def test_a_controller_address_that_is_not_host_port_fails_at_start_up() -> None:
+    extra = {"enable_controller": True, "lmcache_worker_ports": 8001}
+    with pytest.raises(ConfigError, match=r"controller_pull_url='localhost' is not host:port"):
+        load_config({**extra, "controller_pull_url": "localhost"}, env={})
+    with pytest.raises(ConfigError, match=r"controller_reply_url='x:99999' is not host:port"):
+        load_config({"controller_reply_url": "x:99999"}, env={})
+    assert load_config({**extra, "controller_pull_url": "tcp://h:9001"}, env={}).enable_controller
