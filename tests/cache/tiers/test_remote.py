@@ -279,6 +279,15 @@ def test_clear_unlinks_only_this_layouts_chunks_and_keeps_pinned_ones(
     assert store.get("user:data") == b"not ours"
 
 
+def test_a_cache_reset_leaves_the_shared_store_alone_unless_asked(make: Factory) -> None:
+    one, other = make(), make()
+    save_prompt(one)
+    assert one.reset() > 0
+    assert other.lookup(TOKENS) == len(TOKENS)  # from the store: the other instances keep it
+    assert one.reset(shared=True) > 0
+    assert other.lookup(TOKENS) == 0
+
+
 def test_compress_and_decompress_re_encode_stored_values_in_place(
     make: Factory, store: redis.Redis
 ) -> None:

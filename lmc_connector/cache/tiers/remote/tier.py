@@ -67,6 +67,7 @@ class RemoteBackend(Tier):
 
     name = "RemoteBackend"
     answers_from_memory = False
+    shared = True
 
     def __init__(
         self,
