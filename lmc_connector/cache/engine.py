@@ -80,13 +80,8 @@ class CacheEngine:
         self.calibrations = CalibrationBook()
         runner = TransformRunner(self.ctx, codec_device(config, device), self.calibrations)
         self._transforms = runner
-        method = config.compress_before_evict
-        if method is not None and not layout.codable:
-            raise ConfigError(
-                f"compress_before_evict={method}: this worker's KV cache is "
-                f"{layout.cache_dtype}, whose chunks are quantized bytes no codec codes; "
-                "unset compress_before_evict, or serve with a float16/bfloat16 KV cache"
-            )
+        if not layout.codable:
+            _refuse_codecs(config, layout)
         self.tiers = build_tiers(
             config,
             layout,
@@ -457,3 +452,19 @@ class CacheEngine:
             return calibrate.run(job, self.calibrations, self._transforms.device, self.layout)
         finally:
             self.release(job)
+
+
+def _refuse_codecs(config: CacheConfig, layout: ChunkLayout) -> None:
+    """ConfigError for a setting that codes chunks of a KV cache whose chunks are quantized
+    bytes (fp8 / int8 KV cache), which no codec codes."""
+    asked = []
+    if config.compress_before_evict is not None:
+        asked.append(f"compress_before_evict={config.compress_before_evict}")
+    if config.remote_url is not None and config.remote_serde != "naive":
+        asked.append(f"remote_serde={config.remote_serde}")
+    if asked:
+        raise ConfigError(
+            f"{' and '.join(asked)}: this worker's KV cache is {layout.cache_dtype}, whose "
+            "chunks are quantized bytes no codec codes; unset compress_before_evict and use "
+            "remote_serde: naive, or serve with a float16/bfloat16 KV cache"
+        )

@@ -144,6 +144,16 @@ def test_quantized_chunks_cannot_be_compressed_before_eviction(
         )
 
 
+def test_quantized_chunks_cannot_go_to_the_store_through_a_codec(
+    make_worker: WorkerFactory,
+) -> None:
+    store = {"remote_url": "redis://127.0.0.1:1", "remote_serde": "cachegen"}
+    with pytest.raises(
+        ConfigError, match=r"remote_serde=cachegen: .*fp8_e4m3.*remote_serde: naive"
+    ):
+        make_worker(make_caches(dtype=torch.uint8), cache_dtype="fp8_e4m3", **store)
+
+
 def test_save_returns_before_the_copy_completes(make_worker: WorkerFactory) -> None:
     """The copy waits for the cache (held by another thread here): `save` does not."""
     caches = make_caches()
