@@ -410,7 +410,12 @@ def _requirement_problems(config: CacheConfig) -> Iterator[str | ConfigError]:
         bad = [p for p in getattr(config, key) if not 0 < p < 65536]
         if bad:
             yield f"{key}: {bad} are not TCP ports; use numbers in 1..65535"
-    for check in (_check_lookup_host, _check_remote, _check_evict_codec):
+    for check in (
+        _check_lookup_host,
+        _check_remote_url,
+        _check_remote_settings,
+        _check_evict_codec,
+    ):
         try:
             check(config)
         except ConfigError as e:
@@ -453,12 +458,31 @@ def _missing(
         yield f"{switch}: true requires {' and '.join(missing)} (e.g. {example})"
 
 
-def _check_remote(config: CacheConfig) -> None:
+def _check_remote_url(config: CacheConfig) -> None:
     if config.remote_url is not None:
         try:
-            parse_remote_url(config.remote_url)
+            address = parse_remote_url(config.remote_url)
         except RemoteUrlError as e:
             raise ConfigError(str(e)) from e
+        beyond = [host for host, _ in address.nodes if _loopback(host) is not True]
+        if beyond and address.password is None and config.control_insecure:
+            _warn_once(
+                f"remote_url={address.redacted()} reaches {', '.join(beyond)} with no password "
+                "(control_insecure: true): whoever reaches that store can read and write the "
+                "KV every instance loads"
+            )
+        elif beyond and address.password is None:
+            raise ConfigError(
+                f"remote_url={address.redacted()} reaches {', '.join(beyond)} beyond this host "
+                "with no password: whoever reaches that store could read the cached KV and "
+                "write KV every instance would load. Give the store a password "
+                "(redis://:PASSWORD@host:port with requirepass or an ACL user on the server; "
+                "rediss:// for TLS across untrusted networks), or set control_insecure: true "
+                "on a network you trust"
+            )
+
+
+def _check_remote_settings(config: CacheConfig) -> None:
     if config.remote_timeout_ms <= 0:
         raise ConfigError(
             f"remote_timeout_ms={config.remote_timeout_ms} must be > 0 (200 suits a store on "
@@ -486,11 +510,10 @@ def _check_lookup_host(config: CacheConfig) -> None:
     host = config.lookup_host
     if host is None or config.control_secret_file is not None or config.control_insecure:
         return
-    try:
-        address = ipaddress.ip_address(socket.gethostbyname(host))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"lookup_host={host!r} does not resolve to an address: {e}") from e
-    if not address.is_loopback:
+    loopback = _loopback(host)
+    if loopback is None:
+        raise ConfigError(f"lookup_host={host!r} does not resolve to an address")
+    if not loopback:
         raise ConfigError(
             f"lookup_host={host!r} is not a loopback address and no control_secret_file is "
             "set: anyone on the network could pin chunks and read prompts' chunk keys; set "
@@ -526,3 +549,16 @@ def load_config(
             "(see the README's 'Coming from LMCache')"
         )
     return config
+
+
+def _loopback(host: str) -> bool | None:
+    """Whether `host` (a name or an address) is this host's loopback; None: it does not
+    resolve."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return None

@@ -267,7 +267,7 @@ def test_a_bad_remote_url_fails_with_the_accepted_forms() -> None:
 
 def test_an_unknown_remote_serde_names_the_close_match_and_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"did you mean cachegen\?.*naive, cachegen, fp8"):
-        load_config({"remote_url": "redis://h", "remote_serde": "cachgen"}, env={})
+        load_config({"remote_url": "redis://localhost", "remote_serde": "cachgen"}, env={})
 
 
 def test_compress_before_evict_takes_any_codec_a_calibrated_one_included() -> None:
@@ -278,7 +278,7 @@ def test_compress_before_evict_takes_any_codec_a_calibrated_one_included() -> No
 
 def test_remote_timeout_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="remote_timeout_ms=0 must be > 0"):
-        load_config({"remote_url": "redis://h", "remote_timeout_ms": 0}, env={})
+        load_config({"remote_url": "redis://localhost", "remote_timeout_ms": 0}, env={})
 
 
 def test_reset_shared_store_is_off_by_default_and_takes_a_boolean() -> None:
@@ -392,3 +392,18 @@ def test_a_controller_address_that_is_not_host_port_fails_at_start_up() -> None:
     with pytest.raises(ConfigError, match=r"controller_reply_url='x:99999' is not host:port"):
         load_config({"controller_reply_url": "x:99999"}, env={})
     assert load_config({**extra, "controller_pull_url": "tcp://h:9001"}, env={}).enable_controller
+
+
+def test_a_store_beyond_this_host_needs_a_password_or_control_insecure() -> None:
+    with pytest.raises(ConfigError, match=r"reaches 10\.0\.0\.5 beyond this host with no pass"):
+        load_config({"remote_url": "redis://10.0.0.5:6379"}, env={})
+    with pytest.raises(ConfigError, match=r"reaches 10\.0\.0\.6 beyond"):
+        load_config({"remote_url": "redis-cluster://127.0.0.1:7000,10.0.0.6:7001"}, env={})
+    for allowed in (
+        {"remote_url": "redis://:s3cret@10.0.0.5:6379"},
+        {"remote_url": "rediss://alice:s3cret@10.0.0.5:6380/1"},
+        {"remote_url": "redis://10.0.0.5:6379", "control_insecure": True},
+        {"remote_url": "redis://localhost:6379"},
+        {"remote_url": "redis-cluster://127.0.0.1:7000,[::1]:7001"},
+    ):
+        assert load_config(allowed, env={}).remote_url == allowed["remote_url"]
