@@ -7,6 +7,7 @@ store; the server is this module's own (`tests/redis_servers.py`).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import subprocess
 import threading
@@ -286,6 +287,29 @@ def test_a_cache_reset_leaves_the_shared_store_alone_unless_asked(make: Factory)
     assert other.lookup(TOKENS) == len(TOKENS)  # from the store: the other instances keep it
     assert one.reset(shared=True) > 0
     assert other.lookup(TOKENS) == 0
+
+
+def test_a_full_store_that_does_not_evict_refuses_uploads_but_stays_in_use(
+    make: Factory, store: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_prompt(make())
+    policy = store.config_get("maxmemory-policy")["maxmemory-policy"]
+    store.config_set("maxmemory-policy", "noeviction")
+    store.config_set("maxmemory", str(store.info("memory")["used_memory"]))  # full from now
+    try:
+        with caplog.at_level(logging.WARNING):
+            engine = make()
+            save_prompt(engine, list(range(500, 500 + 2 * CHUNK)), seed=7)
+            assert remote(engine).writer.counts.dropped_failed == 2
+            assert engine.lookup(TOKENS) == len(TOKENS)  # the store still answers lookups
+    finally:
+        store.config_set("maxmemory", "0")
+        store.config_set("maxmemory-policy", policy)
+    assert "maxmemory-policy is noeviction" in caplog.text
+    assert "upload refused by the store" in caplog.text
+    assert "the store is full and does not evict: start it with --maxmemory-policy allkeys-lru" in (
+        caplog.text
+    )
 
 
 def test_compress_and_decompress_re_encode_stored_values_in_place(

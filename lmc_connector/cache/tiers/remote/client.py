@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from lmc_connector.remote_url import StoreAddress
@@ -28,6 +28,8 @@ MAX_CONNECTIONS = 16
 #: the maximum while it stays down: a dead store costs one timeout, not one per request.
 RETRY_AFTER_S = 1.0
 RETRY_AFTER_MAX_S = 30.0
+#: Seconds between warnings about commands the store refused (it answered: it is up).
+REFUSED_LOG_INTERVAL_S = 30.0
 
 Client = redis.Redis | RedisCluster
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
@@ -116,13 +118,19 @@ class StoreSession:
         self._timeouts = (timeout_s, bulk_timeout_s)
         self._clients: tuple[Client, Client] | None = None
         self._lock = threading.Lock()
+        self._next_refused_log = 0.0
 
     def call(self, action: str, bulk: bool, fn: Callable[[Client], Any]) -> Any:
-        """`fn(client)`, or None when the store is (or just went) unavailable."""
+        """`fn(client)`, or None when the store is (or just went) unavailable, or refused
+        the command (full and not evicting, read-only, no permission): the store stays in
+        use for the other calls."""
         if not self.health.available():
             return None
         try:
             result = fn(self._client(bulk))
+        except ResponseError as e:
+            self._refused(action, e)
+            return None
         except STORE_ERRORS as e:
             self.health.failed(action, e)
             return None
@@ -135,9 +143,55 @@ class StoreSession:
         for client in clients or ():
             client.close()
 
+    def _refused(self, action: str, error: ResponseError) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_refused_log:
+                return
+            self._next_refused_log = now + REFUSED_LOG_INTERVAL_S
+        hint = f"; {_FULL_HINT}" if isinstance(error, OutOfMemoryError) else ""
+        logger.warning(
+            "shared store %s: %s refused by the store (%s)%s",
+            self.address.redacted(),
+            action,
+            error,
+            hint,
+        )
+
     def _client(self, bulk: bool) -> Client:
         with self._lock:
             if self._clients is None:
                 lookups = connect(self.address, self._timeouts[0])
                 self._clients = (lookups, connect(self.address, self._timeouts[1], 1 << 20))
-            return self._clients[int(bulk)]
+                fresh = True
+            else:
+                fresh = False
+            client = self._clients[int(bulk)]
+        if fresh:
+            _check_eviction(self._clients[0], self.address.redacted())
+        return client
+
+
+_EVICTION_FIX = (
+    "start it with --maxmemory-policy allkeys-lru (our keys have no expiry, so volatile-* "
+    "policies never evict them)"
+)
+_FULL_HINT = f"the store is full and does not evict: {_EVICTION_FIX}"
+
+
+def _check_eviction(client: Client, where: str) -> None:
+    """Warn once per session when the store will not evict our keys when full (a store
+    that hides its configuration is left unchecked)."""
+    try:
+        policies = client.config_get("maxmemory-policy")
+    except STORE_ERRORS:
+        return
+    policy = str(policies.get("maxmemory-policy", "")) if isinstance(policies, dict) else ""
+    if policy and not policy.startswith("allkeys-"):
+        logger.warning(
+            "shared store %s: maxmemory-policy is %s: when full it refuses uploads instead of "
+            "evicting old chunks; %s",
+            where,
+            policy,
+            _EVICTION_FIX,
+        )
