@@ -89,6 +89,22 @@ def test_a_fresh_engine_loads_what_another_saved_bit_identical(make: Factory) ->
     assert reader.lookup(TOKENS, [CPU]) == len(TOKENS)
 
 
+def test_two_writers_of_one_chunk_never_mix_their_pieces(
+    make: Factory, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second, reader = make(), make(), make()
+    kvs = save_prompt(first)
+    # The race: `second` asked which chunks the store lacks before `first`'s landed (a
+    # window too narrow to hit at will, so its answer is faked), then uploads other bytes.
+    monkeypatch.setattr(tier_module.ops, "exists", lambda client, heads: [False] * len(heads))
+    save_prompt(second, seed=50)
+    monkeypatch.undo()
+    loaded = reader.get(reader.hashes(TOKENS))
+    assert all(torch.equal(a, b) for a, b in zip(loaded, kvs, strict=True))
+    assert len(loaded) == len(kvs)
+    assert not list(store.scan_iter(match="*:s*"))  # the loser's staged pieces are gone
+
+
 def test_a_stalled_assembly_is_a_miss_and_the_value_stays_in_the_store(
     make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,7 +309,7 @@ def test_a_full_store_that_does_not_evict_refuses_uploads_but_stays_in_use(
     make: Factory, store: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     save_prompt(make())
-    policy = store.config_get("maxmemory-policy")["maxmemory-policy"]
+    policy = str(store.config_get("maxmemory-policy")["maxmemory-policy"])
     store.config_set("maxmemory-policy", "noeviction")
     store.config_set("maxmemory", str(store.info("memory")["used_memory"]))  # full from now
     try:

@@ -43,6 +43,23 @@ for i = 3 + 2 * n, #KEYS do redis.call('UNLINK', KEYS[i]) end
 redis.call('RENAME', KEYS[2], KEYS[1])
 return 1
 """
+# KEYS: head, n staged pieces, n pieces. ARGV: the head's value, n. The staged pieces are
+# renamed into place and the head set only while no head exists (another writer was not
+# first) and every staged piece is still there (none evicted meanwhile); else they go.
+_WRITE_IF_ABSENT = """
+local n = tonumber(ARGV[2])
+local whole = redis.call('EXISTS', KEYS[1]) == 0
+for i = 2, 1 + n do
+    if whole and redis.call('EXISTS', KEYS[i]) == 0 then whole = false end
+end
+if not whole then
+    for i = 2, 1 + n do redis.call('UNLINK', KEYS[i]) end
+    return 0
+end
+for i = 1, n do redis.call('RENAME', KEYS[1 + i], KEYS[1 + n + i]) end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
 # KEYS: head, then every piece name. ARGV: the head the caller read.
 _UNLINK_IF_SAME = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -93,21 +110,24 @@ def _replies(replies: list[Any]) -> list[Any]:
     return replies
 
 
-def write_values(client: Client, writes: Sequence[tuple[ChunkNames, StoreValue]]) -> list[bool]:
-    """Write each value's pieces, then its head unless the head exists (another writer was
-    first): True where this head landed."""
+def write_values(
+    client: Client, writes: Sequence[tuple[ChunkNames, ChunkNames, StoreValue]]
+) -> list[bool]:
+    """Write each value unless its chunk has a head already (another writer was first), in
+    one round trip: its pieces under staged names, then a script that renames them into
+    place and sets the head, or drops them. (names, staged names, value) per chunk; True
+    where this value landed. A reader never sees one writer's head over another's pieces."""
     pipe = client.pipeline(transaction=False)
-    for names, value in writes:
-        for name, piece in zip(names.pieces, value.pieces, strict=False):
+    for _, staged, value in writes:
+        for name, piece in zip(staged.pieces, value.pieces, strict=False):
             pipe.set(name, piece)
-        pipe.set(names.head, value.header, nx=True)
+    for names, staged, value in writes:
+        count = len(value.pieces)
+        keys = [names.head, *staged.pieces[:count], *names.pieces[:count]]
+        # execute_command: a Redis Cluster pipeline has no eval(), but routes EVAL by its keys.
+        pipe.execute_command("EVAL", _WRITE_IF_ABSENT, len(keys), *keys, value.header, count)
     replies = pipe.execute()
-    landed, pos = [], 0
-    for _, value in writes:
-        pos += len(value.pieces)
-        landed.append(bool(replies[pos]))
-        pos += 1
-    return landed
+    return [reply == 1 for reply in replies[-len(writes) :]] if writes else []
 
 
 def swap_value(

@@ -194,6 +194,11 @@ class RemoteBackend(Tier):
         """The head and every possible piece name of `key`."""
         return ChunkNames(self.keys.head(key), self.keys.pieces(key, self._max_pieces))
 
+    def _staged(self, key: ChunkKey, pieces: int) -> ChunkNames:
+        """Fresh names to stage a value of `key` under before it is renamed into place."""
+        staging = self.keys.staging(key)
+        return ChunkNames(staging, self.keys.pieces(key, pieces, staging))
+
     def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[Marker, Chunk | None]]:
         """(head, chunk) of the leading keys found; ends at the first miss."""
         names = [self.keys.head(k) for k in keys]
@@ -302,7 +307,7 @@ class RemoteBackend(Tier):
             logger.error("%s: %d values exceed this layout's size; not stored", self.name,
                          len(too_big))  # fmt: skip
             encoded = [(k, v) for k, v in encoded if len(v.pieces) <= self._max_pieces]
-        writes = [(self.names(k), v) for k, v in encoded]
+        writes = [(self.names(k), self._staged(k, len(v.pieces)), v) for k, v in encoded]
         done = self._call("upload", True, lambda c: ops.write_values(c, writes))
         if done is None:
             self._dropped(len(todo))
@@ -342,8 +347,7 @@ class RemoteBackend(Tier):
         value = to_value(key, chunk)
         if len(value.pieces) > self._max_pieces:
             return False
-        staging = self.keys.staging(key)
-        staged = ChunkNames(staging, self.keys.pieces(key, len(value.pieces), staging))
+        staged = self._staged(key, len(value.pieces))
         swapped = self._call(
             "replace", True, lambda c: ops.swap_value(c, self.names(key), staged, marker, value)
         )
