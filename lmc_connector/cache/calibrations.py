@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: Calibrations held in memory at once; beyond it the least recently loaded one that no
 #: method encodes with is dropped (and read from a shelf again when a chunk needs it).
 MAX_IN_MEMORY = 8
+#: Seconds between checks that the shelves still hold a method's current calibration (the
+#: shared store evicts, and one that was down missed the first write).
+SHELF_CHECK_S = 60.0
 
 
 def calibrated_methods() -> list[str]:
@@ -54,6 +58,8 @@ class CalibrationBook:
         self._current: dict[str, str] = {}
         #: Ids in memory, least recently added first (what MAX_IN_MEMORY drops first).
         self._held: OrderedDict[str, None] = OrderedDict()
+        #: Method -> when `keep_on_shelves` looks at its shelves again.
+        self._next_check: dict[str, float] = {}
 
     def attach(self, shelves: Sequence[CalibrationShelf]) -> None:
         """The shelves to keep calibrations on, nearest first (before `open`)."""
@@ -112,6 +118,30 @@ class CalibrationBook:
             "".join(f", {where}" for where in kept),
         )
         return calibration
+
+    def keep_on_shelves(self, method: str) -> None:
+        """Write `method`'s current calibration again onto every shelf that lost it, at most
+        once per SHELF_CHECK_S: chunks encoded with it keep decoding on every instance.
+        Called by whoever encodes with it for a shared tier."""
+        now = time.monotonic()
+        with self._lock:
+            wanted = self._current.get(method)
+            if wanted is None or now < self._next_check.get(method, 0.0):
+                return
+            self._next_check[method] = now + SHELF_CHECK_S
+        calibration = self.store.get(wanted)
+        if calibration is None:
+            return
+        for shelf in self._shelves:
+            if shelf.holds(wanted, len(calibration.blob)):
+                continue
+            if shelf.write(wanted, calibration.blob) and shelf.make_current(method, wanted):
+                logger.warning(
+                    "%s calibration %s was missing from %s; written there again",
+                    method,
+                    wanted,
+                    shelf.where,
+                )
 
     def _load(self, wanted: str) -> bytes | None:
         """The CalibrationStore's loader: the blob of `wanted` from the nearest shelf that

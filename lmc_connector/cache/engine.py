@@ -290,8 +290,9 @@ class CacheEngine:
         encoded ones decoded together on `device` (into memory from `allocate`, if given).
 
         A chunk that does not decode (damaged, or its calibration found nowhere)
-        is a miss: the result ends before it and its local copies are dropped,
-        so that recomputed KV takes its place.
+        is a miss: the result ends before it and its copies are dropped, the shared
+        store's too, so that recomputed KV takes its place everywhere (a value no
+        instance decodes would otherwise be fetched, and fail, on every request).
         """
         at = [i for i, c in enumerate(chunks) if c.encoded]
         encoded = [chunks[i] for i in at]
@@ -299,7 +300,7 @@ class CacheEngine:
         if error is not None:
             end = at[len(decoded)]
             bad = keys[end]
-            dropped = sum(tier.remove([bad]) for tier in self._near)
+            dropped = sum(tier.remove([bad]) for tier in self.tiers)
             self._transforms.undecodable(bad, error, dropped)
             chunks = chunks[:end]
         plain = iter(decoded)

@@ -197,10 +197,12 @@ class TransformRunner:
         """`encode` for the shared store's serde: before `method` has a calibration the
         chunks stay plain (every value says how it is stored), saying why once."""
         try:
-            return self.encode(method, chunks)
+            encoded = self.encode(method, chunks)
         except NotCalibratedError as e:
             self._warn_once(method, "remote_serde", "uploads plain chunks", e)
             return chunks
+        self.calibrations.keep_on_shelves(method)
+        return encoded
 
     def _warn_once(self, method: str, key: str, doing: str, error: Exception) -> None:
         if (method, key) in self._warned:
@@ -222,7 +224,7 @@ class TransformRunner:
         self._warned.add(what)
         logger.warning(
             "a cached chunk (%016x) does not decode, treated as a miss and recomputed "
-            "(%d local copies dropped): %s",
+            "(%d copies dropped): %s",
             key,
             dropped,
             error,

@@ -53,6 +53,11 @@ class CalibrationShelf(ABC):
         """Store `blob` under `calibration_id` (kept as it is when already there)."""
 
     @abstractmethod
+    def holds(self, calibration_id: str, size: int) -> bool:
+        """Whether a blob of `size` bytes is stored under `calibration_id`, all of it (cheap:
+        the blob is not read)."""
+
+    @abstractmethod
     def current(self, method: str) -> str | None:
         """The id `method` encodes with on this layout, or None."""
 
@@ -89,10 +94,16 @@ class DiskShelf(CalibrationShelf):
             return None
 
     def write(self, calibration_id: str, blob: bytes) -> bool:
-        path = self._path(calibration_id)
-        if path.is_file() and path.stat().st_size == len(blob):
+        if self.holds(calibration_id, len(blob)):
             return True
-        return self._replace(path, blob)
+        return self._replace(self._path(calibration_id), blob)
+
+    def holds(self, calibration_id: str, size: int) -> bool:
+        path = self._path(calibration_id)
+        try:
+            return path.stat().st_size == size
+        except OSError:
+            return False
 
     def current(self, method: str) -> str | None:
         check_names(method=method)

@@ -551,3 +551,61 @@ def test_a_calibration_in_the_store_lets_other_engines_decode_kvtc_values(
             assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.2
     early_reader.clear(REMOTE)
     assert store.exists(f"lmc:{layout.fingerprint()}:calibration:kvtc")  # not a chunk
+
+
+KVTC_LAYOUT = ChunkLayout("m", 1, 0, "float16", 2, 4, 64, 64)
+
+
+def kvtc_kv(seed: int) -> torch.Tensor:
+    shape = KVTC_LAYOUT.shape(64)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).half()
+
+
+def calibrated_writer(make: Factory) -> CacheEngine:
+    writer = make(KVTC_LAYOUT, remote_serde="kvtc")
+    samples = [kvtc_kv(100 + s) for s in range(3)]
+    writer.calibrations.adopt("kvtc", fit_calibration("kvtc", samples))
+    return writer
+
+
+def drop_calibrations(store: redis.Redis) -> int:
+    """What the store's eviction does to calibrations nobody read for a while."""
+    names = list(store.scan_iter(match=f"lmc:{KVTC_LAYOUT.fingerprint()}:calibration:*"))
+    return int(store.unlink(*names)) if names else 0
+
+
+def test_a_calibration_the_store_lost_is_written_again_by_an_instance_encoding_with_it(
+    make: Factory, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmc_connector.cache import calibrations
+
+    monkeypatch.setattr(calibrations, "SHELF_CHECK_S", 0.0)
+    writer = calibrated_writer(make)
+    assert drop_calibrations(store) > 0
+    tokens = list(range(900, 1028))
+    kvs = [kvtc_kv(i) for i in range(2)]
+    for key, kv in zip(writer.hashes(tokens), kvs, strict=True):
+        writer.put(key, kv)
+    remote(writer).flush()
+    reader = make(KVTC_LAYOUT)
+    loaded = reader.get(reader.hashes(tokens))
+    assert len(loaded) == 2  # decoded: the calibration is back in the store
+
+
+def test_a_store_value_no_instance_can_decode_is_removed_from_the_store(
+    make: Factory, store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmc_connector.cache import calibrations
+
+    monkeypatch.setattr(calibrations, "SHELF_CHECK_S", 3600.0)  # no rewrite in this test
+    writer = calibrated_writer(make)
+    tokens = list(range(900, 964))
+    (key,) = writer.hashes(tokens)
+    writer.put(key, kvtc_kv(1))
+    remote(writer).flush()
+    assert drop_calibrations(store) > 0
+    reader = make(KVTC_LAYOUT)
+    assert reader.lookup(tokens) == len(tokens)  # the value is there...
+    assert reader.get([key]) == []  # ...but decodes nowhere: a miss
+    assert reader.lookup(tokens) == 0  # and it is gone from the store, for every instance
+    assert not remote(reader).held([key])[0]

@@ -75,6 +75,15 @@ class StoreShelf(CalibrationShelf):
         return bool(self._session.call("write a calibration", True, store))
 
     @override
+    def holds(self, calibration_id: str, size: int) -> bool:
+        head = self._head(calibration_id)
+        names = [head, *(f"{head}:{i}" for i in range(pieces_for(size)))]
+        found = self._session.call(
+            "look for a calibration", True, lambda c: c.exists(*names) == len(names)
+        )
+        return bool(found)
+
+    @override
     def current(self, method: str) -> str | None:
         check_names(method=method)
         name = f"{self._prefix}{method}"
