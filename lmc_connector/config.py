@@ -375,6 +375,11 @@ def _requirement_problems(config: CacheConfig) -> Iterator[str | ConfigError]:
         )
     if not config.local_cpu and config.local_disk is None:
         yield "no cache location: set local_cpu: true, or local_disk to a directory"
+    if config.compress_before_evict is not None and not config.local_cpu:
+        yield (
+            f"compress_before_evict={config.compress_before_evict} compresses the CPU tier's "
+            "chunks before it evicts them: set local_cpu: true, or unset compress_before_evict"
+        )
     if config.enable_controller:
         yield from _missing(
             config,

@@ -407,3 +407,9 @@ def test_a_store_beyond_this_host_needs_a_password_or_control_insecure() -> None
         {"remote_url": "redis-cluster://127.0.0.1:7000,[::1]:7001"},
     ):
         assert load_config(allowed, env={}).remote_url == allowed["remote_url"]
+
+
+def test_compress_before_evict_needs_the_cpu_tier(tmp_path: Path) -> None:
+    values = {"compress_before_evict": "fp8", "local_cpu": False, "local_disk": str(tmp_path)}
+    with pytest.raises(ConfigError, match="compress_before_evict=fp8 compresses the CPU tier"):
+        load_config(values, env={})

@@ -46,6 +46,9 @@ class ChunkLayout:
     cache_dtype: str = "auto"
     #: The attention backend that wrote the pages ("FLASH_ATTN", "CPU_ATTN", ...).
     backend: str = ""
+    #: What else tells the model's weights apart under one name: its revision and
+    #: quantization ("revision=abc123|quantization=awq"); empty when neither is set.
+    variant: str = ""
 
     @property
     def codable(self) -> bool:
@@ -87,6 +90,7 @@ class ChunkLayout:
             self.chunk_size,
             self.cache_dtype,
             self.backend,
+            *((self.variant,) if self.variant else ()),  # unset: the fingerprints of before
         )
         return hashlib.blake2b("|".join(map(str, fields)).encode(), digest_size=8).hexdigest()
 

@@ -155,6 +155,7 @@ class LMCConnectorV1(KVConnectorBase_V1):
                 lookup_address=_addresses(vllm_config)[rank],
                 kv_events=kv_events,
                 cache_dtype=self.facts.cache_dtype,
+                model_variant=model_variant(vllm_config.model_config),
             )
             self.worker = LMCWorker(self.config, settings)
 
@@ -351,3 +352,14 @@ class LMCConnectorV1(KVConnectorBase_V1):
         """Delays the release of the request's blocks while its saves are being copied."""
         assert self.scheduler is not None
         return self.scheduler.finished(request.request_id), None
+
+
+def model_variant(model_config: Any) -> str:
+    """The revision and quantization of the served weights, where set: two deployments of
+    one model name with other weights never share KV."""
+    parts = [
+        f"{name}={value}"
+        for name in ("revision", "quantization")
+        if (value := getattr(model_config, name, None))
+    ]
+    return "|".join(parts)

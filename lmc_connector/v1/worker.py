@@ -64,6 +64,8 @@ class WorkerSettings:
     kv_events: bool = False
     #: vLLM's KV cache type (`--kv-cache-dtype`): part of the key namespace.
     cache_dtype: str = "auto"
+    #: The model's revision and quantization, where set: part of the key namespace.
+    model_variant: str = ""
 
 
 class LMCWorker:
@@ -117,6 +119,7 @@ class LMCWorker:
             chunk_size=self.config.chunk_size,
             cache_dtype=self.settings.cache_dtype,
             backend=backend,
+            variant=self.settings.model_variant,
         )
         self.paged = paged
         self.engine = CacheEngine(self.config, layout, device=paged.device)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lmc_connector import tokens
+from lmc_connector.cache import ChunkLayout
 from lmc_connector.config import ConfigError, load_config
 from lmc_connector.ops.paged import KVFormat
 from lmc_connector.tokens import ChunkKey
@@ -126,6 +127,21 @@ def test_kv_cache_type_and_backend_separate_namespaces(make_worker: WorkerFactor
     assert e4m3.engine.layout.fingerprint() != e5m2.engine.layout.fingerprint()
     other_backend = dataclasses.replace(e4m3.engine.layout, backend="FLASHINFER")
     assert other_backend.fingerprint() != e4m3.engine.layout.fingerprint()
+
+
+def test_a_model_revision_or_quantization_separates_namespaces() -> None:
+    from types import SimpleNamespace
+
+    from lmc_connector.v1.connector import model_variant
+
+    plain = SimpleNamespace(revision=None, quantization=None)
+    pinned = SimpleNamespace(revision="abc123", quantization="awq")
+    assert model_variant(plain) == ""
+    assert model_variant(pinned) == "revision=abc123|quantization=awq"
+    layout = ChunkLayout("m", 1, 0, "bfloat16", 2, 4, 64, 16)
+    revised = dataclasses.replace(layout, variant=model_variant(pinned))
+    assert revised.fingerprint() != layout.fingerprint()
+    assert revised.instance_fingerprint() != layout.instance_fingerprint()
 
 
 def test_quantized_chunks_refuse_compression(make_worker: WorkerFactory) -> None:
