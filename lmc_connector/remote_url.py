@@ -11,6 +11,7 @@ TLS options ride as query parameters: `ssl_ca_certs=PATH`, `ssl_certfile=PATH`,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
@@ -55,7 +56,15 @@ class StoreAddress:
 
 
 def _fail(url: str, why: str) -> RemoteUrlError:
-    shown = url.split("@")[-1] if "@" in url else url
+    """The error for `url`, which never shows its credentials: with any, the quoted pieces of
+    `why` are hidden too (a password's unencoded '?' or '/' moves its tail elsewhere)."""
+    if "@" in url:
+        shown = url.split("@")[-1]
+        why = re.sub(r"'[^']*'", "'...'", why) + (
+            "; in a password, write ? / # @ as %3F %2F %23 %40"
+        )
+    else:
+        shown = url
     return RemoteUrlError(f"remote_url '...{shown}': {why} (accepted forms: {EXAMPLES})")
 
 

@@ -69,3 +69,12 @@ def test_passwords_never_show_in_errors_or_logs() -> None:
     address = parse_remote_url("rediss://:hunter2@host:1")
     assert "hunter2" not in address.redacted() and "hunter2" not in repr(address)
     assert address.redacted() == "rediss://***@host:1"
+
+
+@pytest.mark.parametrize("url", ["redis://:QX?ZJ@host:6379", "redis://:QX/ZJ@host:1"])
+def test_a_password_with_an_unencoded_separator_never_shows_in_the_error(url: str) -> None:
+    with pytest.raises(RemoteUrlError) as raised:
+        parse_remote_url(url)
+    message = str(raised.value)
+    assert "QX" not in message and "ZJ" not in message
+    assert "write ? / # @ as %3F %2F %23 %40" in message

@@ -42,6 +42,9 @@ DROP_WARN_EVERY_S = 10.0
 #: Longest wait for the save thread when a preempted request's chunk is in progress, and for
 #: a drain; a copy takes milliseconds, so reaching it means the thread is stuck.
 WAIT_TIMEOUT_S = 30.0
+#: Seconds an idle save thread sleeps before it looks at its queue again (a save and close
+#: wake it at once; the timeout only bounds the wait).
+IDLE_WAIT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -205,7 +208,7 @@ class ChunkSaver:
             while True:
                 with self._cond:
                     while not self._queue and not self._stop:
-                        self._cond.wait()
+                        self._cond.wait(IDLE_WAIT_S)
                     if self._stop:
                         return
                     job = self._current = self._queue.popleft()

@@ -112,7 +112,8 @@ class RemoteBackend(Tier):
     @override
     def close(self) -> None:
         self.writer.close()
-        self._assembly.shutdown(wait=True)
+        # Not waited for: a piece still being placed belongs to a read that times out on it.
+        self._assembly.shutdown(wait=False, cancel_futures=True)
         self.session.close()
 
     @override

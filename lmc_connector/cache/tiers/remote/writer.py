@@ -26,6 +26,9 @@ BATCH_CHUNKS = 16
 BATCH_BYTES = 256 << 20
 #: Seconds between log lines about dropped uploads.
 DROP_LOG_INTERVAL_S = 30.0
+#: Seconds an idle writer sleeps before it looks at its queue again (offer and close wake it
+#: at once; the timeout only bounds the wait).
+IDLE_WAIT_S = 1.0
 #: Niceness of the writer thread (Linux sets it per thread): uploads yield the CPU to
 #: vLLM's forward and the load path when cores are scarce.
 WRITER_NICE = 10
@@ -132,7 +135,7 @@ class StoreWriter:
             self._busy = False
             self._cond.notify_all()
             while not self._queue and not self._closed:
-                self._cond.wait()
+                self._cond.wait(IDLE_WAIT_S)
             if not self._queue:
                 return None
             batch: Batch = []
