@@ -438,10 +438,12 @@ def _raise_all(problems: list[str]) -> None:
 
 def _address_problems(config: CacheConfig) -> Iterator[str]:
     """The controller's addresses, checked now rather than when a worker first dials them."""
-    from lmc_connector.control.wire.sockets import parse_host_port
+    given = [(key, getattr(config, key)) for key in ("controller_pull_url", "controller_reply_url")]
+    if all(value is None for _, value in given):
+        return
+    from lmc_connector.control.wire.sockets import parse_host_port  # zmq: only when needed
 
-    for key in ("controller_pull_url", "controller_reply_url"):
-        value = getattr(config, key)
+    for key, value in given:
         if value is not None:
             try:
                 parse_host_port(value, key)
