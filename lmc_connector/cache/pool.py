@@ -29,6 +29,24 @@ _OWNER_CHUNK_REFS = 3
 _OWNER_TENSOR_REFS = 3
 
 
+def _sole_owner_refs() -> tuple[int, int]:
+    """What getrefcount says here for a chunk and its tensor that only the caller holds, in
+    a call shaped like `recycle`'s."""
+
+    def probe(chunk: Chunk) -> tuple[int, int]:
+        kv = chunk.kv
+        return sys.getrefcount(chunk), sys.getrefcount(kv)
+
+    held = Chunk(1, kv=torch.empty(1))
+    return probe(held)
+
+
+#: Whether this interpreter counts references as the two constants assume (CPython may count
+#: fewer, e.g. borrowed stack references): if not, buffers are never recycled, since an
+#: extra holder could go unseen and its memory be overwritten.
+_REFCOUNTS_AS_ASSUMED = _sole_owner_refs() == (_OWNER_CHUNK_REFS, _OWNER_TENSOR_REFS)
+
+
 class BufferPool:
     """Free CPU buffers by (shape, dtype), at most `max_bytes` in all, and the slabs that
     encoded chunks' bytes are cut from (at most `max_bytes` more). Thread-safe."""
@@ -93,7 +111,9 @@ class BufferPool:
         """Keep the buffer of a chunk just removed from the cache, if nobody else holds it
         and buffers are being taken from this pool."""
         kv = chunk.kv
-        if not self._drawn_from or kv is None or sys.getrefcount(chunk) > _OWNER_CHUNK_REFS:
+        if not _REFCOUNTS_AS_ASSUMED or not self._drawn_from or kv is None:
+            return False
+        if sys.getrefcount(chunk) > _OWNER_CHUNK_REFS:
             return False
         if chunk.borrowed:
             return False  # memory torch does not own (a received message): never written

@@ -49,9 +49,12 @@ class ChunkLoader:
         stop = self._paged.aligned(spec.end)
         chunk_start = spec.first_chunk * chunk_size
         loaded = spec.start
+        last = len(spec.keys) - 1
         for first in range(0, len(spec.keys), FETCH_CHUNKS):
             tensors = self._fetch(spec, first)
-            for kv in tensors:
+            for at, kv in enumerate(tensors, first):
+                if kv.shape[2] != chunk_size and at != last:
+                    return loaded  # only a prompt's last chunk is short: anything else is a miss
                 lo, hi = max(chunk_start, spec.start), min(chunk_start + kv.shape[2], stop)
                 if hi > lo:
                     self._write(kv[:, :, lo - chunk_start : hi - chunk_start], table, lo, hi)

@@ -1,7 +1,9 @@
 import resource
 
+import pytest
 import torch
 
+from lmc_connector.cache import pool as pool_module
 from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.pool import BufferPool
 from lmc_connector.cache.record import payload
@@ -33,6 +35,13 @@ def test_buffer_of_an_unreferenced_chunk_is_reused() -> None:
     assert pool.recycle(chunk)
     del chunk
     assert pool.take(SHAPE, torch.float16).data_ptr() == storage
+
+
+def test_an_interpreter_that_counts_references_otherwise_never_recycles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "_REFCOUNTS_AS_ASSUMED", False)
+    assert not pool_in_use(max_bytes=1 << 20).recycle(removed_chunk())
 
 
 def test_buffer_once_read_through_numpy_is_reused() -> None:

@@ -345,6 +345,30 @@ def test_compressed_chunks_decode_into_the_same_few_buffers_every_round(
     assert len(set(handed)) == FETCH_CHUNKS
 
 
+def test_a_short_chunk_before_the_last_stops_the_load_and_reports_the_rest(
+    make_worker: WorkerFactory,
+) -> None:
+    caches = make_caches(dtype=torch.float16, head=32)
+    worker = make_worker(caches)
+    engine = worker.engine
+    assert engine is not None
+    fill(caches, list(range(6)), seed=6)
+    prompt = list(range(3 * CHUNK))
+    keys = tokens.chunk_hashes(prompt, CHUNK)
+    worker.save(save_meta("a", keys, 3 * CHUNK, list(range(6))))
+    assert worker.saver is not None and worker.saver.drain()
+    # What a faulty peer or store could hand over: chunk 1 holding half its tokens.
+    tier = engine.tier("LocalCPUBackend")
+    marker, chunk = tier.load(keys[1])
+    assert chunk is not None and chunk.kv is not None
+    short = type(chunk)(BLOCK, kv=chunk.kv[:, :, :BLOCK].clone())
+    assert tier.replace(keys[1], marker, short)
+
+    target = list(range(40, 46))
+    worker.start_load(load_meta("b", keys, 3 * CHUNK - 1, target))
+    assert worker.take_load_errors() == set(target[2:])  # chunk 0 only; the rest recomputed
+
+
 def test_a_corrupted_chunk_stops_the_load_and_reports_the_rest(
     make_worker: WorkerFactory,
 ) -> None:
