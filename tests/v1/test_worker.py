@@ -345,20 +345,24 @@ def test_compressed_chunks_decode_into_the_same_few_buffers_every_round(
     assert len(set(handed)) == FETCH_CHUNKS
 
 
+def three_saved_chunks(make_worker: WorkerFactory) -> tuple[LMCWorker, list[ChunkKey]]:
+    """A worker holding the three chunks of a prompt, saved from blocks 0-5."""
+    caches = make_caches(dtype=torch.float16, head=32)
+    worker = make_worker(caches)
+    fill(caches, list(range(6)), seed=6)
+    keys = tokens.chunk_hashes(list(range(3 * CHUNK)), CHUNK)
+    worker.save(save_meta("a", keys, 3 * CHUNK, list(range(6))))
+    assert worker.saver is not None and worker.saver.drain()
+    return worker, keys
+
+
 def test_a_short_chunk_before_the_last_stops_the_load_and_reports_the_rest(
     make_worker: WorkerFactory,
 ) -> None:
-    caches = make_caches(dtype=torch.float16, head=32)
-    worker = make_worker(caches)
-    engine = worker.engine
-    assert engine is not None
-    fill(caches, list(range(6)), seed=6)
-    prompt = list(range(3 * CHUNK))
-    keys = tokens.chunk_hashes(prompt, CHUNK)
-    worker.save(save_meta("a", keys, 3 * CHUNK, list(range(6))))
-    assert worker.saver is not None and worker.saver.drain()
+    worker, keys = three_saved_chunks(make_worker)
+    assert worker.engine is not None
     # What a faulty peer or store could hand over: chunk 1 holding half its tokens.
-    tier = engine.tier("LocalCPUBackend")
+    tier = worker.engine.tier("LocalCPUBackend")
     marker, chunk = tier.load(keys[1])
     assert chunk is not None and chunk.kv is not None
     short = type(chunk)(BLOCK, kv=chunk.kv[:, :, :BLOCK].clone())
@@ -372,16 +376,10 @@ def test_a_short_chunk_before_the_last_stops_the_load_and_reports_the_rest(
 def test_a_corrupted_chunk_stops_the_load_and_reports_the_rest(
     make_worker: WorkerFactory,
 ) -> None:
-    caches = make_caches(dtype=torch.float16, head=32)
-    worker = make_worker(caches)
+    worker, keys = three_saved_chunks(make_worker)
     engine = worker.engine
     assert engine is not None
-    fill(caches, list(range(6)), seed=6)
-    prompt = list(range(3 * CHUNK))
-    keys = tokens.chunk_hashes(prompt, CHUNK)
-    worker.save(save_meta("a", keys, 3 * CHUNK, list(range(6))))
-    assert worker.saver is not None and worker.saver.drain()
-    engine.compress(prompt, "fp8", "LocalCPUBackend")
+    engine.compress(list(range(3 * CHUNK)), "fp8", "LocalCPUBackend")
     tier = engine.tier("LocalCPUBackend")
     marker, chunk = tier.load(keys[1])
     assert chunk is not None and chunk.blob is not None
