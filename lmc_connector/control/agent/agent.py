@@ -42,7 +42,7 @@ from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.monitor import WorkerSpec
 from lmc_connector.control.wire.rpc import Call, RpcServer
 from lmc_connector.control.wire.security import ChannelSecurity, worker_security
-from lmc_connector.control.wire.sockets import Throttle, parse_host_port, tcp_url
+from lmc_connector.control.wire.sockets import MAX_MESSAGE_BYTES, Throttle, parse_host_port, tcp_url
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,13 @@ class ControlAgent:
         self.peer_server: PeerServer | None = None
         self.peers: PeerClient | None = None
         if peer_port is not None:
+            largest = engine.layout.nbytes(engine.layout.chunk_size)
+            if largest > MAX_MESSAGE_BYTES:
+                raise ConfigError(
+                    f"enable_p2p: a chunk of this model is {largest / 2**20:.0f} MiB, more than "
+                    f"the peer channel's {MAX_MESSAGE_BYTES >> 20} MiB per message; lower "
+                    "chunk_size, or turn enable_p2p off"
+                )
             bind = tcp_url(config.peer_host, peer_port)
             self.peer_server = PeerServer(
                 self._context, engine, bind, self.security, f"peer-server-{rank}"

@@ -14,18 +14,22 @@ import logging
 import zmq
 
 from lmc_connector.cache import CacheEngine, UnknownLocationError
+from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.record import payload
 from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcServer
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.control.wire.sockets import MAX_MESSAGE_BYTES, Throttle
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between two warnings about bad peer requests.
 WARN_EVERY_S = 10.0
+#: Bytes of chunks one reply carries at most (the leading chunks that fit; the asker takes
+#: the rest as misses): what a peer's request can make this worker hold per reply.
+MAX_REPLY_BYTES = MAX_MESSAGE_BYTES
 
 
 class PeerServer:
@@ -97,9 +101,20 @@ class PeerServer:
         except UnknownLocationError as e:
             self._refuse(call, str(e))
             return
+        chunks = _within(chunks, MAX_REPLY_BYTES)
         header = pw.Chunks([pw.ChunkInfo(c.num_tokens, c.method) for c in chunks])
         frames: list[bytes | memoryview] = [encode(header)]
         frames.extend(payload(c) for c in chunks)
         self.served_chunks += len(chunks)
         self.served_bytes += sum(c.nbytes for c in chunks)
         call.reply(frames)
+
+
+def _within(chunks: list[Chunk], budget: int) -> list[Chunk]:
+    """The leading chunks whose bytes add up to at most `budget`."""
+    total = 0
+    for count, chunk in enumerate(chunks):
+        total += chunk.nbytes
+        if total > budget:
+            return chunks[:count]
+    return chunks

@@ -231,3 +231,28 @@ def test_an_instance_that_failed_a_fetch_is_not_named_for_a_while(
         assert asking.find(keys, 0) is None
     finally:
         asking.close()
+
+
+def test_a_reply_carries_at_most_its_byte_budget_of_leading_chunks(
+    pair: tuple[list[Worker], list[Worker]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmc_connector.control.agent import peer_server
+
+    a, b = pair
+    keys = b[0].engine.hashes(TOKENS)
+    chunk_bytes = plain(a[0], TOKENS)[0].nbytes
+    monkeypatch.setattr(peer_server, "MAX_REPLY_BYTES", 3 * chunk_bytes)
+    assert b[0].agent.peers is not None
+    got = list(b[0].agent.peers.fetch(a[0].agent.spec.peer_address or "", keys))
+    assert [k for k, _ in got] == keys[:3]
+
+
+def test_chunks_larger_than_a_peer_message_stop_start_up_with_the_fix(
+    make_instance: InstanceFactory, peer_controller: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmc_connector.config import ConfigError
+    from lmc_connector.control.agent import agent
+
+    monkeypatch.setattr(agent, "MAX_MESSAGE_BYTES", 64)
+    with pytest.raises(ConfigError, match=r"more than the peer channel's .*lower chunk_size"):
+        make_instance("big-chunks", world_size=1, target=peer_controller, **p2p(peer_controller))
