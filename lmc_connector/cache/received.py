@@ -14,9 +14,10 @@ from lmc_connector.cache.layout import ChunkLayout
 def chunk_from_bytes(
     layout: ChunkLayout, num_tokens: int, data: memoryview, method: str | None
 ) -> Chunk:
-    """A chunk of `layout` from plain tensor bytes or a codec blob (header and checksum
-    verified): either way a view of `data`, which it keeps alive (no copy). Raises ValueError
-    when the bytes are not a chunk of this layout."""
+    """A chunk of `layout` from plain tensor bytes (their size checked: plain bytes carry
+    no checksum, the channel's CURVE encryption authenticates them) or a codec blob (header
+    and checksum verified): either way a view of `data`, which it keeps alive (no copy).
+    Raises ValueError when the bytes are not a chunk of this layout."""
     if not 0 < num_tokens <= layout.chunk_size:
         raise ValueError(f"a chunk of {num_tokens} tokens does not fit chunk_size")
     shape = layout.shape(num_tokens)

@@ -116,6 +116,9 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
             for key, record in found:
                 self._index.set(key, record)
             self.ctx.admitted(self.name, [key for key, _ in found])
+            # A folder larger than this tier's capacity (lowered since, or filled by other
+            # processes sharing it): the oldest files go until the rest fits.
+            self._make_room(0)
 
     def _verified(self, paths: list[Path]) -> list[tuple[ChunkKey, DiskRecord]]:
         """The files of `paths` whose name, header and checksum agree; the others are deleted.
@@ -130,9 +133,12 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
             try:
                 key = ChunkKey(int(path.stem, 16))
                 record = verify_file(path, key)
-            except (ValueError, OSError) as e:
+            except ValueError as e:  # not a chunk file of this layout, or damaged
                 logger.warning("dropping unusable cache file %s: %s", path, e)
                 discard(path)
+                continue
+            except OSError as e:  # the file may be fine: left for the next start
+                logger.warning("cannot read cache file %s now (%s); not re-admitted", path, e)
                 continue
             found.append((key, record))
             nbytes += record.nbytes
@@ -176,14 +182,17 @@ class LocalDiskBackend(IndexedTier[DiskRecord]):
         try:
             return record, read_chunk(self.path(key), key)
         except FileNotFoundError:
-            reason = None
-        except (RecordFormatError, OSError) as e:
-            reason = str(e)
+            damaged = None
+        except RecordFormatError as e:
+            damaged = str(e)
+        except OSError as e:  # the file may be fine (no descriptors left, a flaky disk)
+            logger.error("cannot read a cache file now (a miss; the file stays): %s", e)
+            return None, None
         with self.ctx.lock:
             if self._index.peek(key) is record:
                 self._index.pop(key)
-                if reason is not None:
-                    logger.error("cache file dropped (recomputed on next use): %s", reason)
+                if damaged is not None:
+                    logger.error("cache file dropped (recomputed on next use): %s", damaged)
                     discard(self.path(key))
                 self.ctx.evicted(self.name, [key])
         return None, None

@@ -117,7 +117,7 @@ class IndexedTier(Tier, Generic[E]):
             removed += len(gone)
         return removed, kept
 
-    def _make_room(self, need: int, exclude: ChunkKey) -> bool:
+    def _make_room(self, need: int, exclude: ChunkKey | None = None) -> bool:
         """Evict unpinned chunks, least recently used first, until `need` more bytes fit.
 
         Lock held. Evicts nothing and returns False when even every unpinned

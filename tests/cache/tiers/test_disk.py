@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmc_connector.cache.tiers import LocalDiskBackend
@@ -200,3 +201,37 @@ def test_a_file_found_at_restart_is_reported_cached_only_once_verified(
     restarted = make_engine(local_cpu=False, disk_chunks=4)
     assert restarted.tier(DISK).chunk_keys() == []
     assert chunk_files(tmp_path) == []
+
+
+def test_a_folder_larger_than_the_tier_is_trimmed_to_it_oldest_first_at_start(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    old = put_prompt(engine, list(range(8)))  # two chunks
+    time.sleep(0.05)  # file times order the re-admission
+    new = put_prompt(engine, list(range(100, 108)), seed=5)
+    restarted = make_engine(local_cpu=False, disk_chunks=2)
+    usage = restarted.tier(DISK).usage()
+    assert 0 < usage.used_bytes <= usage.capacity_bytes
+    assert restarted.lookup(list(range(100, 108))) == 8
+    assert restarted.lookup(list(range(8))) == 0
+    assert len(old) == len(new) == 2
+
+
+def test_a_file_that_cannot_be_read_for_now_is_a_miss_and_stays(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmc_connector.cache.tiers import disk
+
+    engine = make_engine(local_cpu=False, disk_chunks=4)
+    keys = put_prompt(engine, list(range(4)))
+
+    def no_descriptors(*args: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(disk, "read_chunk", no_descriptors)
+    assert engine.get(keys) == []
+    monkeypatch.undo()
+    assert len(chunk_files(tmp_path)) == 1
+    restarted = make_engine(local_cpu=False, disk_chunks=4)
+    assert torch.equal(restarted.get(keys)[0], make_kv(CHUNK, 0))
