@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 BATCH_CHUNKS = 8
 #: Distinct problems warned about once each (then only the first of each kind is logged).
 MAX_WARNED = 1024
+#: Distinct errors one job reports at most.
+MAX_ERRORS = 16
 
 
 @dataclass(slots=True)
@@ -162,7 +164,7 @@ class TransformRunner:
             fresh = self._code(job, [chunk for _, _, chunk in todo])
         except (ValueError, RuntimeError) as e:
             logger.exception("%s with %s failed; chunks left as they were", job.kind, job.method)
-            outcome.errors.append(f"{job.kind} failed: {e}")
+            _note(outcome, f"{job.kind} failed: {e}")
             return
         for (key, marker, old), new in zip(todo, fresh, strict=True):
             swapped = tier.replace(key, marker, new)
@@ -173,7 +175,7 @@ class TransformRunner:
                 outcome.bytes_before += old.nbytes
                 outcome.bytes_after += new.nbytes
             else:
-                outcome.errors.append(f"no room in {tier.name} for a {job.kind}ed chunk")
+                _note(outcome, f"no room in {tier.name} for {job.kind}ed chunks")
 
     def encode(self, method: str, chunks: list[Chunk]) -> list[Chunk]:
         """Plain chunks encoded with `method` on the codec device (any thread)."""
@@ -248,3 +250,10 @@ def codec_device(config: CacheConfig, serving: torch.device | None) -> torch.dev
             raise ValueError("codec_device: cuda was asked for but no CUDA device is visible")
         return serving if serving is not None and serving.type == "cuda" else torch.device("cuda")
     return serving if serving is not None else torch.device("cpu")
+
+
+def _note(outcome: JobOutcome, error: str) -> None:
+    """Add `error` to what the job reports, once each and at most MAX_ERRORS in all (a
+    message per chunk would grow with the job)."""
+    if error not in outcome.errors and len(outcome.errors) < MAX_ERRORS:
+        outcome.errors.append(error)

@@ -83,6 +83,19 @@ def test_compression_makes_room_for_more_chunks(make_engine: EngineFactory) -> N
     assert [engine.lookup(p) for p in [*first, [7] * CHUNK]] == [CHUNK, CHUNK, CHUNK]
 
 
+def test_a_decompress_without_room_reports_it_once_not_per_chunk(
+    make_engine: EngineFactory,
+) -> None:
+    engine = wide_engine(make_engine, chunks=2)
+    prompts = [[p * 100 + i for i in range(CHUNK)] for p in range(4)]
+    for p in prompts:
+        put_wide(engine, p)
+        engine.compress(p, "cachegen", CPU)
+    job = engine.run(engine.schedule("decompress", None, "cachegen", CPU))
+    assert job.outcome.chunks_done < len(prompts)  # the plain ones do not all fit
+    assert job.outcome.errors == [f"no room in {CPU} for decompressed chunks"]
+
+
 def test_unknown_method_lists_the_registered_ones(make_engine: EngineFactory) -> None:
     engine = make_engine()
     put_prompt(engine, PROMPT)
