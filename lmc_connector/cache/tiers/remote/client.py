@@ -180,14 +180,17 @@ _FULL_HINT = f"the store is full and does not evict: {_EVICTION_FIX}"
 
 
 def _check_eviction(client: Client, where: str) -> None:
-    """Warn once per session when the store will not evict our keys when full (a store
-    that hides its configuration is left unchecked)."""
+    """Warn once per session when the store has a memory limit but will not evict our keys
+    to stay under it (a store that hides its configuration is left unchecked)."""
     try:
-        policies = client.config_get("maxmemory-policy")
+        settings = client.config_get("maxmemory*")
     except STORE_ERRORS:
         return
-    policy = str(policies.get("maxmemory-policy", "")) if isinstance(policies, dict) else ""
-    if policy and not policy.startswith("allkeys-"):
+    if not isinstance(settings, dict):
+        return
+    policy = str(settings.get("maxmemory-policy", ""))
+    limited = str(settings.get("maxmemory", "0")) not in ("", "0")
+    if limited and policy and not policy.startswith("allkeys-"):
         logger.warning(
             "shared store %s: maxmemory-policy is %s: when full it refuses uploads instead of "
             "evicting old chunks; %s",
