@@ -118,6 +118,10 @@ class ChunkIndex:
     def drop_instance(self, instance_id: str) -> None:
         self._instances.pop(instance_id, None)
 
+    def __contains__(self, instance_id: object) -> bool:
+        """Whether anything is indexed (or declared) for `instance_id`."""
+        return instance_id in self._instances
+
     def count(self, instance_id: str, rank: int, location: str) -> int:
         index = self._instances.get(instance_id)
         if index is None or location not in index.slots:

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 RESYNC_RETRY_S = 1.0
 #: Unknown workers remembered as already asked to resync; beyond it, asks are not remembered.
 MAX_RESYNC_ASKED = 10_000
+#: Instances tracked at once: a registration of one more is refused with why.
+MAX_INSTANCES = 4096
 #: Seconds between two warnings about refused registrations.
 REFUSAL_LOG_EVERY_S = 10.0
 
@@ -147,9 +149,18 @@ class ControllerState:
                 )
         if msg.rank >= msg.world_size:
             return self._refuse(msg, f"rank {msg.rank} is not below world_size {msg.world_size}")
+        if instance is None and len(self.instances) >= MAX_INSTANCES:
+            return self._refuse(
+                msg,
+                f"this controller tracks {MAX_INSTANCES} instances already; an instance whose "
+                f"workers stop is dropped after --worker-timeout ({self.worker_timeout:g} s), or "
+                "give another group of instances a controller of its own",
+            )
         try:
             self.index.declare(msg.instance_id, msg.locations)
         except IndexFullError as e:
+            if instance is None:
+                self.index.drop_instance(msg.instance_id)  # declared for nothing: forget it
             return self._refuse(msg, str(e))
         if instance is None or not instance.workers:
             self.index.drop_instance(msg.instance_id)

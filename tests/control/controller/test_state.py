@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lmc_connector import tokens as tok
-from lmc_connector.control.controller.index import ChunkIndex
+from lmc_connector.control.controller import state
+from lmc_connector.control.controller.index import LOCATION_SLOTS, ChunkIndex
 from lmc_connector.control.controller.operations import OperationStore
 from lmc_connector.control.controller.state import ControllerState as Controller
 from lmc_connector.control.controller.state import Notice
@@ -237,3 +240,26 @@ def test_operations_in_progress_are_capped_and_expire_without_a_scan() -> None:
         store.start(op)
     assert store.expire(now=1e9) == 3
     assert all(op.status == "failed" and "expired" in str(op.error) for op in ops)
+
+
+def test_one_instance_more_than_the_controller_tracks_is_refused_with_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(state, "MAX_INSTANCES", 2)
+    c = Controller(worker_timeout=5)
+    register(c, 0, instance="a")
+    register(c, 0, instance="b")
+    _, notice = register(c, 0, instance="c") or (None, None)
+    assert isinstance(notice, cmd.RegistrationRefused)
+    assert "tracks 2 instances already" in notice.reason and "--worker-timeout" in notice.reason
+    assert "c" not in c.instances and "c" not in c.index
+    register(c, 1, instance="a")  # a known instance still takes its workers
+    assert list(c.instances["a"].workers) == [0, 1]
+
+
+def test_a_new_instance_refused_for_its_locations_leaves_nothing_behind() -> None:
+    c = Controller()
+    too_many = [f"Tier{i}" for i in range(LOCATION_SLOTS + 1)]
+    notice = c.handle(m.Register("many", 0, 1, "s0", "127.0.0.1", 8000, "m", 4, too_many, []), 0.0)
+    assert notice is not None and isinstance(notice[1], cmd.RegistrationRefused)
+    assert "many" not in c.instances and "many" not in c.index
