@@ -296,6 +296,22 @@ def test_clear_unlinks_only_this_layouts_chunks_and_keeps_pinned_ones(
     assert store.get("user:data") == b"not ours"
 
 
+def test_a_clear_in_many_batches_reports_each_chunk_gone_once(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tier_module.ops, "CLEAR_BATCH", 3)  # names per UNLINK round trip
+    engine = make()
+    sink = RecordingSink()
+    save_prompt(engine)
+    engine.subscribe(sink)
+    chunks = len(engine.hashes(TOKENS))
+    assert engine.clear(REMOTE)[:2] == (chunks, 0)
+    assert sorted(k for kind, where, k in sink.events if (kind, where) == ("evict", REMOTE)) == (
+        sorted(engine.hashes(TOKENS))
+    )
+    assert engine.lookup(TOKENS, [REMOTE]) == 0
+
+
 def test_a_cache_reset_leaves_the_shared_store_alone_unless_asked(make: Factory) -> None:
     one, other = make(), make()
     save_prompt(one)

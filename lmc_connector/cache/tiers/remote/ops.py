@@ -162,14 +162,18 @@ def unlink_names(client: Client, names: Sequence[str]) -> int:
 
 
 def unlink_layout(
-    client: Client, keys: StoreKeys, keep: Callable[[ChunkKey], bool]
-) -> tuple[list[ChunkKey], int]:
+    client: Client,
+    keys: StoreKeys,
+    keep: Callable[[ChunkKey], bool],
+    gone: Callable[[list[ChunkKey]], None],
+) -> tuple[int, int]:
     """Unlink every name of `keys`' layout (SCAN, then UNLINK in batches) but the names of
-    chunks `keep` says to keep: (chunks whose head went, chunks kept)."""
+    chunks `keep` says to keep, handing each batch's chunks whose head went to `gone`:
+    (chunks whose head went, chunks kept)."""
     heads: list[ChunkKey] = []
     kept: set[ChunkKey] = set()
     batch: list[str] = []
-    seen, started = 0, time.monotonic()
+    seen, removed, started = 0, 0, time.monotonic()
     for name in client.scan_iter(match=keys.pattern, count=1000):
         parsed = keys.parse(name)
         if parsed is None:
@@ -183,13 +187,16 @@ def unlink_layout(
             heads.append(key)
         if len(batch) >= CLEAR_BATCH:
             unlink_names(client, batch)
-            seen, batch = seen + len(batch), []
+            gone(heads)
+            seen, removed, batch, heads = seen + len(batch), removed + len(heads), [], []
             if seen % CLEAR_LOG_EVERY < CLEAR_BATCH:
                 rate = seen / max(time.monotonic() - started, 1e-9)
                 logger.info("clearing %s*: %d names unlinked (%.0f/s)", keys.namespace, seen, rate)
     if batch:
         unlink_names(client, batch)
-    return heads, len(kept)
+        gone(heads)
+        removed += len(heads)
+    return removed, len(kept)
 
 
 def unlink_if(client: Client, names: ChunkNames, marker: bytes) -> bool:

@@ -391,10 +391,9 @@ class RemoteBackend(Tier):
         return (0, 0) if result is None else result
 
     def _clear(self, client: Client) -> tuple[int, int]:
-        heads, kept = ops.unlink_layout(client, self.keys, self.ctx.is_pinned)
-        self._forget(heads)
-        logger.info("%s: cleared %d chunks (%d pinned kept)", self.name, len(heads), kept)
-        return len(heads), kept
+        removed, kept = ops.unlink_layout(client, self.keys, self.ctx.is_pinned, self._forget)
+        logger.info("%s: cleared %d chunks (%d pinned kept)", self.name, removed, kept)
+        return removed, kept
 
     def _forget(self, keys: Sequence[ChunkKey]) -> None:
         """These chunks are no longer in the store: drop them from the written record."""
