@@ -386,7 +386,9 @@ def test_a_full_upload_queue_drops_and_counts_without_blocking(
     assert engine.lookup(TOKENS, [CPU]) == len(TOKENS)
 
 
-def test_password_protected_store(tmp_path: Path, make: Factory) -> None:
+def test_password_protected_store(
+    tmp_path: Path, make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
     with launch.running_redis(tmp_path, args=("--requirepass", "s3cret")) as server:
         port = server.url.rsplit(":", 1)[1]
         writer = make(url=f"redis://:s3cret@127.0.0.1:{port}/2")
@@ -394,7 +396,10 @@ def test_password_protected_store(tmp_path: Path, make: Factory) -> None:
         assert make(url=f"valkey://:s3cret@127.0.0.1:{port}/2").lookup(TOKENS) == len(TOKENS)
         assert make(url=f"redis://:s3cret@127.0.0.1:{port}/3").lookup(TOKENS) == 0
         wrong = make(url=f"redis://:wrong@127.0.0.1:{port}/2")
-        assert wrong.lookup(TOKENS) == 0  # refused: a miss, logged, never raised
+        with caplog.at_level(logging.WARNING):
+            assert wrong.lookup(TOKENS) == 0  # refused: a miss, logged, never raised
+        assert "check the user and password in remote_url" in caplog.text
+        assert "wrong" not in caplog.text
 
 
 def test_a_dead_store_is_a_miss_and_uploads_resume_when_it_is_back(tmp_path: Path) -> None:

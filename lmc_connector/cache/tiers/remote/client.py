@@ -12,7 +12,13 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    OutOfMemoryError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.retry import Retry
 
 from lmc_connector.remote_url import StoreAddress
@@ -87,13 +93,15 @@ class StoreHealth:
             self._backoff = min(max(self._backoff * 2, RETRY_AFTER_S), RETRY_AFTER_MAX_S)
             self._retry_at = time.monotonic() + self._backoff
             backoff = self._backoff
-        log = logger.warning if first else logger.debug
+        refused = isinstance(error, AuthenticationError)  # up, but not for us: say so each time
+        log = logger.warning if first or refused else logger.debug
         log(
-            "shared store %s: %s failed (%s: %s); treated as a miss, next try in %.0f s",
+            "shared store %s: %s failed (%s: %s)%s; treated as a miss, next try in %.0f s",
             self._where,
             action,
             type(error).__name__,
             error,
+            "; check the user and password in remote_url" if refused else "",
             backoff,
         )
 
