@@ -558,9 +558,10 @@ def load_config(
     return config
 
 
+@functools.cache
 def _loopback(host: str) -> bool | None:
     """Whether `host` (a name or an address) is this host's loopback; None: it does not
-    resolve."""
+    resolve. Resolved once per process (vLLM builds the config once per role)."""
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

@@ -104,9 +104,7 @@ class CalibrationBook:
         self._hold(calibration.id)
         self.store.add(calibration)
         kept = [
-            shelf.where
-            for shelf in self._shelves
-            if shelf.write(calibration.id, blob) and shelf.make_current(method, calibration.id)
+            shelf.where for shelf in self._shelves if _shelve(shelf, method, calibration.id, blob)
         ]
         with self._lock:
             self._current[method] = calibration.id
@@ -135,7 +133,7 @@ class CalibrationBook:
         for shelf in self._shelves:
             if shelf.holds(wanted, len(calibration.blob)):
                 continue
-            if shelf.write(wanted, calibration.blob) and shelf.make_current(method, wanted):
+            if _shelve(shelf, method, wanted, calibration.blob):
                 logger.warning(
                     "%s calibration %s was missing from %s; written there again",
                     method,
@@ -178,3 +176,8 @@ class CalibrationBook:
                 del self._held[old]
         for old in drop:
             self.store.remove(old)
+
+
+def _shelve(shelf: CalibrationShelf, method: str, calibration_id: str, blob: bytes) -> bool:
+    """Put a calibration on `shelf` as the one `method` encodes with; whether both landed."""
+    return shelf.write(calibration_id, blob) and shelf.make_current(method, calibration_id)

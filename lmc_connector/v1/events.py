@@ -42,7 +42,7 @@ from vllm.distributed.kv_events import (
     KVConnectorKVEvents,
 )
 
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)

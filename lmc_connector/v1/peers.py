@@ -31,7 +31,8 @@ from lmc_connector.control.wire import locate as lw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import RpcClient, RpcError
 from lmc_connector.control.wire.security import worker_security
-from lmc_connector.control.wire.sockets import Throttle, parse_host_port, tcp_url
+from lmc_connector.control.wire.sockets import parse_host_port, tcp_url
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.metadata import LoadSpec
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from lmc_connector.cache import CacheEngine
-from lmc_connector.control.wire.sockets import Throttle
 from lmc_connector.ops.paged import PagedKV
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 from lmc_connector.v1.staging import Staging
 

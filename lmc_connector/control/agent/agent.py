@@ -42,7 +42,8 @@ from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.monitor import WorkerSpec
 from lmc_connector.control.wire.rpc import Call, RpcServer
 from lmc_connector.control.wire.security import ChannelSecurity, worker_security
-from lmc_connector.control.wire.sockets import MAX_MESSAGE_BYTES, Throttle, parse_host_port, tcp_url
+from lmc_connector.control.wire.sockets import MAX_MESSAGE_BYTES, parse_host_port, tcp_url
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

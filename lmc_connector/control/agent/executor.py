@@ -21,9 +21,9 @@ from lmc_connector.cache.errors import NotCalibratedError, NotEnoughKVError
 from lmc_connector.control.agent.peer_client import PeerClient
 from lmc_connector.control.agent.pull import pull
 from lmc_connector.control.wire import commands as cmd
-from lmc_connector.control.wire.sockets import Throttle
 from lmc_connector.control.wire.types import prompt_of
 from lmc_connector.operations import JobOutcome
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

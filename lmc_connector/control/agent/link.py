@@ -17,7 +17,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

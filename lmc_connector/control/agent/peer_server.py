@@ -20,7 +20,8 @@ from lmc_connector.control.wire import peer as pw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcServer
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import MAX_MESSAGE_BYTES, Throttle
+from lmc_connector.control.wire.sockets import MAX_MESSAGE_BYTES
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)

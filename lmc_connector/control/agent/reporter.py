@@ -25,8 +25,9 @@ from lmc_connector.control.agent.registration import UNANSWERED_WARN_S, Registra
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import encode
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle, WakePipe
+from lmc_connector.control.wire.sockets import WakePipe
 from lmc_connector.operations import JobOutcome
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)

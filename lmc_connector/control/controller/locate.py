@@ -17,7 +17,7 @@ from lmc_connector.control.wire import locate as lw
 from lmc_connector.control.wire.codec import MessageError, encode
 from lmc_connector.control.wire.rpc import Call, RpcServer
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)

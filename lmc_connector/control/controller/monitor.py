@@ -22,7 +22,7 @@ from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.codec import MessageError
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from lmc_connector.control.controller.instances import Instance, Worker
 from lmc_connector.control.controller.operations import OperationStore
 from lmc_connector.control.wire import commands as cmd
 from lmc_connector.control.wire import monitor as mon
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ import zmq
 from zmq.utils import z85
 
 from lmc_connector.config import CacheConfig, ConfigError
-from lmc_connector.control.wire.sockets import Throttle, new_socket
+from lmc_connector.control.wire.sockets import new_socket
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 

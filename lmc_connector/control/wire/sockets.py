@@ -60,23 +60,6 @@ def new_socket(context: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket
     return sock
 
 
-class Throttle:
-    """Says yes at most once per `every_s` seconds: for warnings a peer can trigger at will."""
-
-    def __init__(self, every_s: float) -> None:
-        self._every_s = every_s
-        self._last = float("-inf")
-        self.suppressed = 0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self._every_s:
-            self.suppressed += 1
-            return False
-        self._last = now
-        return True
-
-
 class RateLimit:
     """A token bucket: `take` says yes at most `rate` times per second on average, `burst` at
     once. Thread-safe enough for counters (one caller thread per instance)."""

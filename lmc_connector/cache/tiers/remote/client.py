@@ -22,6 +22,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from lmc_connector.remote_url import StoreAddress
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ class StoreSession:
         self._timeouts = (timeout_s, bulk_timeout_s)
         self._clients: tuple[Client, Client] | None = None
         self._lock = threading.Lock()
-        self._next_refused_log = 0.0
+        self._refusals = Throttle(REFUSED_LOG_INTERVAL_S)
+        self._eviction_checked = False
 
     def call(self, action: str, bulk: bool, fn: Callable[[Client], Any]) -> Any:
         """`fn(client)`, or None when the store is (or just went) unavailable, or refused
@@ -151,12 +153,34 @@ class StoreSession:
         for client in clients or ():
             client.close()
 
+    def check_eviction(self) -> None:
+        """Warn once per session when the store has a memory limit but will not evict our
+        keys to stay under it (a store that hides its configuration is left unchecked).
+        Called before uploads, which such a store refuses once full: never on a lookup's
+        or a load's path."""
+        if self._eviction_checked or not self.health.available():
+            return
+        self._eviction_checked = True
+        try:
+            settings = self._client(True).config_get("maxmemory*")
+        except STORE_ERRORS:
+            return
+        if not isinstance(settings, dict):
+            return
+        policy = str(settings.get("maxmemory-policy", ""))
+        limited = str(settings.get("maxmemory", "0")) not in ("", "0")
+        if limited and policy and not policy.startswith("allkeys-"):
+            logger.warning(
+                "shared store %s: maxmemory-policy is %s: when full it refuses uploads instead "
+                "of evicting old chunks; %s",
+                self.address.redacted(),
+                policy,
+                _EVICTION_FIX,
+            )
+
     def _refused(self, action: str, error: ResponseError) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next_refused_log:
-                return
-            self._next_refused_log = now + REFUSED_LOG_INTERVAL_S
+        if not self._refusals.ready():
+            return
         hint = f"; {_FULL_HINT}" if isinstance(error, OutOfMemoryError) else ""
         logger.warning(
             "shared store %s: %s refused by the store (%s)%s",
@@ -171,13 +195,7 @@ class StoreSession:
             if self._clients is None:
                 lookups = connect(self.address, self._timeouts[0])
                 self._clients = (lookups, connect(self.address, self._timeouts[1], 1 << 20))
-                fresh = True
-            else:
-                fresh = False
-            client = self._clients[int(bulk)]
-        if fresh:
-            _check_eviction(self._clients[0], self.address.redacted())
-        return client
+            return self._clients[int(bulk)]
 
 
 _EVICTION_FIX = (
@@ -185,24 +203,3 @@ _EVICTION_FIX = (
     "policies never evict them)"
 )
 _FULL_HINT = f"the store is full and does not evict: {_EVICTION_FIX}"
-
-
-def _check_eviction(client: Client, where: str) -> None:
-    """Warn once per session when the store has a memory limit but will not evict our keys
-    to stay under it (a store that hides its configuration is left unchecked)."""
-    try:
-        settings = client.config_get("maxmemory*")
-    except STORE_ERRORS:
-        return
-    if not isinstance(settings, dict):
-        return
-    policy = str(settings.get("maxmemory-policy", ""))
-    limited = str(settings.get("maxmemory", "0")) not in ("", "0")
-    if limited and policy and not policy.startswith("allkeys-"):
-        logger.warning(
-            "shared store %s: maxmemory-policy is %s: when full it refuses uploads instead of "
-            "evicting old chunks; %s",
-            where,
-            policy,
-            _EVICTION_FIX,
-        )

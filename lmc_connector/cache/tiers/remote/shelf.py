@@ -35,6 +35,10 @@ class StoreShelf(CalibrationShelf):
         check_names(calibration_id=calibration_id)
         return f"{self._prefix}{{{calibration_id}}}"
 
+    @staticmethod
+    def _pieces(head: str, count: int) -> list[str]:
+        return [f"{head}:{i}" for i in range(count)]
+
     @override
     def read(self, calibration_id: str) -> bytes | None:
         head = self._head(calibration_id)
@@ -47,8 +51,8 @@ class StoreShelf(CalibrationShelf):
             if count == 0:
                 return None  # not a calibration head
             pipe = client.pipeline(transaction=False)
-            for i in range(count):
-                pipe.get(f"{head}:{i}")
+            for name in self._pieces(head, count):
+                pipe.get(name)
             pieces = pipe.execute()
             if any(not isinstance(p, bytes) for p in pieces):
                 return None  # a piece was evicted: the calibration is gone
@@ -66,8 +70,8 @@ class StoreShelf(CalibrationShelf):
 
         def store(client: Client) -> bool:
             pipe = client.pipeline(transaction=False)
-            for i in range(count):
-                pipe.set(f"{head}:{i}", view[i * PIECE_BYTES : (i + 1) * PIECE_BYTES])
+            for i, name in enumerate(self._pieces(head, count)):
+                pipe.set(name, view[i * PIECE_BYTES : (i + 1) * PIECE_BYTES])
             pipe.set(head, f"{count} {len(blob)}")
             pipe.execute()
             return True
@@ -77,7 +81,7 @@ class StoreShelf(CalibrationShelf):
     @override
     def holds(self, calibration_id: str, size: int) -> bool:
         head = self._head(calibration_id)
-        names = [head, *(f"{head}:{i}" for i in range(pieces_for(size)))]
+        names = [head, *self._pieces(head, pieces_for(size))]
         found = self._session.call(
             "look for a calibration", True, lambda c: c.exists(*names) == len(names)
         )

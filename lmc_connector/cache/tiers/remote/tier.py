@@ -302,6 +302,7 @@ class RemoteBackend(Tier):
         todo = [(k, c) for (k, c), there in zip(batch, present, strict=True) if not there]
         if not todo:
             return True
+        self.session.check_eviction()
         encoded = self._values(todo)
         too_big = [k for k, v in encoded if len(v.pieces) > self._max_pieces]
         if too_big:

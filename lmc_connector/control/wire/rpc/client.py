@@ -26,7 +26,7 @@ from lmc_connector.control.wire.rpc.envelope import (
 )
 from lmc_connector.control.wire.rpc.loop import SocketThread
 from lmc_connector.control.wire.security import ChannelSecurity
-from lmc_connector.control.wire.sockets import Throttle
+from lmc_connector.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
