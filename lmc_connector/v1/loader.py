@@ -1,7 +1,8 @@
 """Loads: cached chunks into vLLM's paged cache, chunk by chunk, before the forward.
 
 A load never holds the whole prefix on the device: chunks are fetched a few
-at a time (encoded ones decoded together, on `codec_device`), and each one
+at a time, the next few read while these are decoded and written
+(`read_ahead.py`; encoded ones decoded together, on `codec_device`), and each one
 goes through a staging slot (page-locked on CUDA) into the paged cache with
 one indexed op per layer. Device memory used: the staging ring plus one
 decode batch; on the CPU, chunks are decoded into the same few buffers every
@@ -16,6 +17,7 @@ from lmc_connector.cache import CacheEngine
 from lmc_connector.ops.paged import PagedKV
 from lmc_connector.v1.decode_buffers import DecodeBuffers
 from lmc_connector.v1.metadata import LoadSpec
+from lmc_connector.v1.read_ahead import ReadAhead
 from lmc_connector.v1.staging import Staging
 
 #: Chunks fetched (and encoded ones decoded) per round.
@@ -31,6 +33,7 @@ class ChunkLoader:
         self._paged = paged
         self._codec_device = codec_device
         self._staging = Staging(paged, engine.layout.chunk_size)
+        self._read_ahead = ReadAhead(engine.read)
         layout = engine.layout
         self._decode_into = (
             DecodeBuffers(layout.shape(layout.chunk_size), layout.torch_dtype, FETCH_CHUNKS)
@@ -50,28 +53,35 @@ class ChunkLoader:
         chunk_start = spec.first_chunk * chunk_size
         loaded = spec.start
         last = len(spec.keys) - 1
-        for first in range(0, len(spec.keys), FETCH_CHUNKS):
-            tensors = self._fetch(spec, first)
-            for at, kv in enumerate(tensors, first):
-                if kv.shape[2] != chunk_size and at != last:
-                    return loaded  # only a prompt's last chunk is short: anything else is a miss
-                lo, hi = max(chunk_start, spec.start), min(chunk_start + kv.shape[2], stop)
-                if hi > lo:
-                    self._write(kv[:, :, lo - chunk_start : hi - chunk_start], table, lo, hi)
-                    loaded = min(max(loaded, hi), spec.end)
-                chunk_start += kv.shape[2]
-                if chunk_start >= stop:
+        rounds = [spec.keys[i : i + FETCH_CHUNKS] for i in range(0, len(spec.keys), FETCH_CHUNKS)]
+        if not rounds:
+            return loaded
+        ahead = self._read_ahead
+        ahead.start(rounds[0])
+        try:
+            for n, keys in enumerate(rounds):
+                tensors = self._engine.tensors(keys, ahead.take(), self._codec_device,
+                                               self._decode_into)  # fmt: skip
+                if len(tensors) == len(keys) and n + 1 < len(rounds):
+                    ahead.start(rounds[n + 1])
+                for at, kv in enumerate(tensors, n * FETCH_CHUNKS):
+                    if kv.shape[2] != chunk_size and at != last:
+                        return loaded  # only a prompt's last chunk is short: else a miss
+                    lo, hi = max(chunk_start, spec.start), min(chunk_start + kv.shape[2], stop)
+                    if hi > lo:
+                        self._write(kv[:, :, lo - chunk_start : hi - chunk_start], table, lo, hi)
+                        loaded = min(max(loaded, hi), spec.end)
+                    chunk_start += kv.shape[2]
+                    if chunk_start >= stop:
+                        return loaded
+                if len(tensors) < len(keys):
                     return loaded
-            if len(tensors) < len(spec.keys[first : first + FETCH_CHUNKS]):
-                return loaded
+        finally:
+            ahead.abandon()
         return loaded
 
-    def _fetch(self, spec: LoadSpec, first: int) -> list[torch.Tensor]:
-        """The next chunks of the prefix as tensors, stopping at the first miss (a chunk
-        that does not decode is one)."""
-        keys = spec.keys[first : first + FETCH_CHUNKS]
-        chunks = self._engine.read(keys)
-        return self._engine.tensors(keys, chunks, self._codec_device, self._decode_into)
+    def close(self) -> None:
+        self._read_ahead.close()
 
     def _write(self, piece: torch.Tensor, table: torch.Tensor, start: int, end: int) -> None:
         paged = self._paged

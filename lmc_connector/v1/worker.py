@@ -202,6 +202,8 @@ class LMCWorker:
     def close(self) -> None:
         if self.saver is not None:
             self.saver.close()
+        if self._loader is not None:
+            self._loader.close()
         if self._peer_loads is not None:
             self._peer_loads.close()
             self._peer_loads = None
