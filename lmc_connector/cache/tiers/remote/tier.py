@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from typing_extensions import override
@@ -24,6 +23,7 @@ from lmc_connector.cache.tiers.base import Marker, Tier, TierContext, TierUsage
 from lmc_connector.cache.tiers.cpu import Compressor
 from lmc_connector.cache.tiers.lru import LRUIndex
 from lmc_connector.cache.tiers.remote import ops
+from lmc_connector.cache.tiers.remote.arrivals import Arrival, Arrivals
 from lmc_connector.cache.tiers.remote.client import Client, StoreSession
 from lmc_connector.cache.tiers.remote.keys import StoreKeys
 from lmc_connector.cache.tiers.remote.ops import ChunkNames
@@ -201,67 +201,64 @@ class RemoteBackend(Tier):
         return ChunkNames(staging, self.keys.pieces(key, pieces, staging))
 
     def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[Marker, Chunk | None]]:
-        """(head, chunk) of the leading keys found; ends at the first miss."""
+        """(head, chunk) of the leading keys found; ends at the first miss (its entry (None,
+        None)). One round trip for the heads, then every piece in one stream (`arrivals.py`)."""
         names = [self.keys.head(k) for k in keys]
         heads = self._call("load", True, lambda c: ops.read_heads(c, names))
-        out: list[tuple[Marker, Chunk | None]] = []
+        arriving: list[Arrival] = []
+        damaged: tuple[ChunkKey, str, Exception] | None = None
         for key, name, head in zip(keys, names, heads or [], strict=False):
-            try:
-                marker, chunk = self._read(key, name, head)
-            except (RecordFormatError, ValueError) as e:
-                # Also what a piece evicted by Redis looks like: the rest goes too.
-                logger.error("%s: dropping a damaged value (recomputed instead): %s", name, e)
-                self._drop_damaged(key)
+            if head is None:
                 self._forget([key])
-                marker, chunk = None, None
-            out.append((marker, chunk))
-            if chunk is None:
                 break
-        return out
+            try:
+                arriving.append(self._arrival(key, name, head))
+            except (RecordFormatError, ValueError) as e:
+                damaged = (key, name, e)
+                break
+        out: list[tuple[Marker, Chunk | None]] = []
+        complete = self._receive(arriving)
+        for arrival in arriving[:complete]:
+            try:
+                chunk = arrival.finish()
+                self._check_layout(chunk)
+            except (RecordFormatError, ValueError) as e:
+                self._drop_damaged(arrival.key, arrival.name, e)
+                return [*out, (None, None)]
+            out.append((arrival.head, chunk))
+        if complete == len(arriving) and damaged is not None:
+            self._drop_damaged(*damaged)
+        return out if len(out) == len(keys) else [*out, (None, None)]
 
-    def _drop_damaged(self, key: ChunkKey) -> None:
-        names = [self.names(key)]
-        self._call("drop a damaged value", True, lambda c: ops.unlink(c, names))
-
-    def _read(self, key: ChunkKey, name: str, head: Any) -> tuple[Marker, Chunk | None]:
-        """Fetch the pieces of a chunk whose head was read, assembling them on the assembly
-        thread while the next ones travel (on this thread when it has a single core)."""
+    def _arrival(self, key: ChunkKey, name: str, head: Any) -> Arrival:
         if isinstance(head, BaseException):
             raise ValueError(f"not a chunk value ({head})")
-        if head is None:
-            self._forget([key])
-            return None, None
         assembler = Assembler(head, name, key, self._max_pieces, self.allocate or empty_cpu)
-        pending: list[Future[None]] = []
-        # Overlap only with a core to overlap on: vLLM binds a CPU worker's threads to one
-        # core, where a hand-off per piece waits on the scheduler instead.
-        overlap = _cores_here() > 1
+        return Arrival(key, name, head, assembler, self.keys.pieces(key, assembler.count))
 
-        def take(pieces: list[Any]) -> None:
-            for piece in pieces:
-                if isinstance(piece, BaseException):
-                    raise ValueError(f"not a chunk value ({piece})")
-            if overlap:
-                pending.append(self._assembly.submit(assembler.add, pieces))
-            else:
-                assembler.add(pieces)
-
-        names = self.keys.pieces(key, assembler.count)
-        try:
-            fetched = self._call("load", True, lambda c: ops.read_pieces(c, names, take))
-        finally:
-            _, late = futures.wait(pending, timeout=ASSEMBLY_TIMEOUT_S)
-        if fetched is None:
-            return None, None  # the store failed: a miss, nothing is dropped
+    def _receive(self, arriving: list[Arrival]) -> int:
+        """Fetch every piece of `arriving`; returns how many leading chunks got them all,
+        placed. What the store failed to send, or took too long to place, is a miss that
+        stays in the store."""
+        if not arriving:
+            return 0
+        # Place on the assembly thread only with a core to overlap on: vLLM binds a CPU
+        # worker's threads to one core, where a hand-off per piece waits on the scheduler.
+        stream = Arrivals(arriving, self._assembly if _cores_here() > 1 else None)
+        names = stream.names
+        self._call("load", True, lambda c: ops.read_pieces(c, names, stream.take))
+        complete, late = stream.ready(ASSEMBLY_TIMEOUT_S)
         if late:
-            logger.warning("%s: placing its pieces took over %.0f s: a miss", name,
-                           ASSEMBLY_TIMEOUT_S)  # fmt: skip
-            return None, None  # nothing wrong with the value: it stays in the store
-        for done in pending:
-            done.result()  # raises what assembling found wrong
-        chunk = assembler.finish()
-        self._check_layout(chunk)
-        return head, chunk
+            logger.warning("%s: placing its pieces took over %.0f s: a miss",
+                           arriving[complete].name, ASSEMBLY_TIMEOUT_S)  # fmt: skip
+        return complete
+
+    def _drop_damaged(self, key: ChunkKey, name: str, error: Exception) -> None:
+        # Also what a piece evicted by Redis looks like: the rest goes too.
+        logger.error("%s: dropping a damaged value (recomputed instead): %s", name, error)
+        names = [self.names(key)]
+        self._call("drop a damaged value", True, lambda c: ops.unlink(c, names))
+        self._forget([key])
 
     def _check_layout(self, chunk: Chunk) -> None:
         if chunk.kv is not None:
