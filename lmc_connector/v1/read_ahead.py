@@ -85,4 +85,4 @@ def _report_failure(read: Future[list[Chunk]]) -> None:
     """Log what went wrong with a read whose chunks nobody waited for."""
     error = read.exception()
     if error is not None:
-        logger.warning("reading cached chunks ahead failed: %s", error)
+        logger.warning("reading cached chunks ahead failed: %s", error, exc_info=error)

@@ -99,3 +99,25 @@ def test_a_value_of_another_type_under_a_piece_name_is_named_in_the_error() -> N
     arrivals.take(sent)
     with pytest.raises(ValueError, match=r"not a chunk value \(WRONGTYPE"):
         arrivals.chunks[0].finish()
+
+
+def test_a_chunk_whose_placing_failed_in_this_process_is_a_miss_not_a_damaged_value(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Running out of memory cannot be caused on demand: `Assembler.add` raises it (a fake)
+    for the second chunk."""
+    values = chunks()
+    add = Assembler.add
+
+    def add_or_fail(self: Assembler, pieces: list[bytes | None]) -> None:
+        if self.header.payload_len == SIZES[1]:
+            raise MemoryError("no memory for the copy")
+        add(self, pieces)
+
+    monkeypatch.setattr(Assembler, "add", add_or_fail)
+    with ThreadPoolExecutor(1) as pool:
+        arrivals = stream(values, pool)
+        arrivals.take(pieces(values))
+        assert arrivals.ready(timeout_s=10) == (1, False)
+    assert "c2: placing its pieces failed" in caplog.text
+    assert "no memory for the copy" in caplog.text

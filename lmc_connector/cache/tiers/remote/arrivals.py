@@ -11,6 +11,7 @@ one piece each share round trips.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,8 @@ from lmc_connector.cache.chunk import Chunk
 from lmc_connector.cache.record import RecordFormatError
 from lmc_connector.cache.tiers.remote.values import Assembler
 from lmc_connector.tokens import ChunkKey
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,13 +90,21 @@ class Arrivals:
 
     def ready(self, timeout_s: float) -> tuple[int, bool]:
         """How many leading chunks got every piece and had them placed, waiting for the
-        placing at most `timeout_s`; and whether that wait ran out."""
+        placing at most `timeout_s`; and whether that wait ran out. A chunk whose placing
+        failed for another reason than its bytes (this process's, e.g. out of memory) is
+        not counted: a miss, logged, with nothing wrong with the stored value."""
         placing = [f for a in self.chunks for f in a.placing]
         _, late = futures.wait(placing, timeout=timeout_s)
         complete = received = 0
         for arrival in self.chunks:
             received += len(arrival.pieces)
             if received > self._delivered or any(f in late for f in arrival.placing):
+                break
+            if any(f.cancelled() for f in arrival.placing):
+                break  # the tier is closing
+            failed = [e for f in arrival.placing if (e := f.exception()) is not None]
+            if failed:
+                logger.error("%s: placing its pieces failed", arrival.name, exc_info=failed[0])
                 break
             complete += 1
         return complete, bool(late)

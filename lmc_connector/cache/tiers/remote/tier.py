@@ -60,9 +60,9 @@ class RemoteBackend(Tier):
     the assembly thread of loads, and the record of chunks this worker
     wrote (for the controller's index; bounded, oldest forgotten first).
     Called from vLLM's model-runner thread (`load_many`, `saved`), the
-    lookup thread (`held`) and the control agent (the rest), never with the
-    cache lock held: every method may wait on the network
-    (`answers_from_memory` is False).
+    loader's read-ahead thread (`load_many`), the lookup thread (`held`)
+    and the control agent (the rest), never with the cache lock held: every
+    method may wait on the network (`answers_from_memory` is False).
     """
 
     name = "RemoteBackend"
@@ -242,12 +242,14 @@ class RemoteBackend(Tier):
         stays in the store."""
         if not arriving:
             return 0
-        # Place on the assembly thread only with a core to overlap on: vLLM binds a CPU
-        # worker's threads to one core, where a hand-off per piece waits on the scheduler.
+        # Place on the assembly thread only where this thread has a second core to overlap
+        # with: on one core, a hand-off per piece waits on the scheduler instead.
         stream = Arrivals(arriving, self._assembly if _cores_here() > 1 else None)
         names = stream.names
-        self._call("load", True, lambda c: ops.read_pieces(c, names, stream.take))
-        complete, late = stream.ready(ASSEMBLY_TIMEOUT_S)
+        try:
+            self._call("load", True, lambda c: ops.read_pieces(c, names, stream.take))
+        finally:  # what was handed to the assembly thread is placed before anything else
+            complete, late = stream.ready(ASSEMBLY_TIMEOUT_S)
         if late:
             logger.warning("%s: placing its pieces took over %.0f s: a miss",
                            arriving[complete].name, ASSEMBLY_TIMEOUT_S)  # fmt: skip
