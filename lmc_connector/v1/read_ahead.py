@@ -1,10 +1,11 @@
-"""Reading a load's next chunks while the loader decodes and writes the current ones.
+"""Reading a load's next chunks while the loader writes the current ones.
 
-A load from the shared store or the disk spends a third of its time waiting for
-bytes (measured on the benchmark's 4K prompt stored with cachegen: 11 ms reading,
-35 ms decoding, 22 ms writing into the paged cache). With a second core, the next
-round's read runs on a thread of its own while the current round is written (one
-core's work: the decode before it already runs on every core); with one core, a
+A load from the shared store or the disk waits for each round's bytes before it
+decodes and writes them (timed in vLLM for `remote_tier.py`'s 4K prompt stored with
+cachegen, 16 chunks: 11 ms reading, 35 ms decoding, 22 ms writing into the paged
+cache). With a second core, the next round's read runs on a thread of its own while
+the current round is written (one core's work; the decode before it already runs on
+every core, and a read during it only competed: measured slower). With one core, a
 hand-off per round would only wait on the scheduler, and reads stay on the caller's
 thread.
 """
