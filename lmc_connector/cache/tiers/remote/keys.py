@@ -35,8 +35,7 @@ class StoreKeys:
 
     def pieces(self, chunk: ChunkKey, count: int, base: str | None = None) -> list[str]:
         """The names of the first `count` pieces under `base` (default: the chunk's head)."""
-        base = base or self.head(chunk)
-        return [f"{base}:{i}" for i in range(count)]
+        return piece_names(base or self.head(chunk), count)
 
     def staging(self, chunk: ChunkKey) -> str:
         """A fresh head name to stage a replacement of `chunk` under (pieces: `pieces(...)`)."""
@@ -57,3 +56,9 @@ class StoreKeys:
         if not rest:
             return chunk, "head"
         return chunk, ("staged" if rest.startswith(":s") else "piece")
+
+
+def piece_names(head: str, count: int) -> list[str]:
+    """The names of the first `count` pieces of the value whose head is `head` (chunks'
+    and calibrations' alike)."""
+    return [f"{head}:{i}" for i in range(count)]

@@ -15,6 +15,7 @@ from typing import Any
 from typing_extensions import override
 
 from lmc_connector.cache.tiers.remote.client import Client, StoreSession
+from lmc_connector.cache.tiers.remote.keys import piece_names
 from lmc_connector.cache.tiers.remote.values import PIECE_BYTES, pieces_for
 from lmc_connector.cache.tiers.shelf import CALIBRATION_ID, CalibrationShelf, check_names
 
@@ -35,10 +36,6 @@ class StoreShelf(CalibrationShelf):
         check_names(calibration_id=calibration_id)
         return f"{self._prefix}{{{calibration_id}}}"
 
-    @staticmethod
-    def _pieces(head: str, count: int) -> list[str]:
-        return [f"{head}:{i}" for i in range(count)]
-
     @override
     def read(self, calibration_id: str) -> bytes | None:
         head = self._head(calibration_id)
@@ -51,7 +48,7 @@ class StoreShelf(CalibrationShelf):
             if count == 0:
                 return None  # not a calibration head
             pipe = client.pipeline(transaction=False)
-            for name in self._pieces(head, count):
+            for name in piece_names(head, count):
                 pipe.get(name)
             pieces = pipe.execute()
             if any(not isinstance(p, bytes) for p in pieces):
@@ -70,7 +67,7 @@ class StoreShelf(CalibrationShelf):
 
         def store(client: Client) -> bool:
             pipe = client.pipeline(transaction=False)
-            for i, name in enumerate(self._pieces(head, count)):
+            for i, name in enumerate(piece_names(head, count)):
                 pipe.set(name, view[i * PIECE_BYTES : (i + 1) * PIECE_BYTES])
             pipe.set(head, f"{count} {len(blob)}")
             pipe.execute()
@@ -81,7 +78,7 @@ class StoreShelf(CalibrationShelf):
     @override
     def holds(self, calibration_id: str, size: int) -> bool:
         head = self._head(calibration_id)
-        names = [head, *self._pieces(head, pieces_for(size))]
+        names = [head, *piece_names(head, pieces_for(size))]
         found = self._session.call(
             "look for a calibration", True, lambda c: c.exists(*names) == len(names)
         )

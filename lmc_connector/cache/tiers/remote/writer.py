@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmc_connector.cache.chunk import Chunk
+from lmc_connector.throttle import Throttle
 from lmc_connector.tokens import ChunkKey
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class StoreWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.counts = WriterCounts()
-        self._last_drop_log = 0.0
+        self._drop_log = Throttle(DROP_LOG_INTERVAL_S)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -118,9 +119,7 @@ class StoreWriter:
         return True
 
     def _log_drops(self) -> None:
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
-            self._last_drop_log = now
+        if self._drop_log.ready():
             c = self.counts
             logger.warning(
                 "shared store: %d chunks not uploaded so far (%d: upload queue full, %d: store "
