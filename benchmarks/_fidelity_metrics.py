@@ -90,6 +90,22 @@ def top_margin(top: dict[int, float]) -> float:
     return best[0] - best[1] if len(best) > 1 else math.inf
 
 
+def describe_margins(references: Iterable[Generation]) -> str:
+    """How decided a model is along its own greedy answers: how many of its decisions had a
+    gap under 0.01 and 0.1 nats between its first two choices, and the median gap. A codec
+    can only tip a decision whose gap is smaller than the change it makes to the logits."""
+    gaps = sorted(top_margin(top) for reference in references for top in reference.top)
+    if not gaps:
+        return "how decided the model is: no decisions"
+    under = [(limit, sum(gap < limit for gap in gaps)) for limit in (0.01, 0.1)]
+    return (
+        f"how decided the model is, over the reference's {len(gaps)} greedy decisions: gap "
+        f"between its first two choices "
+        + ", ".join(f"under {limit} nats at {n} ({n / len(gaps):.1%})" for limit, n in under)
+        + f"; median {gaps[len(gaps) // 2]:.3f} nats"
+    )
+
+
 def forced_steps(reference: list[int], restarted: Generation, start: int) -> int:
     """How many of the reference's positions from `start` on `restarted` (generated after
     the reference's tokens before `start`) decides: up to and including its first flip."""

@@ -57,6 +57,7 @@ from benchmarks._fidelity_metrics import (  # noqa: E402
     Summary,
     compare,
     compare_forced,
+    describe_margins,
     forced_generation,
     forced_steps,
 )
@@ -206,6 +207,7 @@ class Results:
 
     answers: dict[str, Summary]
     decisions: dict[str, Summary]
+    references: list[Generation]
 
 
 def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> Results:
@@ -213,9 +215,11 @@ def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> 
     rows = {EXACT_CACHED: Summary(), **{m.name: Summary() for m in methods}}
     forced = {m.name: Summary() for m in methods}
     recomputed = Summary()
+    references = []
     for prompt in _progress(prompts):
         client.clear()
         reference = client.generate(prompt)
+        references.append(reference)
         rows[EXACT_CACHED].add([compare(reference, client.generate(prompt))])
         for i, method in enumerate(methods):
             if i:
@@ -234,7 +238,7 @@ def measure(client: Client, methods: list[Method], prompts: list[list[int]]) -> 
     client.clear()
     if recomputed.comparisons:
         rows[EXACT_RECOMPUTED] = recomputed
-    return Results(rows, forced)
+    return Results(rows, forced, references)
 
 
 def _progress(prompts: list[list[int]]) -> Any:
@@ -270,7 +274,7 @@ def print_table(
         if method is not None and targets:
             met = "met" if s.agreement >= method.target else "NOT met"
             target = f">= {method.target:.0%}: {met}"
-        ratio = f"{s.ratio:.2f}x" if method is not None else "1.00x"
+        ratio = f"{s.ratio:.2f}x" if s.bytes_after else "1.00x"
         n = len(s.comparisons)
         print(
             f"{name:<18} {s.agreement:>16.2%} {s.before_first_difference:>15.2%} "
@@ -292,6 +296,7 @@ def print_results(results: Results, methods: dict[str, Method], generated: int) 
         "between the exact model's first two choices where the answers first part;\ncache hits: "
         "answers whose prompt was served from the cache; KV ratio: bytes before / after compress."
     )
+    print(describe_margins(results.references))
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ from benchmarks._fidelity_metrics import (
     Summary,
     compare,
     compare_forced,
+    describe_margins,
     forced_generation,
     forced_steps,
     kl_top,
@@ -112,3 +113,13 @@ def test_decisions_must_cover_every_reference_position_in_order() -> None:
         forced_generation(reference, [(0, generation([1, 9])), (3, generation([4]))])
     with pytest.raises(ValueError, match="3 decisions for 4"):
         compare_forced(reference, forced_generation(reference, [(0, generation([1, 2, 9]))]))
+
+
+def test_how_decided_counts_the_gaps_between_the_first_two_choices() -> None:
+    tied = {1: math.log(0.401), 2: math.log(0.399)}  # 0.005 nats apart
+    close = {1: math.log(0.52), 2: math.log(0.48)}  # 0.08 nats apart
+    text = describe_margins([generation([1, 1], tied), generation([1, 1, 1, 1], close)])
+    assert "6 greedy decisions" in text
+    assert "under 0.01 nats at 2 (33.3%)" in text
+    assert "under 0.1 nats at 6 (100.0%)" in text
+    assert describe_margins([]) == "how decided the model is: no decisions"
