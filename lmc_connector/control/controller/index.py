@@ -3,8 +3,10 @@
 Per instance, one dict maps a chunk hash to a small bitmask with one bit per
 (rank, location slot). Small masks are CPython's cached ints, so an entry
 costs the key object plus its dict slot (about 100 bytes), which is what
-lets one controller index millions of chunks. Not thread-safe: the owning
-`Controller` serialises access.
+lets one controller index millions of chunks. The whole index holds at most
+`capacity` distinct (instance, hash) entries: past it, new hashes are left
+out (lookups miss them, which is always safe) until evictions make room. Not
+thread-safe: the owning `Controller` serialises access.
 """
 
 from __future__ import annotations
@@ -44,13 +46,18 @@ class _InstanceIndex:
 
 
 class ChunkIndex:
-    """Owns, per instance, which (rank, location) holds each chunk hash, and counts per bit.
+    """Owns, per instance, which (rank, location) holds each chunk hash, and counts per bit;
+    at most `capacity` entries over all instances.
 
     Not thread-safe: the owning `ControllerState` serialises access.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 10_000_000) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity} must be positive")
+        self.capacity = capacity
         self._instances: dict[str, _InstanceIndex] = {}
+        self._entries = 0
 
     def _get(self, instance_id: str) -> _InstanceIndex:
         index = self._instances.get(instance_id)
@@ -65,20 +72,34 @@ class ChunkIndex:
             index.slot(location)
 
     def admit(self, instance_id: str, rank: int, location: str, keys: Sequence[ChunkKey]) -> int:
-        """Mark `keys` as held; returns how many were new."""
+        """Mark `keys` as held; returns how many were left out because the index is full."""
         index = self._get(instance_id)
         bit_index = rank * LOCATION_SLOTS + index.slot(location)
         bit = 1 << bit_index
         chunks = index.chunks
         get = chunks.get
-        added = 0
-        for key in keys:
-            mask = get(key, 0)
-            if not mask & bit:
+        entries = len(chunks)
+        room = self.capacity - self._entries
+        added = left_out = 0
+        if len(keys) <= room:  # the usual case: no entry to count on the way
+            for key in keys:
+                mask = get(key, 0)
+                if not mask & bit:
+                    chunks[key] = mask | bit
+                    added += 1
+        else:
+            for key in keys:
+                mask = get(key, 0)
+                if mask & bit:
+                    continue
+                if not mask and len(chunks) - entries == room:
+                    left_out += 1
+                    continue
                 chunks[key] = mask | bit
                 added += 1
+        self._entries += len(chunks) - entries
         index.counts[bit_index] = index.counts.get(bit_index, 0) + added
-        return added
+        return left_out
 
     def evict(self, instance_id: str, rank: int, location: str, keys: Sequence[ChunkKey]) -> int:
         """Mark `keys` as gone; returns how many were held."""
@@ -95,6 +116,7 @@ class ChunkIndex:
                     chunks[key] = mask
                 else:
                     del chunks[key]
+                    self._entries -= 1
                 removed += 1
         index.counts[bit_index] = index.counts.get(bit_index, 0) - removed
         return removed
@@ -112,11 +134,14 @@ class ChunkIndex:
                 chunks[key] = mask
             else:
                 del chunks[key]
+                self._entries -= 1
         for slot in range(LOCATION_SLOTS):
             index.counts.pop(rank * LOCATION_SLOTS + slot, None)
 
     def drop_instance(self, instance_id: str) -> None:
-        self._instances.pop(instance_id, None)
+        index = self._instances.pop(instance_id, None)
+        if index is not None:
+            self._entries -= len(index.chunks)
 
     def __contains__(self, instance_id: object) -> bool:
         """Whether anything is indexed (or declared) for `instance_id`."""
@@ -133,7 +158,7 @@ class ChunkIndex:
         if instance_id is not None:
             index = self._instances.get(instance_id)
             return 0 if index is None else len(index.chunks)
-        return sum(len(i.chunks) for i in self._instances.values())
+        return self._entries
 
     def prefix(
         self,

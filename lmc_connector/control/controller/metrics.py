@@ -34,6 +34,7 @@ INGEST = {
     "messages": ("messages", "Worker messages ingested."),
     "keys": ("chunk_events", "Chunk admit/evict events ingested."),
     "malformed": ("malformed_messages", "Malformed worker messages dropped."),
+    "unindexed": ("unindexed_chunks", "Chunk admits left out of a full index."),
     "ignored": ("ignored_messages", "Messages from unknown worker sessions ignored."),
     "refused": ("refused_registrations", "Worker registrations refused."),
     "failed": ("failed_messages", "Worker messages whose handling failed (a bug; logged)."),

@@ -88,7 +88,7 @@ class ControllerService:
         if security is None:  # SecretError: the file became unreadable since the settings
             security = ChannelSecurity.from_file(settings.secret_file, insecure=settings.insecure)
         self.security = security
-        self.state = ControllerState(settings.worker_timeout)
+        self.state = ControllerState(settings.worker_timeout, settings.max_indexed_chunks)
         self.latency = KindHistogram()
         self.metrics = build_registry(self.state, self.latency)
         self._notices = RateLimit(NOTICES_PER_S, NOTICES_PER_S)

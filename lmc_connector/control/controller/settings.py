@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 16 * 1024 * 1024
     #: Most token ids one HTTP request may carry; more get 413.
     max_tokens: int = 1 << 20
+    #: Chunk hashes indexed over all instances (about 100 bytes each); past it, new chunks are
+    #: not indexed (lookups miss them) until evictions make room, with a warning.
+    max_indexed_chunks: int = 10_000_000
 
 
 class SettingsError(ValueError):
@@ -110,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB)"
     )
     p.add_argument("--max-tokens", type=int, help="most token ids in one request (default 1048576)")
+    p.add_argument(
+        "--max-indexed-chunks",
+        type=int,
+        help="chunk hashes indexed over all instances, about 100 bytes each (default 10000000)",
+    )
     lmcache = p.add_argument_group(
         "LMCache's flags", "accepted so that LMCache's controller command lines run unchanged"
     )
@@ -229,6 +237,10 @@ def _check(settings: Settings) -> None:
         raise SettingsError(f"max_body_bytes={settings.max_body_bytes} must be at least 1024")
     if not 0 < settings.max_tokens <= MAX_WIRE_TOKENS:
         raise SettingsError(f"max_tokens={settings.max_tokens} must be in 1..{MAX_WIRE_TOKENS}")
+    if settings.max_indexed_chunks <= 0:
+        raise SettingsError(
+            f"max_indexed_chunks={settings.max_indexed_chunks} must be positive (default 10000000)"
+        )
     _check_security(settings)
 
 

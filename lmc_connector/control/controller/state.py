@@ -54,6 +54,8 @@ class IngestStats:
     ignored: int = 0
     refused: int = 0
     malformed: int = 0
+    #: Chunk admits left out because the chunk index was full (`max_indexed_chunks`).
+    unindexed: int = 0
     #: Messages whose handling failed unexpectedly (a bug; logged with its traceback).
     failed: int = 0
     lookups: int = 0
@@ -72,17 +74,18 @@ class ControllerState:
     does not know are ignored.
     """
 
-    def __init__(self, worker_timeout: float = 10.0) -> None:
+    def __init__(self, worker_timeout: float = 10.0, max_indexed_chunks: int = 10_000_000) -> None:
         self.worker_timeout = worker_timeout
         self.lock = threading.Lock()
         self.instances: dict[str, Instance] = {}
-        self.index = ChunkIndex()
+        self.index = ChunkIndex(max_indexed_chunks)
         self.operations = OperationStore()
         self.stats = IngestStats()
         self._resync_asked: dict[tuple[str, int, str], float] = {}
         #: Workers dropped since `take_departed` last ran (their command sockets can go).
         self._departed: list[WorkerRef] = []
         self._refusals = Throttle(REFUSAL_LOG_EVERY_S)
+        self._index_full = Throttle(REFUSAL_LOG_EVERY_S)
 
     # -- worker messages (monitor thread) ---------------------------------------------------
 
@@ -217,7 +220,7 @@ class ControllerState:
         for op in msg.ops:
             try:
                 if op.admitted:
-                    self.index.admit(msg.instance_id, msg.rank, op.location, op.keys)
+                    self._admit(msg.instance_id, msg.rank, op.location, op.keys)
                 else:
                     self.index.evict(msg.instance_id, msg.rank, op.location, op.keys)
             except IndexFullError as e:
@@ -234,11 +237,32 @@ class ControllerState:
         self.index.drop_worker(msg.instance_id, msg.rank)
         for location, keys in msg.locations.items():
             try:
-                self.index.admit(msg.instance_id, msg.rank, location, keys)
+                self._admit(msg.instance_id, msg.rank, location, keys)
             except IndexFullError as e:
                 logger.warning("worker %s/%d: %s", msg.instance_id, msg.rank, e)
         total = sum(len(k) for k in msg.locations.values())
         logger.info("worker %s/%d resynced %d chunks", msg.instance_id, msg.rank, total)
+
+    def _admit(
+        self, instance_id: str, rank: int, location: str, keys: Sequence[tok.ChunkKey]
+    ) -> None:
+        left_out = self.index.admit(instance_id, rank, location, keys)
+        if not left_out:
+            return
+        self.stats.unindexed += left_out
+        if self._index_full.ready():
+            logger.warning(
+                "the chunk index is full (%d chunk hashes, --max-indexed-chunks): %d chunks of "
+                "%s/%d in %s not indexed (%d so far); lookups and operations miss them until "
+                "evictions make room; raise --max-indexed-chunks if this controller has the "
+                "memory (about 100 bytes a hash)",
+                self.index.capacity,
+                left_out,
+                instance_id[:80],
+                rank,
+                location,
+                self.stats.unindexed,
+            )
 
     def _job_done(self, msg: mon.JobDone) -> None:
         op = self.operations.find(msg.event_id)

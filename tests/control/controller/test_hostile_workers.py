@@ -16,8 +16,10 @@ import pytest
 
 from lmc_connector.control.controller.service import NOTICES_PER_S
 from lmc_connector.control.wire import commands as cmd
+from lmc_connector.control.wire import monitor as mon
 from lmc_connector.control.wire.rpc.client import MAX_OPEN_SOCKETS
 from lmc_connector.launch import free_port
+from lmc_connector.tokens import ChunkKey
 from tests.control.conftest import InstanceFactory, new_controller
 from tests.control.harness import CPU, Controller, registered, wait_until
 from tests.control.peers import CommandPorts, MonitorPeer, heartbeat, job_done, register
@@ -194,3 +196,29 @@ def test_errors_quote_a_huge_id_briefly_and_list_at_most_twenty_instances(
     assert "(200 chars)" in detail and "and 10 more" in detail and len(detail) < 600
     huge = httpx.post(f"{target.url}/pin", json={"instance_id": "x" * 1_000_000, "tokens": [1]})
     assert huge.status_code == 422 and len(huge.text) < 1000
+
+
+def test_a_worker_reporting_more_chunks_than_the_index_holds_fills_it_to_its_bound(
+    tmp_path: Path,
+) -> None:
+    ctl = new_controller(tmp_path, "--max-indexed-chunks", "1000")
+    ctl.start()
+    try:
+        with MonitorPeer(ctl.monitor_port) as attacker:
+            attacker.send(register("hoarder", 0, "h", free_port()))
+            keys = [ChunkKey(k) for k in range(5000)]
+            attacker.send(mon.ChunkEvents("hoarder", 0, "h", [mon.ChunkOp(True, CPU, keys)]))
+            attacker.send(register("probe", 0, "p", free_port()))  # read after the flood
+
+        def counted() -> bool:
+            metrics = httpx.get(f"{ctl.url}/metrics").text
+            left_out = re.search(r"^lmc_controller_unindexed_chunks_total (\S+)$", metrics, re.M)
+            return left_out is not None and float(left_out.group(1)) == 4000
+
+        wait_until(counted, what="the chunks left out")
+        metrics = httpx.get(f"{ctl.url}/metrics").text
+        assert re.search(r"^lmc_controller_indexed_hashes 1000\.0$", metrics, re.M), metrics
+        assert httpx.get(f"{ctl.url}/health").json()["status"] == "ok"
+        assert "--max-indexed-chunks" in (tmp_path / "controller.log").read_text()
+    finally:
+        ctl.stop()

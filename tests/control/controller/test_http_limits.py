@@ -104,6 +104,7 @@ def test_a_million_worker_ids_are_refused_without_holding_the_controller(
         ([], {"LMC_CONTROLLER_API_KEY": ""}, "LMC_CONTROLLER_API_KEY is empty"),
         (["--max-tokens", "0"], {}, "max_tokens=0"),
         (["--max-body-bytes", "10"], {}, "max_body_bytes=10"),
+        (["--max-indexed-chunks", "0"], {}, "max_indexed_chunks=0"),
         (["--ssl-certfile", "cert.pem"], {}, "both --ssl-certfile and --ssl-keyfile"),
     ],
 )

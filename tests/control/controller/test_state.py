@@ -263,3 +263,32 @@ def test_a_new_instance_refused_for_its_locations_leaves_nothing_behind() -> Non
     notice = c.handle(m.Register("many", 0, 1, "s0", "127.0.0.1", 8000, "m", 4, too_many, []), 0.0)
     assert notice is not None and isinstance(notice[1], cmd.RegistrationRefused)
     assert "many" not in c.instances and "many" not in c.index
+
+
+def test_a_full_index_leaves_new_chunks_out_and_takes_them_once_evictions_make_room(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = Controller(max_indexed_chunks=3)
+    register(c, 0)
+    register(c, 1)
+    with caplog.at_level("WARNING"):
+        admit(c, 0, [ChunkKey(k) for k in (1, 2, 3, 4, 5)])
+    assert c.index.size() == 3 and c.stats.unindexed == 2
+    assert "--max-indexed-chunks" in caplog.text and "not indexed" in caplog.text
+    admit(c, 1, [ChunkKey(1), ChunkKey(9)])  # another worker of a held hash needs no entry
+    assert c.index.count("i", 1, CPU) == 1 and c.stats.unindexed == 3
+    c.handle(m.ChunkEvents("i", 0, "s0", [m.ChunkOp(False, CPU, [ChunkKey(2)])]), 0.0)
+    admit(c, 0, [ChunkKey(4)])
+    assert c.index.count("i", 0, CPU) == 3 and c.index.size() == 3
+
+
+def test_a_dropped_worker_or_instance_gives_its_index_entries_back() -> None:
+    c = Controller(worker_timeout=5, max_indexed_chunks=4)
+    register(c, 0, world_size=1)
+    admit(c, 0, [ChunkKey(k) for k in (1, 2, 3, 4)])
+    assert c.index.size() == 4
+    c.expire(now=10.0)  # silent: dropped with its chunks, and its instance with it
+    assert "i" not in c.instances and c.index.size() == 0
+    register(c, 0, world_size=1, session="t", now=10.0)
+    admit(c, 0, [ChunkKey(k) for k in (5, 6, 7, 8)], session="t", now=10.0)
+    assert c.index.size() == 4 and c.stats.unindexed == 0
