@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,22 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _kv_samples import MiniLM, attention_cosines
+from _round_trips import RoundTrip, rounded, through_codec
 
-from lmc_connector.ops.codecs import (
-    codec_names,
-    decode_blob,
-    fit_calibration,
-    get_codec,
-    is_calibrated,
-)
+from lmc_connector.ops.codecs import codec_names, fit_calibration, is_calibrated
 
 KVTC_QUALITIES = (0.5, 1.5, 2.5, 3.5, 4.5, 6.0)
-
-RoundTrip = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
-
-
-def _fp16(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return kv.half().float(), kv.numel() * 2
 
 
 def _int8(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -48,19 +35,6 @@ def _int8(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
     scale = (kv.abs().amax(-1, keepdim=True) / 127).half().float().clamp_min(1e-12)
     q = torch.round(kv / scale).clamp(-127, 127)
     return q * scale, kv.numel() + scale.numel() * 2
-
-
-def _codec(name: str, **params: Any) -> RoundTrip:
-    codec = get_codec(name, **params)
-    calibrations = {}
-    if "calibration" in params:
-        calibrations[codec.calibration.id] = codec.calibration  # type: ignore[attr-defined]
-
-    def run(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
-        blob = codec.encode(kv.half())
-        return decode_blob(blob, calibrations=calibrations).float(), len(blob)
-
-    return run
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,14 +61,16 @@ def main() -> None:
         f"(K/V, layers, tokens, channels), English text from the Python stdlib; calibrations "
         f"fitted on {len(train)} chunks of other text; setup {time.perf_counter() - start:.1f}s\n"
     )
-    methods: dict[str, RoundTrip] = {"fp16 (ref)": _fp16, "int8 (ref)": _int8}
+    methods: dict[str, RoundTrip] = {"fp16 (ref)": rounded(torch.float16), "int8 (ref)": _int8}
     for name in codec_names():
         if not is_calibrated(name):
-            methods[name] = _codec(name)
+            methods[name] = through_codec(name, torch.float16)
             continue
         blob = fit_calibration(name, train)
         for quality in KVTC_QUALITIES:
-            methods[f"{name} q={quality:g}"] = _codec(name, calibration=blob, quality=quality)
+            methods[f"{name} q={quality:g}"] = through_codec(
+                name, torch.float16, calibration=blob, quality=quality
+            )
     head = (
         f"{'method':<12} {'bits/elem':>9} {'x fp16':>7} {'relL2 K':>8} {'relL2 V':>8} "
         f"{'attn cos':>9} {'attn q0.1%':>10} {'emb cos':>8}"

@@ -299,23 +299,33 @@ def print_results(results: Results, methods: dict[str, Method], generated: int) 
     print(describe_margins(results.references))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+@dataclass(frozen=True)
+class Workload:
+    """What a fidelity run measures: the model, the methods, the held-out prompts (and the
+    further ones for calibration), from the options `add_workload_options` added."""
+
+    model_dir: Path
+    methods: list[Method]
+    prompts: list[list[int]]
+    calibration: list[list[int]]
+    generate: int
+
+
+def add_workload_options(parser: argparse.ArgumentParser, methods: str) -> None:
     parser.add_argument("--model", type=Path, default=walkthrough.DEFAULT_MODEL_DIR)
-    parser.add_argument("--methods", default="fp8,cachegen", help=f"of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=methods, help=f"of {', '.join(METHODS)}")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=1024, help="shortest prompt, tokens")
     parser.add_argument("--max-len", type=int, default=None, help="default: model length - 64")
     parser.add_argument("--generate", type=int, default=64, help="greedy tokens per answer")
-    parser.add_argument("--location", default="LocalCPUBackend")
-    parser.add_argument("--dtype", default="float32", help="vLLM's --dtype; auto: the model's")
-    parser.add_argument("--log-dir", type=Path, default=None, help="keep service logs here")
-    args = parser.parse_args()
+
+
+def workload(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Workload:
+    """The workload the options ask for (the model trained first if missing); a mistake in
+    them ends the program with `parser.error`."""
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}: choose among {', '.join(METHODS)}")
-    methods = [METHODS[m] for m in args.methods.split(",")]
-
     model_dir = walkthrough.build_model_if_missing(args.model.resolve())
     model_len = walkthrough.max_model_len(model_dir)
     max_len = args.max_len or model_len - args.generate
@@ -323,11 +333,28 @@ def main() -> int:
         parser.error(f"prompts of {args.min_len}..{max_len} tokens + {args.generate} generated "
                      f"do not fit the model's {model_len}")  # fmt: skip
     everything = list(held_out_prompts(model_dir, args.prompts, args.min_len, max_len))
-    prompts, calibration = everything[: args.prompts], everything[args.prompts :]
+    return Workload(
+        model_dir,
+        [METHODS[m] for m in args.methods.split(",")],
+        everything[: args.prompts],
+        everything[args.prompts :],
+        args.generate,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    add_workload_options(parser, methods="fp8,cachegen")
+    parser.add_argument("--location", default="LocalCPUBackend")
+    parser.add_argument("--dtype", default="float32", help="vLLM's --dtype; auto: the model's")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep service logs here")
+    args = parser.parse_args()
+    work = workload(parser, args)
+    methods, prompts, model_dir = work.methods, work.prompts, work.model_dir
     print(
         f"model {model_dir.name} (dtype {args.dtype}); {len(prompts)} prompts of "
         f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens; "
-        f"{args.generate} greedy tokens each; "
+        f"{work.generate} greedy tokens each; "
         f"methods {', '.join(m.name for m in methods)}",
         flush=True,
     )
@@ -339,13 +366,13 @@ def main() -> int:
     try:
         extra = ("--dtype", args.dtype)
         with walkthrough.started(model_dir, config, ports, log_dir, "trained", extra) as (flow, _):
-            client = Client(flow, args.location, args.generate)
-            calibrate(client, methods, calibration)
+            client = Client(flow, args.location, work.generate)
+            calibrate(client, methods, work.calibration)
             results = measure(client, methods, prompts)
     except (RuntimeError, ServiceError, httpx.HTTPError) as e:
         print(f"\nFAILED: {e}\nlogs: {log_dir}")
         return 1
-    print_results(results, METHODS, args.generate)
+    print_results(results, METHODS, work.generate)
     print(f"({time.perf_counter() - start:.0f} s; logs: {log_dir})")
     return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,14 +43,18 @@ from benchmarks._fidelity_metrics import (  # noqa: E402
     compare_forced,
     describe_margins,
 )
-from benchmarks.fidelity import METHODS, Method, held_out_prompts, print_table  # noqa: E402
-from examples import walkthrough  # noqa: E402
+from benchmarks._round_trips import RoundTrip, rounded, through_codec  # noqa: E402
+from benchmarks.fidelity import (  # noqa: E402
+    METHODS,
+    Method,
+    add_workload_options,
+    print_table,
+    workload,
+)
 from lmc_connector.config import CacheConfig  # noqa: E402
-from lmc_connector.ops.codecs import fit_calibration, get_codec  # noqa: E402
+from lmc_connector.ops.codecs import fit_calibration  # noqa: E402
 from lmc_connector.ops.codecs.kvtc import DEFAULT_QUALITY  # noqa: E402
 
-#: A chunk [K/V, layers, tokens, channels] -> the chunk as served, and the bytes it took.
-RoundTrip = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 #: About 8x against float16 on the trained model, and the quality /compress serves.
 KVTC_QUALITIES = (2.0, DEFAULT_QUALITY)
 TOP = 20
@@ -127,21 +130,6 @@ def _top(logprobs: torch.Tensor) -> dict[int, float]:
     return {int(i): float(v) for i, v in zip(ids, values, strict=True)}
 
 
-def rounded(dtype: torch.dtype) -> RoundTrip:
-    size = torch.tensor([], dtype=dtype).element_size()
-    return lambda chunk: (chunk.to(dtype).float(), chunk.numel() * size)
-
-
-def codec(name: str, **params: object) -> RoundTrip:
-    instance = get_codec(name, **params)
-
-    def round_trip(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
-        blob = instance.encode(chunk)
-        return instance.decode(blob).float(), len(blob)
-
-    return round_trip
-
-
 def served(kv: torch.Tensor, chunk_size: int, way: RoundTrip) -> tuple[torch.Tensor, int]:
     """`kv` chunk by chunk through `way`: the KV as served, and its bytes."""
     pieces, size = [], 0
@@ -153,15 +141,16 @@ def served(kv: torch.Tensor, chunk_size: int, way: RoundTrip) -> tuple[torch.Ten
 
 
 def ways_to_serve(
-    model: Model, calibration: list[list[int]], chunk_size: int, methods: list[str]
+    model: Model, calibration: list[list[int]], chunk_size: int, methods: list[Method]
 ) -> tuple[dict[str, RoundTrip], dict[str, Method]]:
     """Every way of serving the KV, and the target of those that are codecs."""
     ways = {"float16 (rounded)": rounded(torch.float16),
             "bfloat16 (rounded)": rounded(torch.bfloat16)}  # fmt: skip
     targets: dict[str, Method] = {}
-    for name in methods:
-        if not METHODS[name].calibrate:
-            ways[name], targets[name] = codec(name), METHODS[name]
+    for method in methods:
+        name = method.name
+        if not method.calibrate:
+            ways[name], targets[name] = through_codec(name), method
             continue
         samples = [
             chunk
@@ -173,8 +162,8 @@ def ways_to_serve(
         blob = fit_calibration(name, samples)
         for quality in KVTC_QUALITIES:
             label = f"{name} q{quality:g}"
-            ways[label] = codec(name, calibration=blob, quality=quality)
-            targets[label] = METHODS[name]
+            ways[label] = through_codec(name, calibration=blob, quality=quality)
+            targets[label] = method
     return ways, targets
 
 
@@ -211,37 +200,25 @@ def measure(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--model", type=Path, default=walkthrough.DEFAULT_MODEL_DIR)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--min-len", type=int, default=1024, help="shortest prompt, tokens")
-    parser.add_argument("--max-len", type=int, default=None, help="default: model length - 64")
-    parser.add_argument("--generate", type=int, default=64, help="greedy tokens per answer")
+    add_workload_options(parser, methods=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}: choose among {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    model_dir = walkthrough.build_model_if_missing(args.model.resolve())
-    max_len = args.max_len or walkthrough.max_model_len(model_dir) - args.generate
-    everything = list(held_out_prompts(model_dir, args.prompts, args.min_len, max_len))
-    prompts, calibration = everything[: args.prompts], everything[args.prompts :]
+    work = workload(parser, args)
+    prompts, generate = work.prompts, work.generate
     chunk_size = CacheConfig().chunk_size
     print(
-        f"model {model_dir.name} (float32, transformers, offline); {len(prompts)} prompts of "
-        f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens; {args.generate} greedy "
+        f"model {work.model_dir.name} (float32, transformers, offline); {len(prompts)} prompts "
+        f"of {min(map(len, prompts))}..{max(map(len, prompts))} tokens; {generate} greedy "
         f"tokens each; chunks of {chunk_size} tokens; {torch.get_num_threads()} torch threads",
         flush=True,
     )
-    model = Model(model_dir)
-    ways, targets = ways_to_serve(model, calibration, chunk_size, methods)
+    model = Model(work.model_dir)
+    ways, targets = ways_to_serve(model, work.calibration, chunk_size, work.methods)
     start = time.perf_counter()
-    answers, decisions, references = measure(model, prompts, ways, chunk_size, args.generate)
-    print_table(f"1. answers: {args.generate} greedy tokens, as generated", answers, targets,
+    answers, decisions, references = measure(model, prompts, ways, chunk_size, generate)
+    print_table(f"1. answers: {generate} greedy tokens, as generated", answers, targets,
                 targets=True)  # fmt: skip
     print_table("2. decisions: each position after the reference's own tokens (teacher-forced)",
                 decisions, targets, targets=False)  # fmt: skip

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks._round_trips import rounded, through_codec
 from benchmarks.fidelity import held_out_prompts
-from benchmarks.fidelity_floor import Model, codec, rounded, served
+from benchmarks.fidelity_floor import Model, served
 
 CHUNK = 128
 
@@ -73,6 +74,6 @@ def test_rounded_and_coded_kv_is_close_and_counts_its_bytes(
     half, half_bytes = served(kv, CHUNK, rounded(torch.float16))
     assert half_bytes == kv.numel() * 2
     assert torch.allclose(half, kv, rtol=2**-10, atol=1e-6)
-    fp8, fp8_bytes = served(kv, CHUNK, codec("fp8"))
+    fp8, fp8_bytes = served(kv, CHUNK, through_codec("fp8"))
     assert kv.numel() < fp8_bytes < kv.numel() * 2  # one byte a value, plus scales and headers
     assert 0 < (fp8 - kv).norm() / kv.norm() < 0.05

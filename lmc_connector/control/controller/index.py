@@ -18,6 +18,8 @@ from lmc_connector.tokens import ChunkKey
 #: Location bits per rank. Workers have two tiers (CPU, disk); four leaves room
 #: while 8 ranks x 4 slots keeps every mask a single 30-bit int digit.
 LOCATION_SLOTS = 4
+#: Entries the index holds by default (`--max-indexed-chunks`): about 1 GB at ~100 bytes each.
+DEFAULT_CAPACITY = 10_000_000
 
 
 class IndexFullError(ValueError):
@@ -52,7 +54,7 @@ class ChunkIndex:
     Not thread-safe: the owning `ControllerState` serialises access.
     """
 
-    def __init__(self, capacity: int = 10_000_000) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity={capacity} must be positive")
         self.capacity = capacity

@@ -21,6 +21,7 @@ import msgspec
 import yaml
 
 from lmc_connector.control import API_KEY_ENV
+from lmc_connector.control.controller.index import DEFAULT_CAPACITY
 from lmc_connector.control.wire.security import FIX_INSECURE, SecretError, is_local, read_secret
 from lmc_connector.control.wire.sockets import resolve_host, tcp_url
 from lmc_connector.control.wire.types import MAX_WIRE_TOKENS
@@ -56,7 +57,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens: int = 1 << 20
     #: Chunk hashes indexed over all instances (about 100 bytes each); past it, new chunks are
     #: not indexed (lookups miss them) until evictions make room, with a warning.
-    max_indexed_chunks: int = 10_000_000
+    max_indexed_chunks: int = DEFAULT_CAPACITY
 
 
 class SettingsError(ValueError):
@@ -116,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-indexed-chunks",
         type=int,
-        help="chunk hashes indexed over all instances, about 100 bytes each (default 10000000)",
+        help="chunk hashes indexed over all instances, about 100 bytes each "
+        f"(default {DEFAULT_CAPACITY})",
     )
     lmcache = p.add_argument_group(
         "LMCache's flags", "accepted so that LMCache's controller command lines run unchanged"
@@ -239,7 +241,8 @@ def _check(settings: Settings) -> None:
         raise SettingsError(f"max_tokens={settings.max_tokens} must be in 1..{MAX_WIRE_TOKENS}")
     if settings.max_indexed_chunks <= 0:
         raise SettingsError(
-            f"max_indexed_chunks={settings.max_indexed_chunks} must be positive (default 10000000)"
+            f"max_indexed_chunks={settings.max_indexed_chunks} must be positive "
+            f"(default {DEFAULT_CAPACITY})"
         )
     _check_security(settings)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lmc_connector import tokens as tok
 from lmc_connector.control.controller.errors import UnknownInstanceError
-from lmc_connector.control.controller.index import ChunkIndex, IndexFullError
+from lmc_connector.control.controller.index import DEFAULT_CAPACITY, ChunkIndex, IndexFullError
 from lmc_connector.control.controller.instances import Instance, Worker
 from lmc_connector.control.controller.operations import OperationStore
 from lmc_connector.control.wire import commands as cmd
@@ -30,8 +30,8 @@ RESYNC_RETRY_S = 1.0
 MAX_RESYNC_ASKED = 10_000
 #: Instances tracked at once: a registration of one more is refused with why.
 MAX_INSTANCES = 4096
-#: Seconds between two warnings about refused registrations.
-REFUSAL_LOG_EVERY_S = 10.0
+#: Seconds between two warnings of one kind (refused registrations, a full chunk index).
+WARNING_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,9 @@ class ControllerState:
     does not know are ignored.
     """
 
-    def __init__(self, worker_timeout: float = 10.0, max_indexed_chunks: int = 10_000_000) -> None:
+    def __init__(
+        self, worker_timeout: float = 10.0, max_indexed_chunks: int = DEFAULT_CAPACITY
+    ) -> None:
         self.worker_timeout = worker_timeout
         self.lock = threading.Lock()
         self.instances: dict[str, Instance] = {}
@@ -84,8 +86,8 @@ class ControllerState:
         self._resync_asked: dict[tuple[str, int, str], float] = {}
         #: Workers dropped since `take_departed` last ran (their command sockets can go).
         self._departed: list[WorkerRef] = []
-        self._refusals = Throttle(REFUSAL_LOG_EVERY_S)
-        self._index_full = Throttle(REFUSAL_LOG_EVERY_S)
+        self._refusals = Throttle(WARNING_EVERY_S)
+        self._index_full = Throttle(WARNING_EVERY_S)
 
     # -- worker messages (monitor thread) ---------------------------------------------------
 
